@@ -1,0 +1,273 @@
+"""The transport: one connection to RabbitMQ that declares topology, publishes and consumes.
+
+Publishing is always confirmed and `mandatory`: `publish` returns only once
+the broker has taken responsibility for the message, and raises when it did
+not. Envelopes become AMQP messages here (and back), so the rest of covey
+never handles AMQP properties itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from yarl import URL
+
+from coordinator.envelope import MESSAGE_TYPE, Envelope, now
+from coordinator.errors import BrokerUnavailable, ConfigError, NoRecipient, TopologyMissing
+from coordinator.settings import Settings
+from coordinator.topology import (
+    DEAD,
+    MAIL_EXCHANGE,
+    BindingSpec,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+)
+
+T = TypeVar("T")
+
+REASON_HEADER = "x-covey-reason"
+DETAIL_HEADER = "x-covey-detail"
+QUEUE_HEADER = "x-covey-queue"
+
+
+def redacted(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+def to_amqp(envelope: Envelope) -> aio_pika.Message:
+    expiration: timedelta | None = None
+    if envelope.expires_at is not None:
+        # A message that is already due still needs a positive TTL to be accepted;
+        # the broker then dead-letters it at once as `expired`.
+        expiration = max(envelope.expires_at - now(), timedelta(milliseconds=1))
+    return aio_pika.Message(
+        body=envelope.to_json(),
+        content_type="application/json",
+        type=MESSAGE_TYPE,
+        message_id=envelope.id,
+        timestamp=envelope.created_at,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        expiration=expiration,
+        app_id="covey",
+    )
+
+
+class Bus:
+    """One AMQP connection and the channels covey needs on it. Use `async with`."""
+
+    def __init__(self, connection: AbstractConnection, settings: Settings) -> None:
+        self._connection = connection
+        self._settings = settings
+        self._publisher: AbstractChannel | None = None
+
+    @classmethod
+    async def connect(cls, settings: Settings, name: str = "covey") -> Bus:
+        """Connect, or raise BrokerUnavailable with one line saying why and what to do."""
+        url = settings.amqp_url
+        try:
+            connection = await aio_pika.connect(
+                url,
+                timeout=settings.connect_timeout,
+                client_properties={"connection_name": name},
+            )
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {redacted(url)} refused the login: check the user and password "
+                "in COVEY_AMQP_URL"
+            ) from None
+        except aiormq.exceptions.ProtocolSyntaxError:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {redacted(url)} refused to open the connection: check that the "
+                "vhost in COVEY_AMQP_URL exists and the user may use it"
+            ) from None
+        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ at {redacted(url)} ({err}): start it, or point "
+                "COVEY_AMQP_URL at one"
+            ) from None
+        return cls(connection, settings)
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+    @property
+    def connection(self) -> AbstractConnection:
+        return self._connection
+
+    # -- topology ------------------------------------------------------------
+
+    async def apply(self, topology: Topology, parallelism: int = 8) -> None:
+        """Declare `topology` idempotently, spread over `parallelism` channels.
+
+        One AMQP channel runs one method at a time, so a large roster declares
+        much faster over several channels than down one; a small topology is not
+        worth the extra channels.
+        """
+        count = max(1, min(parallelism, len(topology.bindings) // 16))
+        channels = await asyncio.gather(*(self._connection.channel() for _ in range(count)))
+        try:
+            # Exchanges and queues first: a binding needs both ends to exist.
+            await _spread(channels, topology.exchanges, _declare_exchange)
+            await _spread(channels, topology.queues, _declare_queue)
+            await _spread(channels, topology.bindings, _declare_binding)
+        except aiormq.exceptions.ChannelPreconditionFailed as err:
+            raise ConfigError(
+                f"the broker has this declared with other settings ({err}); restore the "
+                "old setting, or delete that queue or exchange (its messages go with it)"
+            ) from None
+        finally:
+            for channel in channels:
+                if not channel.is_closed:
+                    await channel.close()
+
+    # -- publishing ----------------------------------------------------------
+
+    async def _publish_channel(self) -> AbstractChannel:
+        if self._publisher is None or self._publisher.is_closed:
+            self._publisher = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        return self._publisher
+
+    async def exchange(self, name: str) -> AbstractExchange:
+        channel = await self._publish_channel()
+        return await channel.get_exchange(name, ensure=False)
+
+    async def publish(self, envelope: Envelope, timeout: float | None = None) -> None:
+        """Publish to the recipient's routing key; return once the broker confirmed."""
+        exchange = await self.exchange(MAIL_EXCHANGE)
+        routing_key = envelope.recipient_address.routing_key
+        await self._confirmed(
+            exchange.publish(to_amqp(envelope), routing_key, mandatory=True, timeout=timeout),
+            what=f"message {envelope.id} to {envelope.recipient}",
+        )
+
+    async def publish_many(
+        self, envelopes: Sequence[Envelope], timeout: float | None = None
+    ) -> None:
+        """Publish a batch with all confirms outstanding at once (much faster than one by one)."""
+        exchange = await self.exchange(MAIL_EXCHANGE)
+        await self._confirmed(
+            asyncio.gather(
+                *(
+                    exchange.publish(
+                        to_amqp(e), e.recipient_address.routing_key, mandatory=True, timeout=timeout
+                    )
+                    for e in envelopes
+                )
+            ),
+            what=f"{len(envelopes)} messages",
+        )
+
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str
+    ) -> None:
+        """Copy a delivery to `covey.dead` with why it is there; confirmed before returning.
+
+        The caller acks the original only after this returns, so the delivery is
+        never lost; a crash between the two leaves a duplicate dead letter, never none.
+        """
+        headers = dict(message.headers or {})
+        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:1000], QUEUE_HEADER: queue})
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            type=message.type,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            app_id=message.app_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        exchange = await self.exchange(DEAD)
+        await self._confirmed(
+            exchange.publish(copy, message.routing_key or "", mandatory=True),
+            what=f"dead letter for {message.message_id or 'a delivery'}",
+        )
+
+    async def _confirmed(self, publishing: Awaitable[T], what: str) -> T:
+        try:
+            return await publishing
+        except aio_pika.exceptions.DeliveryError as err:
+            if err.message is not None and err.message.routing_key:
+                raise NoRecipient(
+                    f"no queue takes {err.message.routing_key!r}: nobody has that address"
+                ) from None
+            raise BrokerUnavailable(f"RabbitMQ refused {what} ({err})") from None
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise TopologyMissing(
+                f"cannot publish {what}: covey's exchanges do not exist here; run "
+                "`covey topology apply`"
+            ) from None
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"RabbitMQ did not confirm {what} in time: it may be blocking publishers "
+                "(memory or disk alarm); treat it as not sent"
+            ) from None
+        except aiormq.exceptions.AMQPError as err:
+            raise BrokerUnavailable(f"lost RabbitMQ while publishing {what} ({err})") from None
+
+    # -- consuming -----------------------------------------------------------
+
+    async def queue(self, name: str) -> AbstractQueue:
+        """An existing queue, on a channel of its own (the caller closes `queue.channel`).
+
+        Its `declaration_result.message_count` says how many messages are ready.
+        Raises aiormq's ChannelNotFoundEntity when the queue does not exist.
+        """
+        channel = await self._connection.channel()
+        try:
+            return await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise TopologyMissing(
+                f"queue {name} does not exist; run `covey topology apply`"
+            ) from None
+
+
+async def _declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> None:
+    await channel.declare_exchange(
+        spec.name, spec.type, durable=True, arguments=dict(spec.arguments)
+    )
+
+
+async def _declare_queue(channel: AbstractChannel, spec: QueueSpec) -> None:
+    await channel.declare_queue(spec.name, durable=True, arguments=spec.declare_arguments)
+
+
+async def _declare_binding(channel: AbstractChannel, spec: BindingSpec) -> None:
+    queue = await channel.get_queue(spec.queue, ensure=False)
+    await queue.bind(spec.exchange, spec.routing_key)
+
+
+async def _spread(
+    channels: Sequence[AbstractChannel],
+    items: Sequence[T],
+    declare: Callable[[AbstractChannel, T], Awaitable[None]],
+) -> None:
+    async def run(channel: AbstractChannel, share: Sequence[T]) -> None:
+        for item in share:
+            await declare(channel, item)
+
+    count = len(channels)
+    await asyncio.gather(*(run(channels[i], items[i::count]) for i in range(count)))

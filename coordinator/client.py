@@ -1,0 +1,224 @@
+"""`Covey`: one participant's handle on covey — its mailbox, and sending as it.
+
+This is the Python API; the CLI is a thin layer over it. Reading, marking and
+searching mail touch only the local mailbox; the broker connection is opened
+the first time something needs it.
+
+    async with Covey.open(identity="agent:scout") as covey:
+        await covey.send("team:research", "Found it", body="...")
+        for mail in await covey.inbox():
+            ...
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coordinator import topology
+from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
+from coordinator.errors import BadInput, NoRecipient, NotFound, TopologyMissing
+from coordinator.mailbox import Mail, MailStore, Status, drain, store_path
+from coordinator.names import Address
+from coordinator.roster import Roster
+from coordinator.settings import Settings
+
+if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
+    from coordinator.bus import Bus
+
+IDENTITY_VARIABLE = "COVEY_AGENT"
+
+
+class Covey:
+    def __init__(self, settings: Settings, roster: Roster, identity: str | None = None) -> None:
+        self.settings = settings
+        self.roster = roster
+        self._identity = identity
+        self._me: Address | None = None
+        self._bus: Bus | None = None
+        self._store: MailStore | None = None
+
+    @classmethod
+    def open(cls, identity: str | None = None, home: Path | None = None, **settings: Any) -> Covey:
+        """Load settings and roster for `home` (found from the working directory when
+        None). `identity` wins over COVEY_AGENT, which wins over the configured default."""
+        loaded = Settings.load(home, **settings)
+        return cls(loaded, Roster.load(loaded), identity)
+
+    async def __aenter__(self) -> Covey:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._bus is not None:
+            await self._bus.close()
+            self._bus = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @property
+    def me(self) -> Address:
+        """Who this handle acts as; must be a participant in the roster."""
+        if self._me is None:
+            text = self._identity or os.environ.get(IDENTITY_VARIABLE) or self.settings.identity
+            if not text:
+                raise BadInput(
+                    "covey does not know who you are: pass --as NAME, set COVEY_AGENT, "
+                    "or set identity in covey.toml"
+                )
+            address = Address.participant(text)
+            if address not in self.roster:
+                raise NotFound(
+                    f"{address} is not in the roster: add agents/{address.name}/agent.toml "
+                    f"or [humans.{address.name}] in covey.toml"
+                )
+            self._me = address
+        return self._me
+
+    async def bus(self) -> Bus:
+        if self._bus is None:
+            from coordinator.bus import Bus
+
+            self._bus = await Bus.connect(self.settings, name=f"covey {self._identity or ''}")
+        return self._bus
+
+    @property
+    def store(self) -> MailStore:
+        if self._store is None:
+            path = store_path(
+                self.settings.expanded_state_dir, self.settings.amqp_url, str(self.me)
+            )
+            self._store = MailStore(path)
+        return self._store
+
+    # -- topology -------------------------------------------------------------
+
+    async def apply_topology(self) -> topology.Topology:
+        """Declare the core topology and every participant in the roster."""
+        plan = topology.for_roster(self.roster, self.settings.delivery_limit)
+        await (await self.bus()).apply(plan)
+        return plan
+
+    async def _apply_own_topology(self) -> None:
+        me = self.me
+        plan = topology.Topology.combine(
+            [
+                topology.core(),
+                topology.participant(me, self.roster.teams_of(me), self.settings.delivery_limit),
+            ]
+        )
+        await (await self.bus()).apply(plan)
+
+    # -- sending --------------------------------------------------------------
+
+    async def send(
+        self,
+        to: str,
+        subject: str,
+        body: str = "",
+        *,
+        reply_to: str | None = None,
+        expires_in: timedelta | None = None,
+    ) -> Envelope:
+        """Send mail; returns once the broker has confirmed it.
+
+        `reply_to` is the id (or unique prefix) of a message in this mailbox; the
+        new one joins its thread. An unknown recipient raises NoRecipient after the
+        message was kept in covey.unrouted.
+        """
+        recipient = Address.parse(to)
+        fields: dict[str, Any] = {
+            "sender": str(self.me),
+            "recipient": str(recipient),
+            "subject": subject,
+            "body": body,
+        }
+        if reply_to is not None:
+            original = self.store.get(reply_to).envelope
+            fields.update(thread=original.thread, in_reply_to=original.id)
+        if expires_in is not None:
+            fields["expires_at"] = now() + expires_in
+        envelope = Envelope.new(**fields)
+        self._check_size(envelope)
+        await self._publish(envelope)
+        if recipient not in self.roster:
+            raise NoRecipient(
+                f"nobody has the address {recipient} in the roster; the message ({envelope.id}) "
+                "was kept in covey.unrouted. Check the address, or add the recipient and run "
+                "`covey topology apply`"
+            )
+        return envelope
+
+    async def reply(self, message_id: str, body: str = "", subject: str | None = None) -> Envelope:
+        """Answer the sender of a message in this mailbox, in the same thread."""
+        original = self.store.get(message_id).envelope
+        if subject is None:
+            subject = original.subject
+            if not subject.lower().startswith("re:"):
+                subject = f"Re: {subject}"[:MAX_SUBJECT_CHARS]
+        return await self.send(original.sender, subject, body, reply_to=original.id)
+
+    def _check_size(self, envelope: Envelope) -> None:
+        size, limit = envelope.body_size(), self.settings.max_body_bytes
+        if size > limit:
+            raise BadInput(
+                f"body is {size} bytes, over the {limit}-byte limit: send a shorter body, or a "
+                "path to a shared file (max_body_bytes in covey.toml sets the limit)"
+            )
+
+    async def _publish(self, envelope: Envelope) -> None:
+        bus = await self.bus()
+        try:
+            await bus.publish(envelope, timeout=self.settings.connect_timeout)
+        except TopologyMissing:  # a namespace nobody has set up yet: set it up, once
+            await self.apply_topology()
+            await bus.publish(envelope, timeout=self.settings.connect_timeout)
+
+    # -- the mailbox -----------------------------------------------------------
+
+    async def drain(self, wait: float | None = None) -> list[Envelope]:
+        """Move waiting mail from the broker into the mailbox; return what is new."""
+        bus = await self.bus()
+        queue = self.me.queue
+        limit = self.settings.max_body_bytes
+        try:
+            return await drain(bus, self.store, queue, limit, wait)
+        except TopologyMissing:  # first use of this participant: its queue exists from now on
+            await self._apply_own_topology()
+            return await drain(bus, self.store, queue, limit, wait)
+
+    async def inbox(self, include_done: bool = False) -> list[Mail]:
+        """Drain, then list what is not done (everything with `include_done`), oldest first."""
+        await self.drain()
+        return self.store.list(include_done=include_done)
+
+    async def wait(self, timeout: float) -> list[Mail]:
+        """Block until new mail arrives (at most `timeout` seconds); return it, or []."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            new = await self.drain(wait=left)
+            if new:
+                return self.store.list(include_done=True, ids=[e.id for e in new])
+        return []
+
+    def read(self, message_id: str) -> Mail:
+        """One message, marked read."""
+        full_id = self.store.resolve(message_id)
+        self.store.mark([full_id], Status.READ)
+        return self.store.get(full_id)
+
+    def done(self, message_ids: Iterable[str]) -> list[str]:
+        """Archive messages: no longer listed by `inbox`, still found by `search`."""
+        full_ids = [self.store.resolve(message_id) for message_id in message_ids]
+        self.store.mark(full_ids, Status.DONE)
+        return full_ids
+
+    def search(self, text: str) -> list[Mail]:
+        return self.store.search(text)

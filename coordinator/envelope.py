@@ -1,0 +1,143 @@
+"""The envelope: one message, as it travels and as it is stored. This is the wire contract.
+
+On the wire an envelope is the JSON body of an AMQP message whose `type`
+property is `covey.message.v1` and whose `message_id` is the envelope id (see
+`bus.py` for the AMQP side). A new, incompatible shape gets a new type name,
+so old and new consumers can tell each other's messages apart.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coordinator.errors import BadInput, InvalidEnvelope
+from coordinator.names import Address
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage
+
+MESSAGE_TYPE = "covey.message.v1"
+MAX_SUBJECT_CHARS = 200
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _address(text: str) -> str:
+    try:
+        return str(Address.parse(text))
+    except BadInput as err:
+        raise ValueError(str(err)) from None
+
+
+def _participant(text: str) -> str:
+    try:
+        return str(Address.participant(text))
+    except BadInput as err:
+        raise ValueError(str(err)) from None
+
+
+def _subject(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ValueError("subject is empty")
+    if any(ch in text for ch in "\r\n"):
+        raise ValueError("subject must be one line")
+    if len(text) > MAX_SUBJECT_CHARS:
+        raise ValueError(f"subject is longer than {MAX_SUBJECT_CHARS} characters")
+    return text
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:
+        raise ValueError("timestamps must carry a time zone")
+    return moment
+
+
+class Envelope(BaseModel):
+    """One message. `thread` is the id of the message that started the conversation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    sender: Annotated[str, AfterValidator(_participant)]
+    recipient: Annotated[str, AfterValidator(_address)]
+    subject: Annotated[str, AfterValidator(_subject)]
+    body: str = ""
+    thread: str = ""
+    in_reply_to: str | None = None
+    created_at: Annotated[datetime, AfterValidator(_aware)] = Field(default_factory=now)
+    expires_at: Annotated[datetime | None, AfterValidator(_aware)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _thread_defaults_to_own_id(cls, data: object) -> object:
+        if isinstance(data, dict) and not data.get("thread"):
+            data = dict(data)
+            data.setdefault("id", new_id())
+            data["thread"] = data["id"]
+        return data
+
+    @classmethod
+    def new(cls, **fields: object) -> Envelope:
+        """Build an envelope from caller input; a problem raises BadInput with one line."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as err:
+            raise BadInput(_first_problem(err)) from None
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        """Parse a delivery's body; anything that is not a valid envelope raises InvalidEnvelope."""
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as err:
+            raise InvalidEnvelope("invalid", _first_problem(err)) from None
+
+    @classmethod
+    def from_delivery(cls, message: AbstractIncomingMessage) -> Envelope:
+        """The envelope in an AMQP delivery; raises InvalidEnvelope for anything else."""
+        if message.type != MESSAGE_TYPE:
+            raise InvalidEnvelope(
+                "invalid", f"type property is {message.type!r}, expected {MESSAGE_TYPE!r}"
+            )
+        envelope = cls.from_json(message.body)
+        if message.message_id and message.message_id != envelope.id:
+            raise InvalidEnvelope(
+                "invalid",
+                f"message_id {message.message_id!r} differs from envelope id {envelope.id!r}",
+            )
+        return envelope
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @property
+    def sender_address(self) -> Address:
+        return Address.parse(self.sender)
+
+    @property
+    def recipient_address(self) -> Address:
+        return Address.parse(self.recipient)
+
+    def is_expired(self, at: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (at or now())
+
+    def body_size(self) -> int:
+        return len(self.body.encode())
+
+
+def _first_problem(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "message"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{field}: {message}"

@@ -1,0 +1,64 @@
+"""Errors a user can hit, each with the exit code the CLI gives it.
+
+Every error carries one line that names the problem and the fix; the CLI prints
+exactly that line. Exit codes are part of the interface (scripts and crontabs
+branch on them), so they live here, in one place.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # a command that ran and did not succeed (e.g. `wait` timed out)
+    BAD_INPUT = 2  # invalid arguments, addresses, bodies, config files
+    NO_RECIPIENT = 3  # no queue takes the message
+    BROKER_UNAVAILABLE = 4  # RabbitMQ unreachable, refused us, or blocked us
+    INTERNAL = 70  # a bug in covey (EX_SOFTWARE)
+
+
+class CoveyError(Exception):
+    """Base of the errors covey reports to a person; `str(err)` is one line."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+class BadInput(CoveyError):
+    """The caller gave something covey cannot use: fix the input and retry."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class ConfigError(BadInput):
+    """A settings file or roster entry is broken; the message names file and field."""
+
+
+class TopologyMissing(ConfigError):
+    """The namespace lacks covey's exchanges or a participant's queue."""
+
+
+class NotFound(BadInput):
+    """A message id, agent or participant that does not exist."""
+
+
+class NoRecipient(CoveyError):
+    """The recipient is unknown, so no queue takes the message."""
+
+    exit_code = ExitCode.NO_RECIPIENT
+
+
+class BrokerUnavailable(CoveyError):
+    """RabbitMQ could not be reached or refused the connection."""
+
+    exit_code = ExitCode.BROKER_UNAVAILABLE
+
+
+class InvalidEnvelope(ValueError):
+    """A delivery that is not a valid covey message; `reason` goes into its dead letter."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

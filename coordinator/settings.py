@@ -1,0 +1,119 @@
+"""Settings: where the broker is, where state lives, who "I" am, and the limits.
+
+Precedence, highest first: keyword arguments, `COVEY_*` environment variables,
+the home's `covey.toml`, defaults. The home is found the way git finds a
+repository (see `find_home`), so every command works from anywhere inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from coordinator.errors import ConfigError
+
+CONFIG_FILE = "covey.toml"
+ROSTER_DIR = "agents"
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+
+def find_home(start: Path | None = None) -> Path | None:
+    """`COVEY_HOME` if set, else the nearest directory at or above `start` that holds
+    `covey.toml` or `agents/`; None when there is none."""
+    if explicit := os.environ.get("COVEY_HOME"):
+        return Path(explicit).expanduser().resolve()
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / CONFIG_FILE).is_file() or (directory / ROSTER_DIR).is_dir():
+            return directory
+    return None
+
+
+class HumanConfig(BaseModel):
+    """A person who gets mail: `[humans.NAME]` in covey.toml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+
+
+class Settings(BaseSettings):
+    """covey's settings; see the module docstring for where each value comes from."""
+
+    model_config = SettingsConfigDict(env_prefix="COVEY_", extra="forbid")
+
+    home: Path | None = Field(default=None, description="the covey home (found, not configured)")
+    amqp_url: str = DEFAULT_AMQP_URL
+    state_dir: Path = Path("~/.local/state/covey")
+    identity: str | None = Field(
+        default=None, description="who I am when neither --as nor COVEY_AGENT says"
+    )
+    max_body_bytes: int = Field(default=256 * 1024, gt=0)
+    delivery_limit: int = Field(
+        default=10, gt=0, description="deliveries before a message is dead-lettered"
+    )
+    connect_timeout: float = Field(default=10.0, gt=0)
+    log_format: Literal["console", "json"] = "console"
+    humans: dict[str, HumanConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        assert isinstance(init_settings, InitSettingsSource)
+        home = init_settings.init_kwargs.get("home")
+        if home is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, Path(home) / CONFIG_FILE))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, home: Path | None = None, **overrides: Any) -> Settings:
+        """Settings for `home` (found with `find_home` when not given).
+
+        A broken value raises ConfigError naming the file or variable and the field.
+        """
+        home = home if home is not None else find_home()
+        try:
+            return cls(home=home, **overrides)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{home / CONFIG_FILE}: not valid TOML ({err})") from None
+        except ValidationError as err:
+            raise ConfigError(_describe(err, home)) from None
+
+    @property
+    def expanded_state_dir(self) -> Path:
+        return self.state_dir.expanduser()
+
+
+def _describe(err: ValidationError, home: Path | None) -> str:
+    """One line for the first problem: where it came from, which field, what is wrong."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    top = str(first["loc"][0]) if first["loc"] else ""
+    variable = f"COVEY_{top.upper()}"
+    if top and variable in os.environ:
+        where = f"environment variable {variable}"
+    elif home is not None:
+        where = str(home / CONFIG_FILE)
+    else:
+        where = "covey settings"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown setting {field!r}; check its spelling against the README"
+    return f"{where}: {field}: {first['msg']}"

@@ -1,0 +1,177 @@
+"""The broker topology as data: exchanges, queues and bindings, and how the roster maps onto them.
+
+This module only describes; `bus.Bus.apply` declares. Every declaration is
+idempotent, so any component may apply the part it relies on at start.
+
+    sender --> [covey] topic exchange --agent.NAME, team.NAME, human.NAME, broadcast--> agent.NAME
+                   |                                                                human.NAME
+                   | alternate exchange: what no queue takes                            |
+                   v                                             dead letters (x-death) |
+             [covey.unrouted] fanout --> covey.unrouted      covey.dead <-- [covey.dead] fanout
+
+Why it is shaped this way:
+
+* Mail is never dropped silently. A message whose routing key matches no binding
+  (a misspelt recipient, a team nobody is in) goes to `covey.unrouted` through the
+  alternate exchange, where it waits to be inspected and replayed.
+* A message that keeps failing does not loop forever. Participant queues are quorum
+  queues with a delivery limit; past it, RabbitMQ dead-letters the message to
+  `covey.dead` with the reason in its `x-death` header (`delivery_limit`, `expired`,
+  `rejected`). covey itself dead-letters deliveries that are not valid envelopes
+  there too, with `x-covey-reason` and `x-covey-detail` headers.
+* Dead-lettering is `at-least-once`: RabbitMQ keeps a dead letter in the source
+  queue until `covey.dead` has confirmed it, so a broker failure mid-way cannot
+  lose it. That strategy requires `x-overflow: reject-publish`, which
+  `QueueSpec` checks when it is built.
+* Quorum queues replicate in a cluster and survive a broker restart: a message
+  to an agent that is not running waits there, however long it sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, TypedDict
+
+from coordinator.names import Address
+from coordinator.roster import Roster
+
+MAIL_EXCHANGE = "covey"
+UNROUTED = "covey.unrouted"
+DEAD = "covey.dead"
+EVENTS_EXCHANGE = "covey.events"
+BROADCAST_KEY = "broadcast"
+
+ExchangeType = Literal["topic", "fanout"]
+
+ExchangeArguments = TypedDict(
+    "ExchangeArguments",
+    {"alternate-exchange": str},
+    total=False,
+)
+
+QuorumQueueArguments = TypedDict(
+    "QuorumQueueArguments",
+    {
+        "x-queue-type": Literal["quorum"],
+        "x-delivery-limit": int,
+        "x-dead-letter-exchange": str,
+        "x-dead-letter-strategy": Literal["at-most-once", "at-least-once"],
+        "x-overflow": Literal["drop-head", "reject-publish"],
+    },
+    total=False,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    type: ExchangeType
+    arguments: ExchangeArguments = field(default_factory=lambda: ExchangeArguments())
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A durable quorum queue. Combinations RabbitMQ would refuse, or silently
+    ignore, are refused here, when the spec is built."""
+
+    name: str
+    arguments: QuorumQueueArguments = field(default_factory=lambda: QuorumQueueArguments())
+
+    def __post_init__(self) -> None:
+        args = self.arguments
+        if args.get("x-queue-type", "quorum") != "quorum":
+            raise ValueError(f"queue {self.name}: covey declares quorum queues only")
+        if "x-dead-letter-strategy" in args and "x-dead-letter-exchange" not in args:
+            raise ValueError(f"queue {self.name}: a dead-letter strategy needs an exchange")
+        if (
+            args.get("x-dead-letter-strategy") == "at-least-once"
+            and args.get("x-overflow") != "reject-publish"
+        ):
+            raise ValueError(
+                f"queue {self.name}: at-least-once dead-lettering needs x-overflow=reject-publish"
+            )
+        if args.get("x-delivery-limit", 1) < 1:
+            raise ValueError(f"queue {self.name}: the delivery limit must be at least 1")
+
+    @property
+    def declare_arguments(self) -> dict[str, object]:
+        return {"x-queue-type": "quorum", **self.arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class BindingSpec:
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    queues: tuple[QueueSpec, ...] = ()
+    bindings: tuple[BindingSpec, ...] = ()
+
+    @classmethod
+    def combine(cls, parts: Iterable[Topology]) -> Topology:
+        exchanges: list[ExchangeSpec] = []
+        queues: list[QueueSpec] = []
+        bindings: list[BindingSpec] = []
+        for part in parts:
+            exchanges += part.exchanges
+            queues += part.queues
+            bindings += part.bindings
+        return cls(tuple(exchanges), tuple(queues), tuple(bindings))
+
+
+def core() -> Topology:
+    """The exchanges and queues every covey namespace has, whoever is in the roster."""
+    return Topology(
+        exchanges=(
+            ExchangeSpec(
+                MAIL_EXCHANGE, "topic", ExchangeArguments({"alternate-exchange": UNROUTED})
+            ),
+            ExchangeSpec(UNROUTED, "fanout"),
+            ExchangeSpec(DEAD, "fanout"),
+            ExchangeSpec(EVENTS_EXCHANGE, "topic"),
+        ),
+        # Neither holding queue dead-letters further or has a delivery limit: they
+        # are where messages end up, to be listed and replayed by a person.
+        queues=(QueueSpec(UNROUTED), QueueSpec(DEAD)),
+        bindings=(BindingSpec(UNROUTED, UNROUTED, ""), BindingSpec(DEAD, DEAD, "")),
+    )
+
+
+def participant(address: Address, teams: Iterable[str], delivery_limit: int) -> Topology:
+    """One participant's queue, bound to its own key, its teams' keys and (agents) broadcast."""
+    queue = QueueSpec(
+        address.queue,
+        QuorumQueueArguments(
+            {
+                "x-delivery-limit": delivery_limit,
+                "x-dead-letter-exchange": DEAD,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+        ),
+    )
+    keys = [address.routing_key, *(Address("team", team).routing_key for team in teams)]
+    if address.kind == "agent":
+        keys.append(BROADCAST_KEY)
+    return Topology(
+        queues=(queue,),
+        bindings=tuple(BindingSpec(address.queue, MAIL_EXCHANGE, key) for key in keys),
+    )
+
+
+def for_roster(roster: Roster, delivery_limit: int) -> Topology:
+    """Everything `covey topology apply` declares: the core plus every participant."""
+    return Topology.combine(
+        [
+            core(),
+            *(
+                participant(address, roster.teams_of(address), delivery_limit)
+                for address in roster.participants()
+            ),
+        ]
+    )
