@@ -9,7 +9,7 @@ never handles AMQP properties itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TypeVar
 
@@ -139,6 +139,12 @@ class Bus:
             for channel in channels:
                 if not channel.is_closed:
                     await channel.close()
+
+    async def purge(self, queues: Iterable[str]) -> None:
+        """Empty queues; their messages are gone for good."""
+        async with await self._connection.channel() as channel:
+            for name in queues:
+                await (await channel.get_queue(name, ensure=False)).purge()
 
     # -- publishing ----------------------------------------------------------
 
