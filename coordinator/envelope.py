@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from coordinator.errors import BadInput, InvalidEnvelope
+from coordinator.errors import BadInput, InvalidEnvelope, first_problem
 from coordinator.names import Address
 
 if TYPE_CHECKING:
@@ -137,7 +137,5 @@ class Envelope(BaseModel):
 
 
 def _first_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "message"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{field}: {message}"
+    field, problem = first_problem(err)
+    return f"{field or 'message'}: {problem}"

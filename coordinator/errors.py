@@ -8,6 +8,10 @@ branch on them), so they live here, in one place.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ExitCode(IntEnum):
@@ -62,3 +66,12 @@ class InvalidEnvelope(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def first_problem(err: ValidationError) -> tuple[str, str]:
+    """The field and the problem of a validation error's first complaint, for one line."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return field, "unknown key; check its spelling against the README"
+    return field, first["msg"].removeprefix("Value error, ")

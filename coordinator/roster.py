@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from coordinator.errors import BadInput, ConfigError
+from coordinator.errors import BadInput, ConfigError, first_problem
 from coordinator.names import Address, check_name
 from coordinator.settings import CONFIG_FILE, ROSTER_DIR, Settings
 
@@ -125,8 +125,6 @@ def _load_agent(agent_dir: Path) -> Agent:
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(file)"
-        problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        field, problem = first_problem(err)
         raise ConfigError(f"{path}: {field}: {problem}") from None
     return Agent(name=name, folder=agent_dir, config=config)

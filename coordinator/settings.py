@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, first_problem
 
 CONFIG_FILE = "covey.toml"
 ROSTER_DIR = "agents"
@@ -104,16 +104,12 @@ class Settings(BaseSettings):
 
 def _describe(err: ValidationError, home: Path | None) -> str:
     """One line for the first problem: where it came from, which field, what is wrong."""
-    first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"])
-    top = str(first["loc"][0]) if first["loc"] else ""
-    variable = f"COVEY_{top.upper()}"
-    if top and variable in os.environ:
+    field, problem = first_problem(err)
+    variable = f"COVEY_{field.split('.')[0].upper()}"
+    if field and variable in os.environ:
         where = f"environment variable {variable}"
     elif home is not None:
         where = str(home / CONFIG_FILE)
     else:
         where = "covey settings"
-    if first["type"] == "extra_forbidden":
-        return f"{where}: unknown setting {field!r}; check its spelling against the README"
-    return f"{where}: {field}: {first['msg']}"
+    return f"{where}: {field}: {problem}"

@@ -1,0 +1,77 @@
+"""`covey topology apply`: from the roster, idempotent, quorum queues that dead-letter."""
+
+import aio_pika
+import aiormq
+import pytest
+from conftest import Raw, World
+
+from coordinator import topology
+from coordinator.names import Address
+
+
+def test_specs_refuse_combinations_rabbitmq_would_refuse_or_ignore() -> None:
+    with pytest.raises(ValueError, match="reject-publish"):
+        topology.QueueSpec(
+            "q",
+            {"x-dead-letter-exchange": "d", "x-dead-letter-strategy": "at-least-once"},
+        )
+    with pytest.raises(ValueError, match="needs an exchange"):
+        topology.QueueSpec("q", {"x-dead-letter-strategy": "at-most-once"})
+    with pytest.raises(ValueError, match="at least 1"):
+        topology.QueueSpec("q", {"x-delivery-limit": 0})
+
+
+def test_a_participant_is_bound_to_its_key_its_teams_and_broadcast() -> None:
+    plan = topology.participant(Address("agent", "scout"), ["research", "ops"], delivery_limit=5)
+    keys = sorted(b.routing_key for b in plan.bindings)
+    assert keys == ["agent.scout", "broadcast", "team.ops", "team.research"]
+    human = topology.participant(Address("human", "ada"), [], delivery_limit=5)
+    assert [b.routing_key for b in human.bindings] == ["human.ada"]  # no broadcast for people
+
+
+async def test_apply_is_idempotent_and_makes_durable_quorum_queues(world: World, raw: Raw) -> None:
+    first = world.ok("topology", "apply")
+    second = world.ok("topology", "apply")
+    assert first == second
+    assert "3 agents and 1 humans" in first
+    connection = await aio_pika.connect(world.amqp_url)
+    async with connection:
+        for queue in ("agent.scout", "agent.writer", "agent.loner", "human.ada", "covey.dead"):
+            channel = await connection.channel()
+            await channel.declare_queue(queue, passive=True)
+        # Re-declaring with exactly these arguments is accepted, so they are what the
+        # queue has; the same as a classic queue is refused, so it is a quorum queue.
+        arguments = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": 10,
+            "x-dead-letter-exchange": "covey.dead",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        channel = await connection.channel()
+        await channel.declare_queue("agent.scout", durable=True, arguments=arguments)
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="x-queue-type"):
+            classic = {**arguments, "x-queue-type": "classic"}
+            await channel.declare_queue("agent.scout", durable=True, arguments=classic)
+
+
+async def test_mail_waits_for_an_agent_that_has_never_run(world: World, raw: Raw) -> None:
+    world.ok("topology", "apply")
+    world.ok("send", "writer", "for later")
+    assert await raw.count("agent.writer") == 1
+    assert not any(world.state_dir.rglob("agent.writer.sqlite3"))
+    assert [m["subject"] for m in world.json("inbox", "--as", "writer")] == ["for later"]
+
+
+def test_first_send_in_a_fresh_namespace_sets_the_topology_up(world: World) -> None:
+    world.ok("send", "scout", "hello, empty broker")  # nobody ran `topology apply`
+    assert [m["subject"] for m in world.json("inbox", "--as", "scout")] == ["hello, empty broker"]
+
+
+def test_a_changed_delivery_limit_is_reported_not_crashed(world: World) -> None:
+    world.ok("topology", "apply")
+    world.extra_env["COVEY_DELIVERY_LIMIT"] = "3"
+    result = world.covey("topology", "apply")
+    assert result.returncode == 2
+    assert "x-delivery-limit" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
