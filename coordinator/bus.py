@@ -110,10 +110,6 @@ class Bus:
     async def close(self) -> None:
         await self._connection.close()
 
-    @property
-    def connection(self) -> AbstractConnection:
-        return self._connection
-
     # -- topology ------------------------------------------------------------
 
     async def apply(self, topology: Topology, parallelism: int = 8) -> None:
@@ -155,34 +151,17 @@ class Bus:
             )
         return self._publisher
 
-    async def exchange(self, name: str) -> AbstractExchange:
+    async def _exchange(self, name: str) -> AbstractExchange:
         channel = await self._publish_channel()
         return await channel.get_exchange(name, ensure=False)
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> None:
         """Publish to the recipient's routing key; return once the broker confirmed."""
-        exchange = await self.exchange(MAIL_EXCHANGE)
+        exchange = await self._exchange(MAIL_EXCHANGE)
         routing_key = envelope.recipient_address.routing_key
         await self._confirmed(
             exchange.publish(to_amqp(envelope), routing_key, mandatory=True, timeout=timeout),
             what=f"message {envelope.id} to {envelope.recipient}",
-        )
-
-    async def publish_many(
-        self, envelopes: Sequence[Envelope], timeout: float | None = None
-    ) -> None:
-        """Publish a batch with all confirms outstanding at once (much faster than one by one)."""
-        exchange = await self.exchange(MAIL_EXCHANGE)
-        await self._confirmed(
-            asyncio.gather(
-                *(
-                    exchange.publish(
-                        to_amqp(e), e.recipient_address.routing_key, mandatory=True, timeout=timeout
-                    )
-                    for e in envelopes
-                )
-            ),
-            what=f"{len(envelopes)} messages",
         )
 
     async def dead_letter(
@@ -206,7 +185,7 @@ class Bus:
             app_id=message.app_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        exchange = await self.exchange(DEAD)
+        exchange = await self._exchange(DEAD)
         await self._confirmed(
             exchange.publish(copy, message.routing_key or "", mandatory=True),
             what=f"dead letter for {message.message_id or 'a delivery'}",

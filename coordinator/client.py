@@ -19,6 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from coordinator import topology
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
 from coordinator.errors import BadInput, NoRecipient, NotFound, TopologyMissing
@@ -31,6 +33,8 @@ if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never ne
     from coordinator.bus import Bus
 
 IDENTITY_VARIABLE = "COVEY_AGENT"
+
+log = structlog.get_logger(__name__)
 
 
 class Covey:
@@ -148,6 +152,7 @@ class Covey:
         envelope = Envelope.new(**fields)
         self._check_size(envelope)
         await self._publish(envelope)
+        log.info("sent", id=envelope.id, recipient=envelope.recipient)
         if recipient not in self.roster:
             raise NoRecipient(
                 f"nobody has the address {recipient} in the roster; the message ({envelope.id}) "
@@ -189,10 +194,12 @@ class Covey:
         queue = self.me.queue
         limit = self.settings.max_body_bytes
         try:
-            return await drain(bus, self.store, queue, limit, wait)
+            new = await drain(bus, self.store, queue, limit, wait)
         except TopologyMissing:  # first use of this participant: its queue exists from now on
             await self._apply_own_topology()
-            return await drain(bus, self.store, queue, limit, wait)
+            new = await drain(bus, self.store, queue, limit, wait)
+        log.info("drained", queue=queue, new=len(new))
+        return new
 
     async def inbox(self, include_done: bool = False) -> list[Mail]:
         """Drain, then list what is not done (everything with `include_done`), oldest first."""

@@ -122,10 +122,6 @@ class Envelope(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @property
-    def sender_address(self) -> Address:
-        return Address.parse(self.sender)
-
-    @property
     def recipient_address(self) -> Address:
         return Address.parse(self.recipient)
 

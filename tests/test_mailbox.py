@@ -54,9 +54,7 @@ async def test_junk_is_dead_lettered_with_a_reason_and_mail_behind_it_still_arri
     assert {bytes(letter.body) for letter in dead} >= {b"\x00\xff not json at all"}
 
 
-async def test_a_crash_between_commit_and_ack_leaves_no_duplicate(
-    applied: World, raw: Raw
-) -> None:
+async def test_a_crash_between_commit_and_ack_leaves_no_duplicate(applied: World, raw: Raw) -> None:
     sent = [applied.ok("send", "scout", f"message {n}").strip() for n in range(3)]
 
     crashed = subprocess.run(
