@@ -212,6 +212,7 @@ class Covey:
         while (left := deadline - time.monotonic()) > 0:
             new = await self.drain(wait=left)
             if new:
+                new += await self.drain()  # the rest of a burst that woke us
                 return self.store.list(include_done=True, ids=[e.id for e in new])
         return []
 
