@@ -26,13 +26,16 @@ from yarl import URL
 
 from coordinator.envelope import MESSAGE_TYPE, Envelope, now
 from coordinator.errors import BrokerUnavailable, ConfigError, NoRecipient, TopologyMissing
+from coordinator.events import EVENT_TYPE, Event
 from coordinator.settings import Settings
 from coordinator.topology import (
     DEAD,
+    EVENTS_EXCHANGE,
     MAIL_EXCHANGE,
     BindingSpec,
     ExchangeSpec,
     QueueSpec,
+    StreamSpec,
     Topology,
 )
 
@@ -164,6 +167,23 @@ class Bus:
             what=f"message {envelope.id} to {envelope.recipient}",
         )
 
+    async def publish_event(self, event: Event, mandatory: bool = False) -> None:
+        """Publish a control event to `covey.events`, confirmed. Most events are not
+        `mandatory` (a dashboard may or may not be listening); a request is, since
+        nobody taking it is worth an error."""
+        exchange = await self._exchange(EVENTS_EXCHANGE)
+        message = aio_pika.Message(
+            body=event.model_dump_json(exclude_none=True).encode(),
+            content_type="application/json",
+            type=EVENT_TYPE,
+            timestamp=event.at,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            app_id="covey",
+        )
+        await self._confirmed(
+            exchange.publish(message, event.routing_key, mandatory=mandatory), what=event.kind
+        )
+
     async def dead_letter(
         self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str
     ) -> None:
@@ -236,7 +256,7 @@ async def _declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> Non
     )
 
 
-async def _declare_queue(channel: AbstractChannel, spec: QueueSpec) -> None:
+async def _declare_queue(channel: AbstractChannel, spec: QueueSpec | StreamSpec) -> None:
     await channel.declare_queue(spec.name, durable=True, arguments=spec.declare_arguments)
 
 

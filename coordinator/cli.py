@@ -92,6 +92,39 @@ async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator import runner
+    from coordinator.errors import NoRecipient
+    from coordinator.events import Event
+
+    agent = covey.roster.agent(args.name)
+    if args.via_supervisor:
+        request = Event(kind="run.requested", agent=agent.name, requested_by=args.identity)
+        try:
+            await (await covey.bus()).publish_event(request, mandatory=True)
+        except NoRecipient:
+            raise NoRecipient(
+                "no supervisor is listening for run requests: start `covey supervise`, "
+                f"or run it here with `covey run {agent.name}`"
+            ) from None
+        _emit(args, {"requested": agent.name}, f"Asked the supervisor to run {agent.name}.")
+        return 0
+    wait = 0.0 if args.skip_if_busy else args.wait_lock
+    echo = None if args.json else print
+    result = await runner.run(covey, agent, "manual", wait_lock=wait, echo=echo)
+    data = {
+        "agent": result.agent,
+        "run_id": result.run_id,
+        "outcome": str(result.outcome),
+        "exit_code": result.exit_code,
+        "reason": result.reason,
+        "duration_seconds": round(result.duration, 3),
+        "log": str(result.log_path) if result.log_path else None,
+    }
+    _emit(args, data, result.summary())
+    return int(result.outcome.exit_code)
+
+
 async def cmd_demo(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.demo import run_demo
 
@@ -141,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="covey",
         description="Durable mail, locks and memory for agents, on RabbitMQ.",
-        epilog="Exit codes: 0 ok, 1 failed or timed out, 2 bad input, 3 no such recipient, "
-        "4 broker unavailable.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 bad input, 3 no such recipient, 4 broker "
+        "unavailable, 5 skipped (lock busy), 6 skipped (preflight), 7 timed out, 8 lock lost.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -189,8 +222,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     apply.set_defaults(handler=cmd_topology_apply)
 
+    run = command("run", cmd_run, "run an agent once: lock, preflight, digest, process, outcome")
+    run.add_argument("name", help="the agent's name (its folder under agents/)")
+    busy = run.add_mutually_exclusive_group()
+    busy.add_argument(
+        "--wait-lock",
+        type=_duration,
+        metavar="DURATION",
+        help="wait this long for a busy lock (default: the agent's wait_lock)",
+    )
+    busy.add_argument("--skip-if-busy", action="store_true", help="exit 5 at once if busy")
+    busy.add_argument(
+        "--via-supervisor", action="store_true", help="ask a running `covey supervise` instead"
+    )
+
     command("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
     return parser
+
+
+def _duration(text: str) -> float:
+    from coordinator.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seconds(text: str) -> float:

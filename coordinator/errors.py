@@ -20,6 +20,10 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # invalid arguments, addresses, bodies, config files
     NO_RECIPIENT = 3  # no queue takes the message
     BROKER_UNAVAILABLE = 4  # RabbitMQ unreachable, refused us, or blocked us
+    SKIPPED_BUSY = 5  # `covey run`: the lock was held by someone else
+    SKIPPED_PREFLIGHT = 6  # `covey run`: a preflight check failed
+    TIMED_OUT = 7  # `covey run`: the agent ran past its timeout and was stopped
+    LOCK_LOST = 8  # `covey run`: the lock connection dropped mid-run; the agent was stopped
     INTERNAL = 70  # a bug in covey (EX_SOFTWARE)
 
 

@@ -13,14 +13,49 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from coordinator.durations import Seconds
 from coordinator.errors import BadInput, ConfigError, first_problem
 from coordinator.names import Address, check_name
 from coordinator.settings import CONFIG_FILE, ROSTER_DIR, Settings
 
 AGENT_FILE = "agent.toml"
 INSTRUCTIONS_FILE = "AGENT.md"
+
+
+NO_LOCK = "none"
+GLOBAL_LOCK = "global"
+
+
+class PreflightHook(BaseModel):
+    """`[[preflight]]`: a check that must pass before the agent's command starts.
+
+    Either `command` (passes on exit 0) or `http` (passes on `expect_status`,
+    else any 2xx), each within `timeout`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    command: list[str] | None = Field(default=None, min_length=1)
+    http: str | None = None
+    expect_status: int | None = Field(default=None, ge=100, le=599)
+    timeout: Seconds = 10.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PreflightHook:
+        if (self.command is None) == (self.http is None):
+            raise ValueError("give exactly one of command = [...] or http = URL")
+        if self.expect_status is not None and self.http is None:
+            raise ValueError("expect_status applies to http checks only")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.command[0] if self.command else str(self.http)
 
 
 class AgentConfig(BaseModel):
@@ -33,6 +68,41 @@ class AgentConfig(BaseModel):
     command: list[str] | str | None = None
     workdir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    schedule: str | None = None
+    wake_on_mail: bool = False
+    lock: str = GLOBAL_LOCK
+    wait_lock: Seconds = 0.0
+    timeout: Seconds = 3600.0
+    grace: Seconds = 10.0
+    preflight: list[PreflightHook] = Field(default_factory=list)
+
+    @field_validator("command")
+    @classmethod
+    def _not_empty(cls, command: list[str] | str | None) -> list[str] | str | None:
+        if command is not None and not (command if isinstance(command, list) else command.strip()):
+            raise ValueError("command is empty")
+        return command
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, schedule: str | None) -> str | None:
+        if schedule is not None:
+            from croniter import croniter  # only rosters with schedules pay for the import
+
+            if not croniter.is_valid(schedule):
+                raise ValueError(
+                    f"invalid cron expression {schedule!r}: use 5 fields (minute hour day "
+                    "month weekday), or 6 with seconds last"
+                )
+        return schedule
+
+    @field_validator("lock")
+    @classmethod
+    def _valid_lock_name(cls, lock: str) -> str:
+        try:
+            return check_name(lock, "lock name")
+        except BadInput as err:
+            raise ValueError(str(err)) from None
 
     @field_validator("teams")
     @classmethod
@@ -62,10 +132,12 @@ class Roster:
     humans: frozenset[str]
 
     @classmethod
-    def load(cls, settings: Settings) -> Roster:
+    def load(cls, settings: Settings, problems: list[str] | None = None) -> Roster:
         """Read every agent folder and the humans in settings.
 
-        A broken file raises ConfigError naming the file, the field and the problem.
+        A broken file raises ConfigError naming the file, the field and the problem;
+        given a `problems` list instead, the broken agent is left out and the error
+        appended, so a daemon keeps the others running.
         """
         home = settings.home
         for human in settings.humans:
@@ -77,9 +149,16 @@ class Roster:
         agents = {}
         if folder is not None and folder.is_dir():
             for agent_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-                if (agent_dir / AGENT_FILE).is_file():
-                    agent = _load_agent(agent_dir)
-                    agents[agent.name] = agent
+                if not (agent_dir / AGENT_FILE).is_file():
+                    continue
+                try:
+                    agent = _load_agent(agent_dir, settings)
+                except ConfigError as err:
+                    if problems is None:
+                        raise
+                    problems.append(str(err))
+                    continue
+                agents[agent.name] = agent
         return cls(agents=agents, humans=frozenset(settings.humans))
 
     def __contains__(self, address: object) -> bool:
@@ -111,7 +190,7 @@ class Roster:
             raise BadInput(f"unknown agent {name!r} (known: {known})") from None
 
 
-def _load_agent(agent_dir: Path) -> Agent:
+def _load_agent(agent_dir: Path, settings: Settings) -> Agent:
     path = agent_dir / AGENT_FILE
     try:
         name = check_name(agent_dir.name, "agent folder name")
@@ -127,4 +206,9 @@ def _load_agent(agent_dir: Path) -> Agent:
     except ValidationError as err:
         field, problem = first_problem(err)
         raise ConfigError(f"{path}: {field}: {problem}") from None
+    if config.lock not in (GLOBAL_LOCK, NO_LOCK, *settings.locks):
+        raise ConfigError(
+            f"{path}: lock: no lock {config.lock!r}; declare [locks.{config.lock}] in "
+            f"{CONFIG_FILE}, or use {GLOBAL_LOCK!r} or {NO_LOCK!r}"
+        )
     return Agent(name=name, folder=agent_dir, config=config)

@@ -11,8 +11,9 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -21,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from coordinator.durations import Seconds
 from coordinator.errors import ConfigError, first_problem
 
 CONFIG_FILE = "covey.toml"
@@ -48,6 +50,14 @@ class HumanConfig(BaseModel):
     description: str = ""
 
 
+class LockConfig(BaseModel):
+    """`[locks.NAME]` in covey.toml: a named lock, or with `slots > 1` a semaphore."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slots: int = Field(default=1, ge=1)
+
+
 class Settings(BaseSettings):
     """covey's settings; see the module docstring for where each value comes from."""
 
@@ -65,7 +75,23 @@ class Settings(BaseSettings):
     )
     connect_timeout: float = Field(default=10.0, gt=0)
     log_format: Literal["console", "json"] = "console"
+    timezone: str = Field(default="UTC", description="the zone cron schedules are read in")
+    shutdown_grace: Seconds = Field(
+        default=30.0, description="how long `covey supervise` lets runs finish on SIGTERM"
+    )
     humans: dict[str, HumanConfig] = Field(default_factory=dict)
+    locks: dict[str, LockConfig] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str) -> str:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {zone!r}: use an IANA name such as Europe/Paris"
+            ) from None
+        return zone
 
     @classmethod
     def settings_customise_sources(

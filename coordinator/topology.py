@@ -40,6 +40,7 @@ MAIL_EXCHANGE = "covey"
 UNROUTED = "covey.unrouted"
 DEAD = "covey.dead"
 EVENTS_EXCHANGE = "covey.events"
+RUNS_STREAM = "covey.runs"
 BROADCAST_KEY = "broadcast"
 
 ExchangeType = Literal["topic", "fanout"]
@@ -99,6 +100,40 @@ class QueueSpec:
         return {"x-queue-type": "quorum", **self.arguments}
 
 
+StreamArguments = TypedDict(
+    "StreamArguments",
+    {
+        "x-queue-type": Literal["stream"],
+        "x-max-age": str,  # e.g. "30D": RabbitMQ's units are Y M D h m s
+        "x-max-length-bytes": int,
+        "x-stream-max-segment-size-bytes": int,
+    },
+    total=False,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """A stream: an append-only log read from any offset, retention done by the broker."""
+
+    name: str
+    arguments: StreamArguments = field(default_factory=lambda: StreamArguments())
+
+    def __post_init__(self) -> None:
+        if self.arguments.get("x-queue-type", "stream") != "stream":
+            raise ValueError(f"stream {self.name}: x-queue-type must be stream")
+        segment = self.arguments.get("x-stream-max-segment-size-bytes")
+        total = self.arguments.get("x-max-length-bytes")
+        if segment is not None and total is not None and segment > total:
+            raise ValueError(
+                f"stream {self.name}: a segment larger than the size limit would never be removed"
+            )
+
+    @property
+    def declare_arguments(self) -> dict[str, object]:
+        return {"x-queue-type": "stream", **self.arguments}
+
+
 @dataclass(frozen=True, slots=True)
 class BindingSpec:
     queue: str
@@ -109,13 +144,13 @@ class BindingSpec:
 @dataclass(frozen=True, slots=True)
 class Topology:
     exchanges: tuple[ExchangeSpec, ...] = ()
-    queues: tuple[QueueSpec, ...] = ()
+    queues: tuple[QueueSpec | StreamSpec, ...] = ()
     bindings: tuple[BindingSpec, ...] = ()
 
     @classmethod
     def combine(cls, parts: Iterable[Topology]) -> Topology:
         exchanges: list[ExchangeSpec] = []
-        queues: list[QueueSpec] = []
+        queues: list[QueueSpec | StreamSpec] = []
         bindings: list[BindingSpec] = []
         for part in parts:
             exchanges += part.exchanges
@@ -137,8 +172,28 @@ def core() -> Topology:
         ),
         # Neither holding queue dead-letters further or has a delivery limit: they
         # are where messages end up, to be listed and replayed by a person.
-        queues=(QueueSpec(UNROUTED), QueueSpec(DEAD)),
-        bindings=(BindingSpec(UNROUTED, UNROUTED, ""), BindingSpec(DEAD, DEAD, "")),
+        queues=(
+            QueueSpec(UNROUTED),
+            QueueSpec(DEAD),
+            # Run events outlive the processes that published them: `covey runs`
+            # and `covey status` read them back from here.
+            StreamSpec(
+                RUNS_STREAM,
+                StreamArguments(
+                    {
+                        "x-max-age": "30D",
+                        "x-max-length-bytes": 256 * 1024 * 1024,
+                        "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+                    }
+                ),
+            ),
+        ),
+        bindings=(
+            BindingSpec(UNROUTED, UNROUTED, ""),
+            BindingSpec(DEAD, DEAD, ""),
+            BindingSpec(RUNS_STREAM, EVENTS_EXCHANGE, "run.started.*"),
+            BindingSpec(RUNS_STREAM, EVENTS_EXCHANGE, "run.finished.*"),
+        ),
     )
 
 

@@ -1,0 +1,52 @@
+"""Control events on `covey.events`: runs requested, started and finished, locks taken and freed.
+
+Routing keys are `KIND.SUBJECT` — `run.started.scout`, `lock.released.global` —
+so a dashboard subscribes to `#`, a waiter to one lock, a supervisor to
+`run.requested.*`. Run events are also kept in the `covey.runs` stream (bound
+in the topology), where they outlive the processes that published them.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.envelope import now
+
+EVENT_TYPE = "covey.event.v1"
+
+EventKind = Literal[
+    "run.requested",
+    "run.started",
+    "run.finished",
+    "lock.acquired",
+    "lock.released",
+    "session.opened",
+]
+
+
+class Event(BaseModel):
+    """One control event. Fields that do not apply to a kind stay empty."""
+
+    model_config = ConfigDict(extra="ignore")  # newer publishers may add fields
+
+    kind: EventKind
+    at: datetime = Field(default_factory=now)
+    host: str = Field(default_factory=socket.gethostname)
+    agent: str | None = None
+    run_id: str | None = None
+    trigger: str | None = None  # run.*: schedule, mail, manual, request
+    outcome: str | None = None  # run.finished
+    exit_code: int | None = None  # run.finished: the agent's own exit code
+    duration_seconds: float | None = None  # run.finished
+    reason: str | None = None  # run.finished: why it was skipped or failed
+    lock: str | None = None  # lock.*
+    requested_by: str | None = None  # run.requested
+
+    @property
+    def routing_key(self) -> str:
+        subject = self.lock if self.kind.startswith("lock.") else self.agent
+        return f"{self.kind}.{subject or 'unknown'}"

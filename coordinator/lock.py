@@ -1,0 +1,249 @@
+"""Locks: who may run now, enforced by the broker, with nothing to go stale.
+
+A lock is an exclusive queue, `covey.lock.NAME` (a semaphore of N slots is N
+of them, `covey.lock.NAME.0` … `.N-1`). RabbitMQ lets only the connection that
+declared an exclusive queue use it; a second declare fails with
+RESOURCE_LOCKED. When the holder's connection closes — released, crashed,
+killed with -9, or cut off (heartbeats notice within seconds) — the broker
+deletes the queue and the lock is free. There is no lock file and no TTL to
+guess.
+
+Rules that keep it honest:
+
+* The lock connection is kept only for locks and never reconnects by itself:
+  a reconnecting client would re-declare the queue and could "hold" a lock that
+  someone else took in between. A holder whose connection drops has lost its
+  locks, and `LockSession.lost` says so.
+* Each attempt uses a throwaway channel, since RESOURCE_LOCKED closes it.
+* Who holds a slot is written beside it, in `covey.lock.NAME[.SLOT].holder`
+  (one message, newest wins), so that others can say "held by scout run R
+  since T"; the exclusive queue, not that note, is the lock.
+* Waiters retry as soon as a `lock.released.NAME` event arrives on
+  `covey.events`, and on a short timer for holders that died without saying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from pydantic import BaseModel, ValidationError
+from yarl import URL
+
+from coordinator.envelope import now
+from coordinator.errors import BrokerUnavailable, CoveyError, ExitCode
+from coordinator.settings import Settings
+from coordinator.topology import EVENTS_EXCHANGE
+
+LOCK_PREFIX = "covey.lock."
+HEARTBEAT_SECONDS = 5  # a silent holder is declared dead after about two of these
+RETRY_SECONDS = 1.0  # for holders that died without publishing lock.released
+
+
+class Holder(BaseModel):
+    """Who holds a lock: enough to find the run and the process."""
+
+    agent: str
+    run_id: str
+    host: str
+    pid: int
+    since: datetime
+
+    @classmethod
+    def me(cls, agent: str, run_id: str) -> Holder:
+        return cls(
+            agent=agent, run_id=run_id, host=socket.gethostname(), pid=os.getpid(), since=now()
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.agent} run {self.run_id} on {self.host} (pid {self.pid}) "
+            f"since {self.since.isoformat(timespec='seconds')}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LockSpec:
+    """A lock by name; with `slots` > 1, a semaphore."""
+
+    name: str
+    slots: int = 1
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"lock {self.name}: a semaphore needs at least 1 slot")
+
+    @classmethod
+    def for_agent(cls, agent: str) -> LockSpec:
+        """The lock that keeps one agent from running twice at once, anywhere."""
+        return cls(f"agent.{agent}")
+
+    @property
+    def queues(self) -> list[str]:
+        base = LOCK_PREFIX + self.name
+        return [base] if self.slots == 1 else [f"{base}.{slot}" for slot in range(self.slots)]
+
+
+class LockBusy(CoveyError):
+    """Every slot of the lock is held; the message says by whom."""
+
+    exit_code = ExitCode.SKIPPED_BUSY
+
+    def __init__(self, spec: LockSpec, holders: list[Holder | None]) -> None:
+        described = "; ".join(h.describe() if h else "a holder still starting" for h in holders)
+        super().__init__(f"lock {spec.name} is busy, held by {described or 'nobody we could see'}")
+        self.spec = spec
+        self.holders = holders
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLock:
+    spec: LockSpec
+    queue: str
+    holder: Holder
+
+
+class LockSession:
+    """A connection kept only for locks. When it drops, every lock on it is lost."""
+
+    def __init__(self, connection: AbstractConnection, holder: Holder) -> None:
+        self._connection = connection
+        self.holder = holder
+        self.held: list[HeldLock] = []
+        self.lost = asyncio.Event()
+        self._closing = False
+        connection.close_callbacks.add(self._on_close)
+
+    @classmethod
+    async def open(cls, settings: Settings, holder: Holder) -> LockSession:
+        url = URL(settings.amqp_url).update_query(heartbeat=HEARTBEAT_SECONDS)
+        name = f"covey lock {holder.agent} {holder.run_id}"
+        try:
+            connection = await aio_pika.connect(
+                url, timeout=settings.connect_timeout, client_properties={"connection_name": name}
+            )
+        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
+            raise BrokerUnavailable(f"cannot open a lock connection to RabbitMQ ({err})") from None
+        return cls(connection, holder)
+
+    def _on_close(self, *_: object) -> None:
+        if not self._closing:
+            self.lost.set()
+
+    async def __aenter__(self) -> LockSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release everything: closing the connection deletes its exclusive queues."""
+        self._closing = True
+        if not self._connection.is_closed:
+            await self._connection.close()
+        self.held.clear()
+
+    async def acquire(self, spec: LockSpec, wait: float = 0.0) -> HeldLock:
+        """Take a free slot of `spec`, waiting up to `wait` seconds; else raise LockBusy."""
+        deadline = time.monotonic() + wait
+        watcher, released = await self._watch_releases(spec) if wait > 0 else (None, None)
+        try:
+            while True:
+                for queue in spec.queues:
+                    if await self._try(queue):
+                        held = HeldLock(spec, queue, self.holder)
+                        await self._note_holder(queue)
+                        self.held.append(held)
+                        return held
+                left = deadline - time.monotonic()
+                if left <= 0 or released is None:
+                    states = [await slot_state(self._connection, q) for q in spec.queues]
+                    raise LockBusy(spec, [holder for held, holder in states if held])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(released.wait(), min(left, RETRY_SECONDS))
+                released.clear()
+        finally:
+            if watcher is not None and not watcher.is_closed:
+                await watcher.close()
+
+    async def release(self, held: HeldLock) -> None:
+        async with await self._connection.channel() as channel:
+            await channel.queue_delete(held.queue)
+        self.held.remove(held)
+
+    async def _try(self, queue: str) -> bool:
+        channel = await self._connection.channel()
+        try:
+            await channel.declare_queue(queue, exclusive=True, durable=False)
+        except aiormq.exceptions.ChannelLockedResource:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
+
+    async def _note_holder(self, queue: str) -> None:
+        async with await self._connection.channel(publisher_confirms=True) as channel:
+            note = await channel.declare_queue(
+                queue + ".holder",
+                durable=True,
+                arguments={"x-max-length": 1, "x-overflow": "drop-head"},
+            )
+            await channel.default_exchange.publish(
+                aio_pika.Message(self.holder.model_dump_json().encode()), note.name
+            )
+
+    async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
+        """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
+        released = asyncio.Event()
+        channel = await self._connection.channel()
+        events = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await events.bind(EVENTS_EXCHANGE, f"lock.released.{spec.name}")
+
+        async def on_release(message: AbstractIncomingMessage) -> None:
+            released.set()
+
+        await events.consume(on_release, no_ack=True)
+        return channel, released
+
+
+async def slot_state(connection: AbstractConnection, queue: str) -> tuple[bool, Holder | None]:
+    """Whether the lock slot `queue` is held, and by whom when its note says.
+
+    The holder may be unknown for a moment while a new holder writes its note.
+    """
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(queue, passive=True)  # succeeds only for our own slot
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False, None  # no queue, no lock
+    except aiormq.exceptions.ChannelLockedResource:
+        pass  # held by another connection
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True, await _read_note(connection, queue + ".holder")
+
+
+async def _read_note(connection: AbstractConnection, note_queue: str) -> Holder | None:
+    channel = await connection.channel()
+    try:
+        notes = await channel.declare_queue(note_queue, passive=True)
+        note = await notes.get(fail=False, no_ack=False)
+        if note is None:
+            return None
+        await note.reject(requeue=True)  # a peek: the note stays for the next reader
+        return Holder.model_validate_json(note.body)
+    except (aiormq.exceptions.ChannelNotFoundEntity, ValidationError):
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()

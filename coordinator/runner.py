@@ -1,0 +1,329 @@
+"""One run of an agent, through the whole lifecycle:
+
+    locks -> preflight -> digest -> the agent's process -> outcome -> release
+
+`covey run NAME` (the crontab form, no daemon needed) and `covey supervise`
+both run agents through `run`. Each run takes the agent's own lock (so an
+agent never runs twice at once, on any host) and the lock its agent.toml names
+(`global` unless it says another, or `none`). Every run ends in a
+`run.finished` event with its outcome, kept in the `covey.runs` stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from coordinator import preflight
+from coordinator.client import Covey
+from coordinator.errors import BadInput, CoveyError, ExitCode
+from coordinator.events import Event
+from coordinator.lock import Holder, LockBusy, LockSession, LockSpec
+from coordinator.roster import AGENT_FILE, NO_LOCK, Agent
+from coordinator.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+Echo = Callable[[str], None]
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    SKIPPED_BUSY = "skipped:busy"
+    SKIPPED_PREFLIGHT = "skipped:preflight"
+    LOCK_LOST = "lock-lost"
+    STOPPED = "stopped"  # the supervisor shut down and its grace period ran out
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return _EXIT_CODES[self]
+
+
+_EXIT_CODES = {
+    Outcome.OK: ExitCode.OK,
+    Outcome.FAILED: ExitCode.FAILED,
+    Outcome.TIMEOUT: ExitCode.TIMED_OUT,
+    Outcome.SKIPPED_BUSY: ExitCode.SKIPPED_BUSY,
+    Outcome.SKIPPED_PREFLIGHT: ExitCode.SKIPPED_PREFLIGHT,
+    Outcome.LOCK_LOST: ExitCode.LOCK_LOST,
+    Outcome.STOPPED: ExitCode.FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    agent: str
+    run_id: str
+    trigger: str
+    outcome: Outcome
+    exit_code: int | None  # the agent's own, when it ran to the end
+    reason: str | None
+    duration: float
+    log_path: Path | None
+
+    def summary(self) -> str:
+        said = f" ({self.reason})" if self.reason else ""
+        code = f", exit {self.exit_code}" if self.exit_code is not None else ""
+        return (
+            f"{self.agent} run {self.run_id}: {self.outcome}{code} in {self.duration:.1f} s{said}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What starting an agent's process needs, checked before any lock is taken."""
+
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    run_dir: Path
+
+    @classmethod
+    def prepare(cls, settings: Settings, agent: Agent, run_id: str) -> Launch:
+        where = agent.folder / AGENT_FILE
+        command = agent.config.command
+        if command is None:
+            raise BadInput(f"{where}: command: missing; say what runs the agent")
+        cwd = (agent.folder / (agent.config.workdir or ".")).resolve()
+        if not cwd.is_dir():
+            raise BadInput(f"{where}: workdir: {cwd} does not exist")
+        run_dir = settings.expanded_state_dir / "runs" / agent.name
+        # `covey` and the Python it runs under come first on PATH, so an agent started
+        # by cron (whose PATH is short) can still call `covey inbox`.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {
+            **os.environ,
+            **agent.config.env,
+            "PATH": path,
+            "COVEY_AGENT": agent.name,
+            "COVEY_RUN_ID": run_id,
+            "COVEY_AMQP_URL": settings.amqp_url,
+            "COVEY_STATE_DIR": str(settings.expanded_state_dir),
+            "COVEY_DIGEST_FILE": str(run_dir / f"{run_id}.digest.md"),
+        }
+        if settings.home is not None:
+            env["COVEY_HOME"] = str(settings.home)
+        if isinstance(command, str):
+            argv = ["/bin/sh", "-c", command]
+        else:
+            argv = [_executable(command[0], cwd, path, where), *command[1:]]
+        return cls(argv=argv, cwd=cwd, env=env, run_dir=run_dir)
+
+
+def _executable(program: str, cwd: Path, path: str, where: Path) -> str:
+    if os.sep in program:
+        candidate = (cwd / program).resolve()
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    elif found := shutil.which(program, path=path):
+        return found
+    raise BadInput(f"{where}: command: {program!r} is not an executable (on PATH or in {cwd})")
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+async def run(
+    covey: Covey,
+    agent: Agent,
+    trigger: str = "manual",
+    *,
+    wait_lock: float | None = None,
+    stop: asyncio.Event | None = None,
+    echo: Echo | None = None,
+) -> RunResult:
+    """Run `agent` once. Bad input (no command, no workdir) raises BadInput before any
+    lock is taken; everything else ends as a RunResult with an outcome."""
+    run_id = new_run_id()
+    launch = Launch.prepare(covey.settings, agent, run_id)
+    bound = log.bind(agent=agent.name, run_id=run_id)
+    started = time.monotonic()
+    record = _Recorder(covey, agent.name, run_id, trigger, started)
+
+    async with await LockSession.open(covey.settings, Holder.me(agent.name, run_id)) as locks:
+        try:
+            await locks.acquire(LockSpec.for_agent(agent.name))
+            spec = _configured_lock(covey.settings, agent)
+            if spec is not None:
+                wait = agent.config.wait_lock if wait_lock is None else wait_lock
+                await locks.acquire(spec, wait=wait)
+        except LockBusy as busy:
+            bound.info("skipped, lock busy", reason=str(busy))
+            return await record.finished(Outcome.SKIPPED_BUSY, reason=str(busy))
+        taken = [held.spec.name for held in locks.held]
+        await record.locks("lock.acquired", taken)
+
+        for hook in agent.config.preflight:
+            if reason := await preflight.failure(hook, launch.cwd, launch.env):
+                await locks.close()  # free the locks at once, not after the bookkeeping
+                await record.locks("lock.released", taken)
+                bound.info("skipped, preflight failed", reason=reason)
+                return await record.finished(Outcome.SKIPPED_PREFLIGHT, reason=reason)
+
+        launch.run_dir.mkdir(parents=True, exist_ok=True)
+        Path(launch.env["COVEY_DIGEST_FILE"]).write_text("")  # the changelog digest goes here
+        await record.started()
+        log_path = launch.run_dir / f"{run_id}.log"
+        bound.info("started", command=launch.argv, log=str(log_path))
+        with log_path.open("a", encoding="utf-8") as output:
+            outcome, code, reason = await _execute(
+                launch, agent, locks.lost, stop or asyncio.Event(), output, echo
+            )
+    await record.locks("lock.released", taken)
+    bound.info("finished", outcome=str(outcome), exit_code=code)
+    return await record.finished(outcome, exit_code=code, reason=reason, log_path=log_path)
+
+
+def _configured_lock(settings: Settings, agent: Agent) -> LockSpec | None:
+    name = agent.config.lock
+    if name == NO_LOCK:
+        return None
+    config = settings.locks.get(name)
+    return LockSpec(name, config.slots if config else 1)
+
+
+class _Recorder:
+    """Publishes a run's events; a broker hiccup here is logged, never fatal to the run."""
+
+    def __init__(self, covey: Covey, agent: str, run_id: str, trigger: str, started: float):
+        self.covey, self.agent, self.run_id, self.trigger = covey, agent, run_id, trigger
+        self.started_at = started
+
+    async def _publish(self, event: Event) -> None:
+        try:
+            await (await self.covey.bus()).publish_event(event)
+        except CoveyError as err:
+            log.warning("could not publish event", kind=event.kind, error=str(err))
+
+    async def locks(self, kind: str, names: list[str]) -> None:
+        for name in names:
+            await self._publish(
+                Event(kind=kind, lock=name, agent=self.agent, run_id=self.run_id)  # type: ignore[arg-type]
+            )
+
+    async def started(self) -> None:
+        await self._publish(
+            Event(kind="run.started", agent=self.agent, run_id=self.run_id, trigger=self.trigger)
+        )
+
+    async def finished(
+        self,
+        outcome: Outcome,
+        *,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        log_path: Path | None = None,
+    ) -> RunResult:
+        duration = time.monotonic() - self.started_at
+        await self._publish(
+            Event(
+                kind="run.finished",
+                agent=self.agent,
+                run_id=self.run_id,
+                trigger=self.trigger,
+                outcome=str(outcome),
+                exit_code=exit_code,
+                duration_seconds=round(duration, 3),
+                reason=reason,
+            )
+        )
+        return RunResult(
+            self.agent, self.run_id, self.trigger, outcome, exit_code, reason, duration, log_path
+        )
+
+
+async def _execute(
+    launch: Launch,
+    agent: Agent,
+    lock_lost: asyncio.Event,
+    stop: asyncio.Event,
+    output: IO[str],
+    echo: Echo | None,
+) -> tuple[Outcome, int | None, str | None]:
+    """Run the process to its end, its timeout, a lost lock or a stop; say which."""
+    process = await asyncio.create_subprocess_exec(
+        *launch.argv,
+        cwd=launch.cwd,
+        env=launch.env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # its own process group: a timeout ends its children too
+    )
+    assert process.stdout is not None
+    pump = asyncio.create_task(_pump(process.stdout, output, echo))
+    exited = asyncio.create_task(process.wait())
+    lost = asyncio.create_task(lock_lost.wait())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {exited, lost, stopped},
+            timeout=agent.config.timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if exited in done:
+            code = exited.result()
+            return (Outcome.OK if code == 0 else Outcome.FAILED), code, None
+        await _terminate(process, agent.config.grace)
+        if lost in done:
+            return Outcome.LOCK_LOST, None, "the lock connection dropped; the agent was stopped"
+        if stopped in done:
+            return Outcome.STOPPED, None, "the supervisor shut down; the agent was stopped"
+        return Outcome.TIMEOUT, None, f"ran past its {agent.config.timeout:g} s timeout"
+    finally:
+        for task in (exited, lost, stopped):
+            task.cancel()
+        # Output still buffered is worth keeping; a child that holds the pipe open is not
+        # worth waiting for.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pump), 2.0)
+        pump.cancel()
+
+
+async def _pump(stream: asyncio.StreamReader, output: IO[str], echo: Echo | None) -> None:
+    """Copy the agent's output line by line, timestamped, to its run log (and `echo`)."""
+    async for raw in stream:
+        line = raw.decode(errors="replace").rstrip("\n")
+        output.write(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {line}\n")
+        output.flush()
+        if echo is not None:
+            echo(line)
+
+
+async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the whole process group, give it `grace` seconds, then SIGKILL what is left."""
+    group = process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(group):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    await process.wait()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
