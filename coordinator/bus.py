@@ -69,40 +69,46 @@ def to_amqp(envelope: Envelope) -> aio_pika.Message:
     )
 
 
+async def open_connection(
+    settings: Settings, name: str, heartbeat: int | None = None
+) -> AbstractConnection:
+    """A plain (not self-reconnecting) connection, or BrokerUnavailable in one line."""
+    url = URL(settings.amqp_url)
+    if heartbeat is not None:
+        url = url.update_query(heartbeat=heartbeat)
+    shown = redacted(settings.amqp_url)
+    try:
+        return await aio_pika.connect(
+            url, timeout=settings.connect_timeout, client_properties={"connection_name": name}
+        )
+    except aiormq.exceptions.ProbableAuthenticationError:
+        raise BrokerUnavailable(
+            f"RabbitMQ at {shown} refused the login: check the user and password in COVEY_AMQP_URL"
+        ) from None
+    except aiormq.exceptions.ProtocolSyntaxError:
+        raise BrokerUnavailable(
+            f"RabbitMQ at {shown} refused to open the connection: check that the vhost in "
+            "COVEY_AMQP_URL exists and the user may use it"
+        ) from None
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ at {shown} ({err}): start it, or point COVEY_AMQP_URL at one"
+        ) from None
+
+
 class Bus:
     """One AMQP connection and the channels covey needs on it. Use `async with`."""
 
-    def __init__(self, connection: AbstractConnection, settings: Settings) -> None:
+    def __init__(self, connection: AbstractConnection, settings: Settings, name: str) -> None:
         self._connection = connection
         self._settings = settings
+        self._name = name
         self._publisher: AbstractChannel | None = None
 
     @classmethod
     async def connect(cls, settings: Settings, name: str = "covey") -> Bus:
         """Connect, or raise BrokerUnavailable with one line saying why and what to do."""
-        url = settings.amqp_url
-        try:
-            connection = await aio_pika.connect(
-                url,
-                timeout=settings.connect_timeout,
-                client_properties={"connection_name": name},
-            )
-        except aiormq.exceptions.ProbableAuthenticationError:
-            raise BrokerUnavailable(
-                f"RabbitMQ at {redacted(url)} refused the login: check the user and password "
-                "in COVEY_AMQP_URL"
-            ) from None
-        except aiormq.exceptions.ProtocolSyntaxError:
-            raise BrokerUnavailable(
-                f"RabbitMQ at {redacted(url)} refused to open the connection: check that the "
-                "vhost in COVEY_AMQP_URL exists and the user may use it"
-            ) from None
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
-            raise BrokerUnavailable(
-                f"cannot reach RabbitMQ at {redacted(url)} ({err}): start it, or point "
-                "COVEY_AMQP_URL at one"
-            ) from None
-        return cls(connection, settings)
+        return cls(await open_connection(settings, name), settings, name)
 
     async def __aenter__(self) -> Bus:
         return self
@@ -148,11 +154,19 @@ class Bus:
     # -- publishing ----------------------------------------------------------
 
     async def _publish_channel(self) -> AbstractChannel:
-        if self._publisher is None or self._publisher.is_closed:
-            self._publisher = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
+        if self._publisher is not None and not self._publisher.is_closed:
+            return self._publisher
+        try:
+            self._publisher = await self._open_publisher()
+        except (RuntimeError, ConnectionError, aiormq.exceptions.AMQPConnectionError):
+            # Publishing is safe to retry on a new connection (unlike holding a lock),
+            # so a long run can still record how it ended after a broker hiccup.
+            self._connection = await open_connection(self._settings, self._name)
+            self._publisher = await self._open_publisher()
         return self._publisher
+
+    async def _open_publisher(self) -> AbstractChannel:
+        return await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
     async def _exchange(self, name: str) -> AbstractExchange:
         channel = await self._publish_channel()
@@ -230,7 +244,8 @@ class Bus:
                 f"RabbitMQ did not confirm {what} in time: it may be blocking publishers "
                 "(memory or disk alarm); treat it as not sent"
             ) from None
-        except aiormq.exceptions.AMQPError as err:
+        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as err:
+            self._publisher = None  # the next publish starts on a fresh channel, or connection
             raise BrokerUnavailable(f"lost RabbitMQ while publishing {what} ({err})") from None
 
     # -- consuming -----------------------------------------------------------

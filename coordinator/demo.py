@@ -4,13 +4,12 @@ A person asks scout a question; scout sends findings to its team and answers
 the person in the same thread; writer summarises the findings for the person,
 thanks scout in scout's thread and tells everyone; scout runs again and finds
 the thanks. Each agent is a script that uses the `covey` command, as a model
-would, so the demo shows exactly what an agent sees.
+would, run through the same lifecycle as `covey run` (locks, environment, run
+log, events), so the demo shows exactly what an agent sees.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -18,12 +17,13 @@ from pathlib import Path
 
 from yarl import URL
 
+from coordinator import runner
 from coordinator.bus import redacted
 from coordinator.client import Covey
 from coordinator.errors import BadInput, ExitCode
 from coordinator.localbroker import answers, throwaway_broker
 from coordinator.render import mail_list
-from coordinator.roster import Agent, Roster
+from coordinator.roster import Roster
 from coordinator.settings import Settings
 
 RUNS = ("scout", "writer", "scout")
@@ -74,10 +74,10 @@ async def _story(settings: Settings, roster: Roster) -> int:
         print(f"  {human} -> agent:scout  {question.subject!r}  ({question.id[:12]})")
 
         for name in RUNS:
-            print(f"  -- run {name}")
-            code = await _run_agent(roster.agent(name), settings)
-            if code != 0:
-                print(f"covey demo: {name} exited with {code}", file=sys.stderr)
+            print(f"  -- covey run {name}")
+            result = await runner.run(person, roster.agent(name), echo=_prefixed(name))
+            if result.outcome is not runner.Outcome.OK:
+                print(f"covey demo: {result.summary()}", file=sys.stderr)
                 return int(ExitCode.FAILED)
 
         mails = await person.inbox()
@@ -92,39 +92,8 @@ async def _story(settings: Settings, roster: Roster) -> int:
     return 0
 
 
-async def _run_agent(agent: Agent, settings: Settings) -> int:
-    """Run one agent's command the way the supervisor will: its folder, its identity."""
-    command = agent.config.command
-    if command is None:
-        raise BadInput(f"{agent.folder}/agent.toml: command: the demo agents need one")
-    bin_dir = str(Path(sys.executable).parent)  # so `covey` and `python3` are this install's
-    env = {
-        **os.environ,
-        **agent.config.env,
-        "COVEY_AGENT": agent.name,
-        "COVEY_HOME": str(settings.home),
-        "COVEY_AMQP_URL": settings.amqp_url,
-        "COVEY_STATE_DIR": str(settings.state_dir),
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    workdir = agent.folder / (agent.config.workdir or ".")
-    if isinstance(command, str):
-        process = await asyncio.create_subprocess_shell(
-            command,
-            cwd=workdir,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    else:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            cwd=workdir,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    assert process.stdout is not None
-    async for line in process.stdout:
-        print(f"     [{agent.name}] {line.decode(errors='replace').rstrip()}")
-    return await process.wait()
+def _prefixed(name: str) -> runner.Echo:
+    def echo(line: str) -> None:
+        print(f"     [{name}] {line}")
+
+    return echo

@@ -36,10 +36,10 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
-from yarl import URL
 
+from coordinator.bus import open_connection
 from coordinator.envelope import now
-from coordinator.errors import BrokerUnavailable, CoveyError, ExitCode
+from coordinator.errors import CoveyError, ExitCode
 from coordinator.settings import Settings
 from coordinator.topology import EVENTS_EXCHANGE
 
@@ -124,15 +124,8 @@ class LockSession:
 
     @classmethod
     async def open(cls, settings: Settings, holder: Holder) -> LockSession:
-        url = URL(settings.amqp_url).update_query(heartbeat=HEARTBEAT_SECONDS)
         name = f"covey lock {holder.agent} {holder.run_id}"
-        try:
-            connection = await aio_pika.connect(
-                url, timeout=settings.connect_timeout, client_properties={"connection_name": name}
-            )
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
-            raise BrokerUnavailable(f"cannot open a lock connection to RabbitMQ ({err})") from None
-        return cls(connection, holder)
+        return cls(await open_connection(settings, name, heartbeat=HEARTBEAT_SECONDS), holder)
 
     def _on_close(self, *_: object) -> None:
         if not self._closing:

@@ -45,6 +45,7 @@ NO_BROKER = (
 class Admin(Protocol):
     def add_vhost(self, name: str, user: str) -> None: ...
     def delete_vhost(self, name: str) -> None: ...
+    def close_connections(self, vhost: str) -> int: ...
 
 
 class ManagementAdmin:
@@ -54,15 +55,16 @@ class ManagementAdmin:
         self.base = base.rstrip("/")
         self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> None:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         request = urllib.request.Request(
             self.base + path,
             method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Authorization": self._auth, "Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=30):
-            pass
+        with urllib.request.urlopen(request, timeout=30) as response:
+            data = response.read()
+        return json.loads(data) if data else None
 
     def answers(self) -> bool:
         try:
@@ -82,6 +84,13 @@ class ManagementAdmin:
     def delete_vhost(self, name: str) -> None:
         self._call("DELETE", f"/api/vhosts/{quote(name, safe='')}")
 
+    def close_connections(self, vhost: str) -> int:
+        """Cut every client connection to `vhost`, as a network failure would."""
+        connections = self._call("GET", f"/api/vhosts/{quote(vhost, safe='')}/connections")
+        for connection in connections:
+            self._call("DELETE", f"/api/connections/{quote(connection['name'], safe='')}")
+        return len(connections)
+
 
 def system_rabbitmqctl(*args: str) -> str:
     done = subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
@@ -100,6 +109,10 @@ class CtlAdmin:
 
     def delete_vhost(self, name: str) -> None:
         self._ctl("delete_vhost", name)
+
+    def close_connections(self, vhost: str) -> int:
+        self._ctl("close_all_connections", "-p", vhost, "cut by a covey test")
+        return -1  # rabbitmqctl does not say how many
 
 
 @dataclass
@@ -142,6 +155,11 @@ def broker() -> Iterator[Broker]:
         except Exception:
             pytest.exit(NO_BROKER, 1)
         yield Broker(url, _admin_for(url))
+
+
+@pytest.fixture
+def vhost(amqp_url: str) -> str:
+    return URL(amqp_url).path.lstrip("/")
 
 
 @pytest.fixture
