@@ -104,6 +104,7 @@ class Bus:
         self._settings = settings
         self._name = name
         self._publisher: AbstractChannel | None = None
+        self._publisher_opening = asyncio.Lock()  # concurrent first publishes share one channel
 
     @classmethod
     async def connect(cls, settings: Settings, name: str = "covey") -> Bus:
@@ -135,11 +136,8 @@ class Bus:
             await _spread(channels, topology.exchanges, _declare_exchange)
             await _spread(channels, topology.queues, _declare_queue)
             await _spread(channels, topology.bindings, _declare_binding)
-        except aiormq.exceptions.ChannelPreconditionFailed as err:
-            raise ConfigError(
-                f"the broker has this declared with other settings ({err}); restore the "
-                "old setting, or delete that queue or exchange (its messages go with it)"
-            ) from None
+        except ExceptionGroup as group:  # the TaskGroup in _spread: report the first
+            raise _declare_error(group.exceptions[0]) from None
         finally:
             for channel in channels:
                 if not channel.is_closed:
@@ -154,16 +152,17 @@ class Bus:
     # -- publishing ----------------------------------------------------------
 
     async def _publish_channel(self) -> AbstractChannel:
-        if self._publisher is not None and not self._publisher.is_closed:
+        async with self._publisher_opening:
+            if self._publisher is not None and not self._publisher.is_closed:
+                return self._publisher
+            try:
+                self._publisher = await self._open_publisher()
+            except (RuntimeError, ConnectionError, aiormq.exceptions.AMQPConnectionError):
+                # Publishing is safe to retry on a new connection (unlike holding a
+                # lock), so a long run can still record how it ended after a hiccup.
+                self._connection = await open_connection(self._settings, self._name)
+                self._publisher = await self._open_publisher()
             return self._publisher
-        try:
-            self._publisher = await self._open_publisher()
-        except (RuntimeError, ConnectionError, aiormq.exceptions.AMQPConnectionError):
-            # Publishing is safe to retry on a new connection (unlike holding a lock),
-            # so a long run can still record how it ended after a broker hiccup.
-            self._connection = await open_connection(self._settings, self._name)
-            self._publisher = await self._open_publisher()
-        return self._publisher
 
     async def _open_publisher(self) -> AbstractChannel:
         return await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -195,7 +194,13 @@ class Bus:
             app_id="covey",
         )
         await self._confirmed(
-            exchange.publish(message, event.routing_key, mandatory=mandatory), what=event.kind
+            exchange.publish(
+                message,
+                event.routing_key,
+                mandatory=mandatory,
+                timeout=self._settings.connect_timeout,
+            ),
+            what=event.kind,
         )
 
     async def dead_letter(
@@ -221,7 +226,12 @@ class Bus:
         )
         exchange = await self._exchange(DEAD)
         await self._confirmed(
-            exchange.publish(copy, message.routing_key or "", mandatory=True),
+            exchange.publish(
+                copy,
+                message.routing_key or "",
+                mandatory=True,
+                timeout=self._settings.connect_timeout,
+            ),
             what=f"dead letter for {message.message_id or 'a delivery'}",
         )
 
@@ -229,10 +239,8 @@ class Bus:
         try:
             return await publishing
         except aio_pika.exceptions.DeliveryError as err:
-            if err.message is not None and err.message.routing_key:
-                raise NoRecipient(
-                    f"no queue takes {err.message.routing_key!r}: nobody has that address"
-                ) from None
+            if isinstance(err.frame, aiormq.spec.Basic.Return):
+                raise NoRecipient(f"no queue takes {what}") from None
             raise BrokerUnavailable(f"RabbitMQ refused {what} ({err})") from None
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise TopologyMissing(
@@ -254,7 +262,7 @@ class Bus:
         """An existing queue, on a channel of its own (the caller closes `queue.channel`).
 
         Its `declaration_result.message_count` says how many messages are ready.
-        Raises aiormq's ChannelNotFoundEntity when the queue does not exist.
+        Raises TopologyMissing when the queue does not exist.
         """
         channel = await self._connection.channel()
         try:
@@ -263,6 +271,23 @@ class Bus:
             raise TopologyMissing(
                 f"queue {name} does not exist; run `covey topology apply`"
             ) from None
+
+
+def _declare_error(err: BaseException) -> BaseException:
+    """One line for what went wrong declaring the topology."""
+    if isinstance(err, aiormq.exceptions.ChannelPreconditionFailed):
+        return ConfigError(
+            f"the broker has this declared with other settings ({err}); restore the old "
+            "setting, or delete that queue or exchange (its messages go with it)"
+        )
+    if isinstance(err, aiormq.exceptions.ChannelAccessRefused):
+        return BrokerUnavailable(
+            f"RabbitMQ refused to declare covey's topology ({err}): the user in "
+            "COVEY_AMQP_URL needs configure permission on this vhost"
+        )
+    if isinstance(err, aiormq.exceptions.AMQPError | RuntimeError | ConnectionError):
+        return BrokerUnavailable(f"lost RabbitMQ while declaring the topology ({err})")
+    return err
 
 
 async def _declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> None:
@@ -290,4 +315,6 @@ async def _spread(
             await declare(channel, item)
 
     count = len(channels)
-    await asyncio.gather(*(run(channels[i], items[i::count]) for i in range(count)))
+    async with asyncio.TaskGroup() as group:  # one failure cancels the rest, and is raised
+        for i in range(count):
+            group.create_task(run(channels[i], items[i::count]))

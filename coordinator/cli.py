@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -158,7 +159,10 @@ def _body(args: argparse.Namespace) -> str:
         except UnicodeDecodeError:
             raise BadInput(f"--body-file {args.body_file} is not UTF-8 text") from None
     if args.body == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.buffer.read().decode()
+        except UnicodeDecodeError:
+            raise BadInput("standard input is not UTF-8 text") from None
     return args.body or ""
 
 
@@ -175,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="covey",
         description="Durable mail, locks and memory for agents, on RabbitMQ.",
         epilog="Exit codes: 0 ok, 1 failed, 2 bad input, 3 no such recipient, 4 broker "
-        "unavailable, 5 skipped (lock busy), 6 skipped (preflight), 7 timed out, 8 lock lost.",
+        "unavailable, 5 skipped (lock busy), 6 skipped (preflight), 7 timed out, 8 lock lost, "
+        "70 a bug in covey.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -293,7 +298,8 @@ async def _run(args: argparse.Namespace) -> int:
         return int(ExitCode.INTERNAL)
     finally:
         if covey is not None:
-            await covey.close()
+            with contextlib.suppress(Exception):  # the answer is given; closing is best effort
+                await covey.close()
 
 
 if __name__ == "__main__":

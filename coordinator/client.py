@@ -19,11 +19,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from coordinator import topology
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
-from coordinator.errors import BadInput, NoRecipient, NotFound, TopologyMissing
+from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound, TopologyMissing
+from coordinator.logs import get_logger
 from coordinator.mailbox import Mail, MailStore, Status, drain, store_path
 from coordinator.names import Address
 from coordinator.roster import Roster
@@ -34,7 +33,7 @@ if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never ne
 
 IDENTITY_VARIABLE = "COVEY_AGENT"
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Covey:
@@ -45,6 +44,7 @@ class Covey:
         self._me: Address | None = None
         self._bus: Bus | None = None
         self._store: MailStore | None = None
+        self._declared: set[Address] = set()  # participants whose topology this handle applied
 
     @classmethod
     def open(cls, identity: str | None = None, home: Path | None = None, **settings: Any) -> Covey:
@@ -86,11 +86,17 @@ class Covey:
             self._me = address
         return self._me
 
+    def _who(self) -> str:
+        try:
+            return str(self.me)
+        except CoveyError:  # topology apply and the demo need no identity
+            return "(no identity)"
+
     async def bus(self) -> Bus:
         if self._bus is None:
             from coordinator.bus import Bus
 
-            self._bus = await Bus.connect(self.settings, name=f"covey {self._identity or ''}")
+            self._bus = await Bus.connect(self.settings, name=f"covey {self._who()}")
         return self._bus
 
     @property
@@ -110,15 +116,20 @@ class Covey:
         await (await self.bus()).apply(plan)
         return plan
 
-    async def _apply_own_topology(self) -> None:
-        me = self.me
+    async def _apply_participants(self, participants: list[Address]) -> None:
+        """Declare the core and these participants' queues and bindings, once per handle."""
+        todo = [p for p in participants if p not in self._declared]
+        if not todo:
+            return
+        limit = self.settings.delivery_limit
         plan = topology.Topology.combine(
             [
                 topology.core(),
-                topology.participant(me, self.roster.teams_of(me), self.settings.delivery_limit),
+                *(topology.participant(p, self.roster.teams_of(p), limit) for p in todo),
             ]
         )
         await (await self.bus()).apply(plan)
+        self._declared.update(todo)
 
     # -- sending --------------------------------------------------------------
 
@@ -179,10 +190,16 @@ class Covey:
             )
 
     async def _publish(self, envelope: Envelope) -> None:
+        """Publish, first making sure the recipients' queues exist: an agent added to the
+        roster gets its mail even before anyone ran `covey topology apply`. (Not for
+        `all`, whose reach is the whole roster: that is `topology apply`'s job.)"""
         bus = await self.bus()
+        recipient = envelope.recipient_address
+        if recipient.kind != "all" and (reached := self.roster.reached_by(recipient)):
+            await self._apply_participants(reached)
         try:
             await bus.publish(envelope, timeout=self.settings.connect_timeout)
-        except TopologyMissing:  # a namespace nobody has set up yet: set it up, once
+        except TopologyMissing:  # nothing reached, in a namespace nobody has set up yet
             await self.apply_topology()
             await bus.publish(envelope, timeout=self.settings.connect_timeout)
 
@@ -196,7 +213,7 @@ class Covey:
         try:
             new = await drain(bus, self.store, queue, limit, wait)
         except TopologyMissing:  # first use of this participant: its queue exists from now on
-            await self._apply_own_topology()
+            await self._apply_participants([self.me])
             new = await drain(bus, self.store, queue, limit, wait)
         log.info("drained", queue=queue, new=len(new))
         return new
@@ -204,7 +221,7 @@ class Covey:
     async def inbox(self, include_done: bool = False) -> list[Mail]:
         """Drain, then list what is not done (everything with `include_done`), oldest first."""
         await self.drain()
-        return self.store.list(include_done=include_done)
+        return self.store.messages(include_done=include_done)
 
     async def wait(self, timeout: float) -> list[Mail]:
         """Block until new mail arrives (at most `timeout` seconds); return it, or []."""
@@ -213,7 +230,7 @@ class Covey:
             new = await self.drain(wait=left)
             if new:
                 new += await self.drain()  # the rest of a burst that woke us
-                return self.store.list(include_done=True, ids=[e.id for e in new])
+                return self.store.messages(include_done=True, ids=[e.id for e in new])
         return []
 
     def read(self, message_id: str) -> Mail:

@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator.errors import BadInput, InvalidEnvelope, first_problem
 from coordinator.names import Address
@@ -68,28 +68,23 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    id: str = Field(min_length=1, max_length=128)
     sender: Annotated[str, AfterValidator(_participant)]
     recipient: Annotated[str, AfterValidator(_address)]
     subject: Annotated[str, AfterValidator(_subject)]
     body: str = ""
-    thread: str = ""
+    thread: str = Field(min_length=1, max_length=128)
     in_reply_to: str | None = None
-    created_at: Annotated[datetime, AfterValidator(_aware)] = Field(default_factory=now)
+    created_at: Annotated[datetime, AfterValidator(_aware)]
     expires_at: Annotated[datetime | None, AfterValidator(_aware)] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _thread_defaults_to_own_id(cls, data: object) -> object:
-        if isinstance(data, dict) and not data.get("thread"):
-            data = dict(data)
-            data.setdefault("id", new_id())
-            data["thread"] = data["id"]
-        return data
 
     @classmethod
     def new(cls, **fields: object) -> Envelope:
-        """Build an envelope from caller input; a problem raises BadInput with one line."""
+        """A new message from caller input: a fresh id, its own thread unless it joins
+        one, stamped now. A problem raises BadInput with one line."""
+        fields.setdefault("id", new_id())
+        fields.setdefault("thread", fields["id"])
+        fields.setdefault("created_at", now())
         try:
             return cls.model_validate(fields)
         except ValidationError as err:
@@ -97,7 +92,9 @@ class Envelope(BaseModel):
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
-        """Parse a delivery's body; anything that is not a valid envelope raises InvalidEnvelope."""
+        """Parse a delivery's body; anything that is not a valid envelope raises
+        InvalidEnvelope. Nothing is made up: an envelope without an id is invalid, since
+        a redelivery must be recognisable as the same message."""
         try:
             return cls.model_validate_json(data)
         except ValidationError as err:

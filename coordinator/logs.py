@@ -1,7 +1,12 @@
-"""Logging: structlog to stderr, readable by default, JSON with COVEY_LOG_FORMAT=json.
+"""Logging: structlog over the standard library, to stderr; readable, or JSON with
+COVEY_LOG_FORMAT=json.
 
-Logs go to stderr and command results to stdout, so a model or a script can
-read a command's answer without the log lines in it.
+covey's modules log through `get_logger`, which sits on a stdlib logger: in a
+program that has not configured logging, covey (a library there) stays quiet
+below WARNING. The `covey` command calls `configure`, which renders every line
+— covey's and its libraries' — the same way, with the run's `agent` and
+`run_id` bound through context variables. Logs go to stderr and command
+results to stdout, so a model or a script reads an answer without log lines in it.
 """
 
 from __future__ import annotations
@@ -11,27 +16,46 @@ import sys
 
 import structlog
 
+_SHARED: list[structlog.typing.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
+    return logger
+
 
 def configure(log_format: str = "console", level: str = "warning") -> None:
-    """Configure logging for this process; called once, by the entry point."""
+    """Send every log line to stderr, rendered once; called by the entry point only."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_SHARED,
+            processors=[
+                *_SHARED,
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+            ],
+        )
     )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
     # aio-pika and aiormq log connection trouble themselves; covey reports it once,
     # as one line with the fix, so theirs would only repeat it less clearly.
     for name in ("aio_pika", "aiormq"):

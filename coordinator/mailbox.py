@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import structlog
-
 from coordinator.envelope import Envelope
-from coordinator.errors import BadInput, InvalidEnvelope, NotFound
+from coordinator.errors import BadInput, BrokerUnavailable, ConfigError, InvalidEnvelope, NotFound
+from coordinator.logs import get_logger
 
 if TYPE_CHECKING:  # the store works without the broker; only `drain` needs it
-    from aio_pika.abc import AbstractIncomingMessage
+    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
     from coordinator.bus import Bus
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SCHEMA_VERSION = 1
 SHORT_ID = 12  # characters of an id shown in listings; any unique prefix is accepted back
@@ -107,15 +106,22 @@ class MailStore:
     """One participant's mailbox file. Every write commits before it returns."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes (WAL)
-        if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            with self._transaction():
-                self._db.executescript(_SCHEMA)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the broker hears the ack, even if the
+            # machine, not just the process, goes down right after.
+            self._db.execute("PRAGMA synchronous=FULL")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self._db.executescript(
+                    f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
+        except (OSError, sqlite3.Error) as err:
+            raise ConfigError(
+                f"cannot open the mailbox {path} ({err}): check state_dir (COVEY_STATE_DIR)"
+            ) from None
 
     def close(self) -> None:
         self._db.close()
@@ -152,20 +158,27 @@ class MailStore:
                     added.append(env)
         return added
 
-    def list(self, include_done: bool = False, ids: Iterable[str] = ()) -> list[Mail]:
-        """Mail oldest first, newest last (where a model's attention is)."""
-        wanted = list(ids)
-        where, params = ("status != 'done'", []) if not include_done else ("1", [])
-        if wanted:
-            where = f"id IN ({', '.join('?' * len(wanted))})"
-            params = wanted
+    def messages(self, include_done: bool = False, ids: Iterable[str] | None = None) -> list[Mail]:
+        """Mail oldest first, newest last (where a model's attention is); only `ids`
+        when given (done or not)."""
+        if ids is None:
+            where, params = ("1", []) if include_done else ("status != 'done'", [])
+        else:
+            params = list(ids)
+            if not params:
+                return []
+            where = f"id IN ({', '.join('?' * len(params))})"
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE {where} ORDER BY created_at, seq", params
         )
         return [_mail(row) for row in rows]
 
+    def stored(self, ids: Iterable[str]) -> dict[str, Envelope]:
+        """The envelopes among `ids` that this mailbox already holds."""
+        return {mail.envelope.id: mail.envelope for mail in self.messages(ids=ids)}
+
     def get(self, id_or_prefix: str) -> Mail:
-        return self.list(ids=[self.resolve(id_or_prefix)])[0]
+        return self.messages(ids=[self.resolve(id_or_prefix)])[0]
 
     def resolve(self, id_or_prefix: str) -> str:
         """The full id for an id or a unique prefix of one (as short as 4 characters)."""
@@ -250,37 +263,80 @@ async def drain(
 ) -> list[Envelope]:
     """Move the messages waiting in `queue_name` into `store`; return the new ones.
 
-    With `wait`, block up to that many seconds for the first message when the
-    queue is empty. Only deliveries this drain has filed are acked; deliveries
-    still in flight when it stops are filed too, rather than handed back, so a
-    drain never inflates a message's delivery count (which would push innocent
-    mail towards the delivery limit).
+    With `wait`, block up to that many seconds for a first message when the queue
+    is empty. A drain takes what was waiting when it began, not mail that keeps
+    arriving meanwhile (the next drain gets that).
+
+    It works in rounds with a full window, because a consumer cancelled while the
+    broker still has deliveries in flight to it gets them put back, and every
+    return counts towards the delivery limit: innocent mail would creep towards
+    `covey.dead`. So a round asks for exactly as many messages as are ready (at
+    most MAX_PREFETCH), acks none until it has them all, and cancels only when
+    the window is full and nothing can be in flight.
     """
-    queue = await bus.queue(queue_name)
+    from aiormq.exceptions import AMQPError  # the broker is only needed here
+
+    filing = _Filing(bus, store, queue_name, max_body_bytes)
+    budget: int | None = None  # what was waiting when the drain began
+    first_wait = wait
     try:
-        ready = queue.declaration_result.message_count or 0
-        if ready == 0 and wait is None:
-            return []
-        target = max(ready, 1)
-        await queue.channel.set_qos(prefetch_count=min(target, MAX_PREFETCH))
-        deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        consumer_tag = await queue.consume(deliveries.put, no_ack=False)
-        filing = _Filing(bus, store, queue_name, max_body_bytes)
-        try:
-            first_timeout = wait if ready == 0 and wait is not None else IDLE_SECONDS
-            while filing.taken < target:
-                timeout = first_timeout if filing.taken == 0 else IDLE_SECONDS
-                batch = await _next_batch(deliveries, timeout)
-                if not batch:
-                    break  # waited long enough, or another consumer took the rest
+        while budget is None or filing.taken < budget:
+            queue = await bus.queue(queue_name)
+            try:
+                ready = queue.declaration_result.message_count or 0
+                if budget is None:
+                    budget = ready if wait is None else max(ready, 1)
+                if ready == 0 and first_wait is None:
+                    break
+                window = min(max(ready, 1), MAX_PREFETCH)
+                batch = await _take(queue, window, first_wait if ready == 0 else IDLE_SECONDS)
                 await filing.file(batch)
-        finally:
-            await queue.cancel(consumer_tag)
-        # After cancel-ok no more deliveries come; any that came before are ours to file.
-        await filing.file(_take_ready(deliveries))
-        return filing.added
+            finally:
+                if not queue.channel.is_closed:
+                    await queue.channel.close()
+            if len(batch) < window:
+                break  # waited long enough, or another consumer took some
+            first_wait = None
+    except (AMQPError, RuntimeError, ConnectionError) as err:
+        raise BrokerUnavailable(
+            f"lost RabbitMQ while fetching mail from {queue_name} ({err})"
+        ) from None
+    return filing.added
+
+
+async def _take(
+    queue: AbstractQueue, window: int, first_timeout: float
+) -> list[AbstractIncomingMessage]:
+    """Consume up to `window` deliveries: wait `first_timeout` for the first, then
+    IDLE_SECONDS for each next one."""
+    deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+    # A closed channel (broker gone, connection cut) ends the wait at once.
+    queue.channel.close_callbacks.add(lambda *_: deliveries.put_nowait(None))
+    await queue.channel.set_qos(prefetch_count=window)
+    consumer_tag = await queue.consume(deliveries.put, no_ack=False)
+    batch: list[AbstractIncomingMessage] = []
+    timeout = first_timeout
+    try:
+        while len(batch) < window:
+            try:
+                delivery = await asyncio.wait_for(deliveries.get(), timeout)
+            except TimeoutError:
+                break
+            if delivery is None:
+                raise ConnectionError("the channel closed")
+            batch.append(delivery)
+            timeout = IDLE_SECONDS
     finally:
-        await queue.channel.close()
+        if not queue.channel.is_closed:
+            await queue.cancel(consumer_tag)
+    if len(batch) < window:
+        # A partial window: deliveries sent before the cancel may still be in their
+        # callbacks; take them now rather than hand them back.
+        await asyncio.sleep(0.05)
+        while not deliveries.empty():
+            if (delivery := deliveries.get_nowait()) is not None:
+                batch.append(delivery)
+    return batch
 
 
 class _Filing:
@@ -297,11 +353,18 @@ class _Filing:
             return
         valid: list[Envelope] = []
         rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
+        parsed: list[tuple[AbstractIncomingMessage, Envelope]] = []
         for delivery in batch:
             try:
-                valid.append(self._check(Envelope.from_delivery(delivery)))
-            except InvalidEnvelope as problem:
-                rejected.append((delivery, problem))
+                parsed.append((delivery, Envelope.from_delivery(delivery)))
+            except InvalidEnvelope as invalid:
+                rejected.append((delivery, invalid))
+        stored = self.store.stored(envelope.id for _, envelope in parsed)
+        for delivery, envelope in parsed:
+            try:
+                valid.append(self._check(envelope, stored.get(envelope.id)))
+            except InvalidEnvelope as invalid:
+                rejected.append((delivery, invalid))
         self.added += self.store.add(valid)  # committed: from here on a crash is harmless
         for delivery, problem in rejected:
             await self.bus.dead_letter(delivery, self.queue_name, problem.reason, problem.detail)
@@ -315,7 +378,13 @@ class _Filing:
         await batch[-1].ack(multiple=True)
         self.taken += len(batch)
 
-    def _check(self, envelope: Envelope) -> Envelope:
+    def _check(self, envelope: Envelope, stored: Envelope | None) -> Envelope:
+        if stored is not None:
+            # A redelivery of what the mailbox holds is fine as it is (the store drops
+            # it); another message under the same id would be silently lost, so it is not.
+            if stored.model_dump() != envelope.model_dump():
+                raise InvalidEnvelope("invalid", f"id {envelope.id} is already another message's")
+            return envelope
         if envelope.body_size() > self.max_body_bytes:
             raise InvalidEnvelope(
                 "invalid", f"body is {envelope.body_size()} bytes, over {self.max_body_bytes}"
@@ -323,23 +392,3 @@ class _Filing:
         if envelope.is_expired():
             raise InvalidEnvelope("expired", f"expired at {envelope.expires_at}")
         return envelope
-
-
-async def _next_batch(
-    deliveries: asyncio.Queue[AbstractIncomingMessage], timeout: float
-) -> list[AbstractIncomingMessage]:
-    """Wait up to `timeout` for one delivery, then take every one already here."""
-    try:
-        first = await asyncio.wait_for(deliveries.get(), timeout)
-    except TimeoutError:
-        return []
-    return [first, *_take_ready(deliveries)]
-
-
-def _take_ready(
-    deliveries: asyncio.Queue[AbstractIncomingMessage],
-) -> list[AbstractIncomingMessage]:
-    taken = []
-    while not deliveries.empty():
-        taken.append(deliveries.get_nowait())
-    return taken

@@ -178,6 +178,14 @@ class Roster:
         for name in sorted(self.humans):
             yield Address("human", name)
 
+    def reached_by(self, address: Address) -> list[Address]:
+        """The participants mail to `address` reaches (for `all`: every agent)."""
+        if address.kind == "all":
+            return [agent.address for agent in self.agents.values()]
+        if address.kind == "team":
+            return [a.address for a in self.agents.values() if address.name in a.config.teams]
+        return [address] if address in self else []
+
     def teams_of(self, address: Address) -> list[str]:
         agent = self.agents.get(address.name) if address.kind == "agent" else None
         return list(agent.config.teams) if agent else []

@@ -26,17 +26,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-import structlog
-
 from coordinator import preflight
 from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
 from coordinator.lock import Holder, LockBusy, LockSession, LockSpec
+from coordinator.logs import get_logger
 from coordinator.roster import AGENT_FILE, NO_LOCK, Agent
 from coordinator.settings import Settings
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Echo = Callable[[str], None]
 

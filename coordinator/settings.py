@@ -82,6 +82,20 @@ class Settings(BaseSettings):
     humans: dict[str, HumanConfig] = Field(default_factory=dict)
     locks: dict[str, LockConfig] = Field(default_factory=dict)
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, url: str) -> str:
+        from yarl import URL  # comes with aio-pika
+
+        try:
+            parsed = URL(url)
+            _ = parsed.port  # a port that is not a number fails here
+        except ValueError as err:
+            raise ValueError(f"not a URL ({err})") from None
+        if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+            raise ValueError("use amqp://USER:PASSWORD@HOST:PORT/VHOST (or amqps://)")
+        return url
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, zone: str) -> str:

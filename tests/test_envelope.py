@@ -49,7 +49,16 @@ def test_bad_fields_are_refused_in_one_line(fields: dict[str, object], problem: 
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x00\xff junk", b"[]", b'{"id": "x"}', b'{"sender": "human:ada", "recipient": "x"}'],
+    [
+        b"",
+        b"\x00\xff junk",
+        b"[]",
+        b'{"id": "x"}',
+        b'{"sender": "human:ada", "recipient": "x"}',
+        # Everything but an id: a redelivery could not be told from a new message.
+        b'{"sender": "human:ada", "recipient": "scout", "subject": "s", "thread": "t",'
+        b' "created_at": "2026-11-26T00:00:00Z"}',
+    ],
 )
 def test_junk_on_the_wire_is_an_invalid_envelope(data: bytes) -> None:
     with pytest.raises(InvalidEnvelope) as caught:

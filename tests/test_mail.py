@@ -132,7 +132,7 @@ def test_unknown_and_ambiguous_ids_are_bad_input(applied: World) -> None:
     assert result.returncode == 2 and "too short" in result.stderr
 
 
-def test_an_oversize_body_is_exit_2_and_nothing_is_sent(applied: World, raw: Raw) -> None:
+async def test_an_oversize_body_is_exit_2_and_nothing_is_sent(applied: World, raw: Raw) -> None:
     path = applied.home / "big.txt"
     path.write_text("x" * (256 * 1024 + 1))
     result = applied.covey("send", "scout", "too big", "--body-file", str(path))
@@ -141,7 +141,7 @@ def test_an_oversize_body_is_exit_2_and_nothing_is_sent(applied: World, raw: Raw
     applied.extra_env["COVEY_MAX_BODY_BYTES"] = "10"
     result = applied.covey("send", "scout", "small limit", "--body", "eleven char")
     assert result.returncode == 2
-    assert subjects(applied, "scout") == []
+    assert await raw.count("agent.scout") == 0
 
 
 def test_invalid_input_is_exit_2_in_one_line(applied: World) -> None:
@@ -149,6 +149,13 @@ def test_invalid_input_is_exit_2_in_one_line(applied: World) -> None:
         result = applied.covey(*args)
         assert result.returncode == 2, args
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_mail_to_an_agent_added_after_topology_apply_is_not_stranded(applied: World) -> None:
+    applied.add_agent("newcomer", 'teams = ["research"]\n')  # nobody re-applied the topology
+    applied.ok("send", "newcomer", "welcome")
+    applied.ok("send", "team:research", "team news")
+    assert subjects(applied, "newcomer") == ["team news", "welcome"]
 
 
 def test_wait_returns_when_mail_arrives(applied: World) -> None:

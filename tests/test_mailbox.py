@@ -1,17 +1,21 @@
 """The inbox pattern under stress: junk, crashes between commit and ack, poison, expiry."""
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import aio_pika
-from conftest import Raw, World
+import pytest
+from conftest import Broker, Raw, World, covey_command
 from yarl import URL
 
 from coordinator.envelope import Envelope
+from coordinator.errors import BadInput
 from coordinator.mailbox import MailStore
 
 CRASH_AFTER_COMMIT = """
@@ -66,7 +70,10 @@ async def test_a_crash_between_commit_and_ack_leaves_no_duplicate(applied: World
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     # The broker never saw the ack, so all three are waiting again ...
     assert await raw.count("agent.scout") == 3
-    # ... while the mailbox already committed them.
+    # ... while the mailbox had already committed them, before the ack.
+    async with applied.open("agent:scout") as scout:
+        assert [m.envelope.id for m in scout.store.messages()] == sent
+        assert await scout.drain() == []  # the redeliveries are recognised, not new
     inbox = applied.json("inbox", "--as", "scout")
     assert [m["id"] for m in inbox] == sent
     assert await raw.count("agent.scout") == 0
@@ -110,22 +117,87 @@ def test_the_store_drops_a_duplicate_id(tmp_path: Path) -> None:
     envelope = Envelope.new(sender="human:ada", recipient="scout", subject="once")
     assert store.add([envelope]) == [envelope]
     assert store.add([envelope]) == []
-    assert [m.envelope.id for m in store.list()] == [envelope.id]
+    assert [m.envelope.id for m in store.messages()] == [envelope.id]
     store.close()
 
 
-async def test_a_drain_hands_nothing_back_so_delivery_counts_do_not_grow(
+def test_ids_resolve_from_unique_prefixes_only(tmp_path: Path) -> None:
+    store = MailStore(tmp_path / "m.sqlite3")
+    for suffix in ("1111", "2222"):
+        store.add(
+            [Envelope.new(id=f"abcd{suffix}", sender="human:ada", recipient="x", subject="s")]
+        )
+    assert store.resolve("abcd1") == "abcd1111"
+    with pytest.raises(BadInput, match="ambiguous"):
+        store.resolve("abcd")
+    with pytest.raises(BadInput, match="too short"):
+        store.resolve("abc")
+    store.close()
+
+
+async def test_a_message_reusing_another_ones_id_is_dead_lettered_not_dropped(
     applied: World, raw: Raw
 ) -> None:
-    async with applied.open("human:ada") as ada:
-        for n in range(50):
-            await ada.send("scout", f"bulk {n}")
+    original = applied.ok("send", "scout", "the real one").strip()
+    applied.json("inbox", "--as", "scout")
+    forged = Envelope.new(id=original, sender="human:ada", recipient="scout", subject="impostor")
+    await raw.publish("agent.scout", forged.to_json(), type="covey.message.v1", message_id=original)
+    assert [m["subject"] for m in applied.json("inbox", "--as", "scout")] == ["the real one"]
+    (letter,) = await raw.take_all("covey.dead")
+    assert "already another message's" in letter.headers["x-covey-detail"]
+
+
+async def test_losing_the_broker_mid_wait_is_exit_4_at_once(
+    applied: World, broker: Broker, vhost: str
+) -> None:
+    waiting = subprocess.Popen(
+        [*covey_command(), "wait", "--as", "scout", "--timeout", "60"],
+        env=applied.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while waiting.poll() is None and time.monotonic() < deadline:
+        broker.admin.close_connections(vhost)  # until the stats have seen it
+        time.sleep(0.5)
+    _, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 4, err
+    assert "lost RabbitMQ" in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() < deadline
+
+
+async def test_draining_while_mail_pours_in_hands_nothing_back(
+    applied: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery handed back to the queue counts towards the delivery limit; a drain
+    racing a sender must never cause one."""
+    seen: list[tuple[bool, object]] = []
+    parse = Envelope.from_delivery.__func__  # type: ignore[attr-defined]
+
+    def watching(cls: type[Envelope], message: aio_pika.abc.AbstractIncomingMessage) -> Envelope:
+        seen.append((message.redelivered, (message.headers or {}).get("x-delivery-count")))
+        return parse(cls, message)
+
+    monkeypatch.setattr(Envelope, "from_delivery", classmethod(watching))
+    total = 400
+
+    async def pour() -> None:
+        async with applied.open("human:ada") as ada:
+            for n in range(total):
+                await ada.send("scout", f"m{n}")
+
     async with applied.open("agent:scout") as scout:
-        new = await scout.drain()
-    assert len(new) == 50
-    assert await raw.count("agent.scout") == 0
-    # Nothing was requeued, so nothing reached covey.dead through the delivery limit.
-    assert await raw.count("covey.dead") == 0
+        sender = asyncio.create_task(pour())
+        while not sender.done():
+            await scout.drain()
+        await sender
+        await scout.drain()
+        assert len(scout.store.messages()) == total
+    assert len(seen) == total
+    assert all(not redelivered and count is None for redelivered, count in seen), [
+        s for s in seen if s[0] or s[1] is not None
+    ][:5]
 
 
 def test_read_and_done_work_without_a_broker_and_without_importing_aio_pika(
