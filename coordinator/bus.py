@@ -111,6 +111,10 @@ class Bus:
         """Connect, or raise BrokerUnavailable with one line saying why and what to do."""
         return cls(await open_connection(settings, name), settings, name)
 
+    @property
+    def connection(self) -> AbstractConnection:
+        return self._connection
+
     async def __aenter__(self) -> Bus:
         return self
 

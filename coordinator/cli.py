@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -112,7 +113,13 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
         return 0
     wait = 0.0 if args.skip_if_busy else args.wait_lock
     echo = None if args.json else print
-    result = await runner.run(covey, agent, "manual", wait_lock=wait, echo=echo)
+    # SIGTERM (systemd, a cron timeout) or Ctrl-C stops the agent and records the run,
+    # rather than leaving the agent orphaned.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    result = await runner.run(covey, agent, "manual", wait_lock=wait, stop=stop, echo=echo)
     data = {
         "agent": result.agent,
         "run_id": result.run_id,
@@ -124,6 +131,58 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     }
     _emit(args, data, result.summary())
     return int(result.outcome.exit_code)
+
+
+async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.supervisor import Supervisor
+
+    await Supervisor(covey).serve()
+    return 0
+
+
+async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.records import recent_runs
+
+    if args.agent is not None:
+        covey.roster.agent(args.agent)  # an unknown name is bad input, not an empty list
+    records = await recent_runs((await covey.bus()).connection, args.agent, args.limit)
+    lines = [
+        f"{r.at.isoformat(timespec='seconds')}  {r.agent:<16} {r.outcome:<18} "
+        f"{_took(r.duration_seconds):>7}  {r.trigger or '-':<8} {r.run_id}"
+        + (f"  ({r.reason})" if r.reason else "")
+        for r in records
+    ]
+    _emit(args, [r.to_dict() for r in records], "\n".join(lines) or "No runs recorded yet.")
+    return 0
+
+
+async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.names import Address
+    from coordinator.render import age
+    from coordinator.status import agent_statuses, pending
+
+    agents = await agent_statuses(covey)
+    humans = {h: await pending(covey, Address("human", h)) for h in sorted(covey.roster.humans)}
+    if args.json:
+        _emit(args, {"agents": [a.to_dict() for a in agents], "humans": humans}, "")
+        return 0
+    lines = [f"{'AGENT':<16} {'MAIL':>4}  {'NOW':<24} {'LOCK':<28} {'LAST RUN':<22} NEXT RUN"]
+    for a in agents:
+        state = f"running {age(a.running.since)}" if a.running else "idle"
+        held = ", ".join(h.agent if h else "?" for h in a.lock_holders)
+        lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
+        last = f"{a.last_run.outcome} {age(a.last_run.at)} ago" if a.last_run else "never"
+        upcoming = a.next_run.isoformat(timespec="minutes") if a.next_run else "-"
+        mail = "-" if a.pending is None else str(a.pending)
+        lines.append(f"{a.name:<16} {mail:>4}  {state:<24} {lock:<28} {last:<22} {upcoming}")
+    for human, count in humans.items():
+        lines.append(f"{'human:' + human:<16} {'-' if count is None else count:>4}")
+    print("\n".join(lines))
+    return 0
+
+
+def _took(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s"
 
 
 async def cmd_demo(covey: Covey, args: argparse.Namespace) -> int:
@@ -241,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--via-supervisor", action="store_true", help="ask a running `covey supervise` instead"
     )
 
+    runs = command("runs", cmd_runs, "recent runs and how they ended, oldest first")
+    runs.add_argument("agent", nargs="?", help="only this agent's runs")
+    runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+
+    command("status", cmd_status, "agents: pending mail, running or not, locks, last and next run")
+    command("supervise", cmd_supervise, "the daemon: run agents on cron, on mail and on request")
+
     command("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
     return parser
 
@@ -281,7 +347,8 @@ async def _run(args: argparse.Namespace) -> int:
         from coordinator.client import Covey
 
         covey = Covey.open(identity=args.identity)
-        logs.configure(covey.settings.log_format, "info" if args.verbose else "warning")
+        daemon = args.handler is cmd_supervise
+        logs.configure(covey.settings.log_format, "info" if args.verbose or daemon else "warning")
         result: int = await args.handler(covey, args)
         return result
     except CoveyError as err:

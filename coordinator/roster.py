@@ -132,12 +132,12 @@ class Roster:
     humans: frozenset[str]
 
     @classmethod
-    def load(cls, settings: Settings, problems: list[str] | None = None) -> Roster:
+    def load(cls, settings: Settings, problems: dict[str, str] | None = None) -> Roster:
         """Read every agent folder and the humans in settings.
 
         A broken file raises ConfigError naming the file, the field and the problem;
-        given a `problems` list instead, the broken agent is left out and the error
-        appended, so a daemon keeps the others running.
+        given a `problems` dict instead, the broken agent is left out and its error
+        recorded under its name, so a daemon keeps the others running.
         """
         home = settings.home
         for human in settings.humans:
@@ -156,7 +156,7 @@ class Roster:
                 except ConfigError as err:
                     if problems is None:
                         raise
-                    problems.append(str(err))
+                    problems[agent_dir.name] = str(err)
                     continue
                 agents[agent.name] = agent
         return cls(agents=agents, humans=frozenset(settings.humans))

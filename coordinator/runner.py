@@ -47,7 +47,7 @@ class Outcome(StrEnum):
     SKIPPED_BUSY = "skipped:busy"
     SKIPPED_PREFLIGHT = "skipped:preflight"
     LOCK_LOST = "lock-lost"
-    STOPPED = "stopped"  # the supervisor shut down and its grace period ran out
+    STOPPED = "stopped"  # told to stop (SIGTERM, or the supervisor's grace ran out)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -159,7 +159,7 @@ async def run(
     async with await LockSession.open(covey.settings, Holder.me(agent.name, run_id)) as locks:
         try:
             await locks.acquire(LockSpec.for_agent(agent.name))
-            spec = _configured_lock(covey.settings, agent)
+            spec = configured_lock(covey.settings, agent)
             if spec is not None:
                 wait = agent.config.wait_lock if wait_lock is None else wait_lock
                 await locks.acquire(spec, wait=wait)
@@ -190,7 +190,7 @@ async def run(
     return await record.finished(outcome, exit_code=code, reason=reason, log_path=log_path)
 
 
-def _configured_lock(settings: Settings, agent: Agent) -> LockSpec | None:
+def configured_lock(settings: Settings, agent: Agent) -> LockSpec | None:
     name = agent.config.lock
     if name == NO_LOCK:
         return None
@@ -284,7 +284,7 @@ async def _execute(
         if lost in done:
             return Outcome.LOCK_LOST, None, "the lock connection dropped; the agent was stopped"
         if stopped in done:
-            return Outcome.STOPPED, None, "the supervisor shut down; the agent was stopped"
+            return Outcome.STOPPED, None, "told to stop; the agent was stopped"
         return Outcome.TIMEOUT, None, f"ran past its {agent.config.timeout:g} s timeout"
     finally:
         for task in (exited, lost, stopped):

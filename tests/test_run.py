@@ -120,7 +120,7 @@ def test_skip_if_busy_exits_5_naming_the_holder(applied: World) -> None:
         holding.wait(30)
 
 
-def test_kill_9_of_a_run_frees_its_lock_within_5_seconds(applied: World) -> None:
+def test_kill_9_of_a_run_frees_its_lock_within_5_seconds_and_the_run_shows_lost(applied: World) -> None:
     log = stamping_agent(applied, "victim", 300.0)
     stamping_agent(applied, "next", 0.0)
     victim = start(applied, "run", "victim")
@@ -138,6 +138,9 @@ def test_kill_9_of_a_run_frees_its_lock_within_5_seconds(applied: World) -> None
                 break
             assert time.monotonic() - killed_at < 5, "the lock was still held after 5 s"
         assert result.returncode == 0, result.stdout + result.stderr
+        # Its run never said how it ended; with its lock gone, it shows as lost.
+        (record,) = applied.json("runs", "victim")
+        assert record["outcome"] == "lost"
     finally:
         for pid in agent_pids:  # the orphaned agent itself is not covey's to reap here
             with contextlib.suppress(ProcessLookupError):

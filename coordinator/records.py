@@ -1,0 +1,95 @@
+"""Run records: what ran, when, and how it ended, read back from the `covey.runs` stream.
+
+A run whose `run.started` has no `run.finished` is `running` while its agent's
+lock is held by that run, and `lost` once it is not: its supervisor died
+without a word, and the broker freed the lock when its connection closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aio_pika.abc import AbstractConnection
+from pydantic import ValidationError
+
+from coordinator import stream
+from coordinator.events import Event
+from coordinator.lock import LockSpec, slot_state
+from coordinator.topology import RUNS_STREAM
+
+RUNNING = "running"
+LOST = "lost"
+EVENTS_PER_RUN = 2
+SCAN_FACTOR = 10  # with an agent filter, read this many times more events
+
+
+@dataclass
+class RunRecord:
+    agent: str
+    run_id: str
+    trigger: str | None
+    host: str
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outcome: str = RUNNING
+    exit_code: int | None = None
+    duration_seconds: float | None = None
+    reason: str | None = None
+
+    @property
+    def at(self) -> datetime:
+        moment = self.started_at or self.finished_at
+        assert moment is not None
+        return moment
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "run_id": self.run_id,
+            "trigger": self.trigger,
+            "host": self.host,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "outcome": self.outcome,
+            "exit_code": self.exit_code,
+            "duration_seconds": self.duration_seconds,
+            "reason": self.reason,
+        }
+
+
+async def recent_runs(
+    connection: AbstractConnection, agent: str | None = None, limit: int = 20
+) -> list[RunRecord]:
+    """The newest `limit` runs (of `agent`, when given), oldest first."""
+    scan = limit * EVENTS_PER_RUN * (SCAN_FACTOR if agent else 1)
+    records: dict[str, RunRecord] = {}
+    for entry in await stream.newest(connection, RUNS_STREAM, scan):
+        try:
+            event = Event.model_validate_json(entry.body)
+        except ValidationError:
+            continue  # not ours to judge here; the stream keeps it
+        if event.agent is None or event.run_id is None or (agent and event.agent != agent):
+            continue
+        record = records.setdefault(
+            event.run_id, RunRecord(event.agent, event.run_id, event.trigger, event.host)
+        )
+        if event.kind == "run.started":
+            record.started_at = event.at
+        elif event.kind == "run.finished":
+            record.finished_at = event.at
+            record.outcome = event.outcome or "unknown"
+            record.exit_code = event.exit_code
+            record.duration_seconds = event.duration_seconds
+            record.reason = event.reason
+    newest = sorted(records.values(), key=lambda r: r.at)[-limit:]
+    for record in newest:
+        if record.outcome == RUNNING and not await _still_running(connection, record):
+            record.outcome = LOST
+    return newest
+
+
+async def _still_running(connection: AbstractConnection, record: RunRecord) -> bool:
+    held, holder = await slot_state(connection, LockSpec.for_agent(record.agent).queues[0])
+    return held and (holder is None or holder.run_id == record.run_id)

@@ -1,0 +1,83 @@
+"""`covey status`: per agent, its pending mail, whether it runs, its lock, its last and next run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from coordinator.client import Covey
+from coordinator.envelope import now
+from coordinator.errors import TopologyMissing
+from coordinator.lock import Holder, LockSpec, slot_state
+from coordinator.names import Address
+from coordinator.records import RunRecord, recent_runs
+from coordinator.roster import NO_LOCK
+from coordinator.runner import configured_lock
+from coordinator.schedule import Schedule
+
+RECENT_RUNS = 500  # enough history to find most agents' last run in one read
+
+
+@dataclass
+class AgentStatus:
+    name: str
+    pending: int | None  # None: its queue does not exist yet
+    running: Holder | None
+    lock: str
+    lock_holders: list[Holder | None]  # one per held slot; None: holder not known yet
+    last_run: RunRecord | None
+    next_run: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "agent": self.name,
+            "pending": self.pending,
+            "running": self.running.model_dump(mode="json") if self.running else None,
+            "lock": self.lock,
+            "lock_holders": [h.model_dump(mode="json") if h else None for h in self.lock_holders],
+            "last_run": self.last_run.to_dict() if self.last_run else None,
+            "next_run": self.next_run.isoformat() if self.next_run else None,
+        }
+
+
+async def pending(covey: Covey, participant: Address) -> int | None:
+    bus = await covey.bus()
+    try:
+        queue = await bus.queue(participant.queue)
+    except TopologyMissing:
+        return None
+    await queue.channel.close()
+    return queue.declaration_result.message_count or 0
+
+
+async def agent_statuses(covey: Covey) -> list[AgentStatus]:
+    connection = (await covey.bus()).connection
+    last: dict[str, RunRecord] = {}
+    for record in await recent_runs(connection, limit=RECENT_RUNS):
+        last[record.agent] = record
+    statuses = []
+    moment = now()
+    for name, agent in covey.roster.agents.items():
+        held, holder = await slot_state(connection, LockSpec.for_agent(name).queues[0])
+        spec = configured_lock(covey.settings, agent)
+        holders = []
+        for queue in spec.queues if spec else []:
+            slot_held, slot_holder = await slot_state(connection, queue)
+            if slot_held:
+                holders.append(slot_holder)
+        schedule = agent.config.schedule
+        statuses.append(
+            AgentStatus(
+                name=name,
+                pending=await pending(covey, agent.address),
+                running=holder if held else None,
+                lock=spec.name if spec else NO_LOCK,
+                lock_holders=holders,
+                last_run=last.get(name),
+                next_run=Schedule(schedule, covey.settings.timezone).next_after(moment)
+                if schedule
+                else None,
+            )
+        )
+    return statuses

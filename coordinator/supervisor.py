@@ -1,0 +1,278 @@
+"""`covey supervise`: the daemon that runs agents on cron, on mail, and on request.
+
+It decides *when* to run; `runner.run` does each run (locks, preflight,
+process, outcome). Three things ask for a run:
+
+* a cron `schedule` in agent.toml, read in the configured time zone;
+* mail for an agent with `wake_on_mail = true`: the supervisor binds a queue of
+  its own to the agents' routing keys, so it sees a copy of each message as it
+  is routed — without touching the agents' queues, which only the agents drain.
+  A burst makes one run: requests within DEBOUNCE_SECONDS fold into one, and
+  mail that arrives during a run makes one more run after it;
+* a `run.requested.NAME` event (`covey run NAME --via-supervisor`).
+
+It never runs an agent twice at once (and the agent's own lock makes sure of
+that across supervisors and hosts). SIGTERM stops scheduling, lets running
+agents finish within `shutdown_grace`, then stops them: their locks are freed
+and their runs recorded as `stopped`. SIGHUP reloads the roster; a broken file
+is reported and the agent keeps its previous definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime
+from typing import Any
+
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from pydantic import ValidationError
+
+from coordinator import runner, topology
+from coordinator.bus import open_connection
+from coordinator.client import Covey
+from coordinator.envelope import now
+from coordinator.errors import CoveyError
+from coordinator.events import Event
+from coordinator.logs import get_logger
+from coordinator.roster import Agent, Roster
+from coordinator.schedule import Schedule
+from coordinator.settings import Settings
+
+log = get_logger(__name__)
+
+DEBOUNCE_SECONDS = 0.3
+RECONNECT_SECONDS = (1, 2, 5, 10, 30)
+
+Clock = Callable[[], datetime]
+
+
+class Supervisor:
+    def __init__(self, covey: Covey, clock: Clock = now) -> None:
+        self.covey = covey
+        self.clock = clock
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self._starting: set[str] = set()  # requested, waiting out the debounce
+        self._again: set[str] = set()  # asked for while running: run once more after
+        self._stopping = asyncio.Event()  # no new runs
+        self._stop_agents = asyncio.Event()  # the grace period is over
+        # A reload tells the scheduler (new schedules) and the listener (new bindings).
+        self._reschedule = asyncio.Event()
+        self._resubscribe = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def roster(self) -> Roster:
+        return self.covey.roster
+
+    # -- the daemon's life ---------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT; then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        await self.covey.apply_topology()
+        self._check_agents(self.roster.agents.values())
+        log.info("supervising", agents=len(self.roster.agents), zone=self.covey.settings.timezone)
+        scheduler = asyncio.create_task(self._schedule())
+        listener = asyncio.create_task(self._listen())
+        await self._stopping.wait()
+        for task in (scheduler, listener):
+            task.cancel()
+        await asyncio.gather(scheduler, listener, return_exceptions=True)
+        await self._shutdown()
+
+    def stop(self) -> None:
+        log.info("stopping: no new runs; running agents get their grace period")
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        grace = self.covey.settings.shutdown_grace
+        running = list(self.running.values())
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace)
+            if late:
+                log.warning("grace period over: stopping agents", agents=sorted(self.running))
+                self._stop_agents.set()
+                await asyncio.wait(late)
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def reload(self) -> None:
+        """Re-read settings and roster; what is broken keeps its old definition."""
+        try:
+            settings = Settings.load(self.covey.settings.home)
+        except CoveyError as err:
+            log.error("reload failed; keeping the old roster", problem=str(err))
+            return
+        problems: dict[str, str] = {}
+        roster = Roster.load(settings, problems)
+        agents = dict(roster.agents)
+        for name, problem in problems.items():
+            kept = name in self.roster.agents
+            log.error("broken agent definition", agent=name, problem=problem, kept_old=kept)
+            if kept:
+                agents[name] = self.roster.agents[name]
+        merged = Roster(agents=agents, humans=roster.humans)
+        self.covey.settings, self.covey.roster = settings, merged
+        await self.covey.apply_topology()
+        self._check_agents(merged.agents.values())
+        self._reschedule.set()
+        self._resubscribe.set()
+        log.info("roster reloaded", agents=len(merged.agents))
+
+    def _check_agents(self, agents: Iterable[Agent]) -> None:
+        for agent in agents:
+            try:
+                runner.Launch.prepare(self.covey.settings, agent, "check")
+            except CoveyError as err:
+                log.error("agent left out until fixed", agent=agent.name, problem=str(err))
+
+    # -- asking for runs --------------------------------------------------------------
+
+    def request(self, name: str, trigger: str) -> None:
+        """Ask for a run of `name`; folds into one already starting or running."""
+        if self._stopping.is_set() or name not in self.roster.agents:
+            return
+        if name in self.running:
+            if trigger != "schedule":  # a schedule tick during a run is simply skipped
+                self._again.add(name)
+            return
+        if name in self._starting:
+            return
+        self._starting.add(name)
+        delay = DEBOUNCE_SECONDS if trigger == "mail" else 0.0
+        self._spawn(self._start(name, trigger, delay))
+
+    async def _start(self, name: str, trigger: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._starting.discard(name)
+        if self._stopping.is_set() or name in self.running:
+            return
+        agent = self.roster.agents.get(name)
+        if agent is not None:
+            self.running[name] = asyncio.create_task(self._run(agent, trigger))
+
+    async def _run(self, agent: Agent, trigger: str) -> None:
+        try:
+            result = await runner.run(self.covey, agent, trigger, stop=self._stop_agents)
+            log.info("run ended", agent=agent.name, outcome=str(result.outcome))
+        except CoveyError as err:  # bad input for this agent: the others keep running
+            log.error("run not started", agent=agent.name, problem=str(err))
+        except Exception:
+            log.exception("run crashed", agent=agent.name)
+        finally:
+            del self.running[agent.name]
+        if agent.name in self._again:
+            self._again.discard(agent.name)
+            self.request(agent.name, trigger)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- cron ---------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        fired_up_to = self.clock()  # never fire a moment twice, even if a timer wakes early
+        while not self._stopping.is_set():
+            self._reschedule.clear()
+            zone = self.covey.settings.timezone
+            moment = max(self.clock(), fired_up_to)
+            due = {
+                name: Schedule(agent.config.schedule, zone).next_after(moment)
+                for name, agent in self.roster.agents.items()
+                if agent.config.schedule
+            }
+            if not due:
+                await self._reschedule.wait()
+                continue
+            when = min(due.values())
+            with contextlib.suppress(TimeoutError):
+                seconds = max(0.0, (when - self.clock()).total_seconds())
+                await asyncio.wait_for(self._reschedule.wait(), seconds)
+                continue  # the roster changed: recompute
+            fired_up_to = when
+            for name, at in due.items():
+                if at == when:
+                    log.info("schedule fired", agent=name, at=at.isoformat())
+                    self.request(name, "schedule")
+
+    # -- mail and requests ----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Watch for wake-up mail and run requests, reconnecting when the broker goes."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                connection = await open_connection(self.covey.settings, "covey supervise")
+            except CoveyError as err:
+                pause = RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
+                log.warning("broker unreachable; retrying", problem=str(err), in_seconds=pause)
+                attempt += 1
+                await asyncio.sleep(pause)
+                continue
+            attempt = 0
+            closed = asyncio.Event()
+            connection.close_callbacks.add(lambda *_, closed=closed: closed.set())
+            try:
+                self._resubscribe.clear()
+                await self._subscribe(connection)
+                changed = asyncio.create_task(self._resubscribe.wait())
+                lost = asyncio.create_task(closed.wait())
+                try:
+                    await asyncio.wait({changed, lost}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                    lost.cancel()
+                if closed.is_set():
+                    log.warning("lost the broker connection; reconnecting")
+            finally:
+                if not connection.is_closed:
+                    await connection.close()
+
+    async def _subscribe(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel()
+        wake = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in sorted(self._wake_keys()):
+            await wake.bind(topology.MAIL_EXCHANGE, key)
+        await wake.consume(self._on_mail, no_ack=True)
+        requests = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await requests.bind(topology.EVENTS_EXCHANGE, "run.requested.*")
+        await requests.consume(self._on_request, no_ack=True)
+
+    def _wake_keys(self) -> set[str]:
+        keys = set()
+        for agent in self.roster.agents.values():
+            if agent.config.wake_on_mail:
+                keys.add(agent.address.routing_key)
+                keys.update(f"team.{team}" for team in agent.config.teams)
+                keys.add(topology.BROADCAST_KEY)
+        return keys
+
+    async def _on_mail(self, message: AbstractIncomingMessage) -> None:
+        key = message.routing_key or ""
+        for agent in self.roster.agents.values():
+            config = agent.config
+            if config.wake_on_mail and (
+                key in (agent.address.routing_key, topology.BROADCAST_KEY)
+                or key in {f"team.{team}" for team in config.teams}
+            ):
+                self.request(agent.name, "mail")
+
+    async def _on_request(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = Event.model_validate_json(message.body)
+        except ValidationError:
+            log.warning("ignored a malformed run request", routing_key=message.routing_key)
+            return
+        if event.agent not in self.roster.agents:
+            log.warning("run requested for an unknown agent", agent=event.agent)
+            return
+        log.info("run requested", agent=event.agent, by=event.requested_by)
+        self.request(event.agent, "request")

@@ -1,0 +1,163 @@
+"""`covey supervise`, the daemon: cron, wake on mail, requests, SIGTERM and SIGHUP."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import World
+from test_run import most_at_once, stamping_agent, start, wait_for
+
+
+def starts(log: Path, agent: str | None = None) -> list[float]:
+    if not log.exists():
+        return []
+    return [
+        float(at)
+        for what, who, at in (line.split() for line in log.read_text().splitlines())
+        if what == "start" and agent in (None, who)
+    ]
+
+
+@pytest.fixture
+def daemon(applied: World):  # type: ignore[no-untyped-def]
+    """Start `covey supervise` on demand; stopped (and checked to stop) after the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def launch() -> subprocess.Popen[str]:
+        process = start(applied, "supervise")
+        started.append(process)
+        return process
+
+    yield launch
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+
+
+def test_a_cron_schedule_fires_and_never_overlaps_a_running_run(applied: World, daemon) -> None:  # type: ignore[no-untyped-def]
+    log = stamping_agent(applied, "ticker", 1.5, 'schedule = "* * * * * */1"')
+    supervisor = daemon()
+    wait_for(lambda: len(starts(log)) >= 3, timeout=30)
+    supervisor.send_signal(signal.SIGTERM)
+    _, err = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 0, err
+    assert "schedule fired" in err
+    assert most_at_once(_all_spans(log)) == 1  # a tick during a run is skipped, not stacked
+
+
+def _all_spans(log: Path) -> list[tuple[float, float]]:
+    lines = [line.split() for line in log.read_text().splitlines()]
+    begun = [float(at) for what, _, at in lines if what == "start"]
+    ended = [float(at) for what, _, at in lines if what == "end"]
+    return list(zip(begun, ended, strict=False))
+
+
+def test_wake_on_mail_starts_one_run_for_a_burst(applied: World, daemon) -> None:  # type: ignore[no-untyped-def]
+    log = applied.home / "wakes.log"
+    applied.add_agent(
+        "sleeper",
+        "wake_on_mail = true\n"
+        f'command = "echo start sleeper $(date +%s.%N) >> {log}; covey inbox; sleep 1"\n',
+    )
+    supervisor = daemon()
+    time.sleep(2)  # let it bind its wake-up queue
+    sent_at = time.time()
+    burst = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import asyncio\n"
+            "from coordinator.client import Covey\n"
+            "async def main():\n"
+            "    async with Covey.open(identity='human:ada') as ada:\n"
+            "        for n in range(10):\n"
+            "            await ada.send('sleeper', f'burst {n}')\n"
+            "asyncio.run(main())\n",
+        ],
+        env=applied.env,
+        cwd=applied.home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert burst.returncode == 0, burst.stderr
+    wait_for(lambda: len(starts(log)) >= 1, timeout=15)
+    assert starts(log)[0] - sent_at < 5  # "about a second"; generous on a shared machine
+    time.sleep(4)
+    assert len(starts(log)) == 1, log.read_text()
+    assert supervisor.poll() is None
+
+
+def test_a_run_can_be_requested_from_a_running_supervisor(applied: World, daemon) -> None:  # type: ignore[no-untyped-def]
+    log = stamping_agent(applied, "asked", 0.1)
+    result = applied.covey("run", "asked", "--via-supervisor")
+    assert result.returncode == 3  # nobody is listening yet
+    assert "no supervisor is listening" in result.stderr
+    daemon()
+    deadline = time.monotonic() + 30
+    while applied.covey("run", "asked", "--via-supervisor").returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    wait_for(lambda: len(starts(log)) >= 1, timeout=15)
+    wait_for(lambda: any(r["outcome"] == "ok" for r in applied.json("runs", "asked")), timeout=15)
+    assert applied.json("runs", "asked")[-1]["trigger"] == "request"
+
+
+def test_sigterm_mid_run_stops_the_agent_frees_the_lock_and_records_it(
+    applied: World, daemon
+) -> None:  # type: ignore[no-untyped-def]
+    applied.extra_env["COVEY_SHUTDOWN_GRACE"] = "1"
+    log = stamping_agent(applied, "long", 300.0, 'schedule = "* * * * * */1"\ngrace = "1s"')
+    stamping_agent(applied, "after", 0.0)
+    supervisor = daemon()
+    wait_for(lambda: len(starts(log)) >= 1, timeout=30)
+    supervisor.send_signal(signal.SIGTERM)
+    _, err = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 0, err
+    assert applied.covey("run", "after", "--skip-if-busy").returncode == 0
+    (record,) = [r for r in applied.json("runs", "long")]
+    assert record["outcome"] == "stopped"
+    assert len(starts(log, "long")) == 1 and "end long" not in log.read_text()
+
+
+def test_sighup_with_a_broken_agent_toml_keeps_the_old_roster_running(
+    applied: World, daemon
+) -> None:  # type: ignore[no-untyped-def]
+    log = stamping_agent(applied, "steady", 0.1, 'schedule = "* * * * * */1"')
+    supervisor = daemon()
+    wait_for(lambda: len(starts(log)) >= 1, timeout=30)
+    (applied.home / "agents" / "steady" / "agent.toml").write_text("schedule = [broken\n")
+    newcomer = stamping_agent(applied, "newcomer", 0.1, 'schedule = "* * * * * */1"')
+    supervisor.send_signal(signal.SIGHUP)
+    before = len(starts(log, "steady"))
+    wait_for(lambda: len(starts(log, "steady")) >= before + 2, timeout=30)
+    wait_for(lambda: len(starts(newcomer, "newcomer")) >= 1, timeout=30)  # the reload took
+    supervisor.send_signal(signal.SIGTERM)
+    _, err = supervisor.communicate(timeout=60)
+    assert "broken agent definition" in err and "kept_old=True" in err
+    assert supervisor.returncode == 0
+
+
+def test_status_shows_who_runs_and_who_holds_the_lock(applied: World, daemon) -> None:  # type: ignore[no-untyped-def]
+    log = stamping_agent(applied, "busy", 300.0)
+    running = start(applied, "run", "busy")
+    try:
+        wait_for(lambda: log.exists())
+        applied.ok("send", "busy", "for later")
+        status = applied.json("status")
+        busy = next(a for a in status["agents"] if a["agent"] == "busy")
+        assert busy["running"]["agent"] == "busy"
+        assert busy["lock"] == "global" and busy["lock_holders"][0]["agent"] == "busy"
+        assert busy["pending"] == 1
+        assert status["humans"] == {"ada": 0}
+        plain = applied.ok("status")
+        assert "global: held by busy" in plain
+    finally:
+        running.send_signal(signal.SIGTERM)
+        running.wait(30)
