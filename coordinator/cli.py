@@ -346,9 +346,13 @@ async def _run(args: argparse.Namespace) -> int:
         from coordinator import logs
         from coordinator.client import Covey
 
-        covey = Covey.open(identity=args.identity)
         daemon = args.handler is cmd_supervise
+        # A daemon leaves a broken agent out and runs the others; a command refuses.
+        problems: dict[str, str] | None = {} if daemon else None
+        covey = Covey.open(identity=args.identity, problems=problems)
         logs.configure(covey.settings.log_format, "info" if args.verbose or daemon else "warning")
+        for agent, problem in (problems or {}).items():
+            logs.get_logger(__name__).error("agent left out", agent=agent, problem=problem)
         result: int = await args.handler(covey, args)
         return result
     except CoveyError as err:

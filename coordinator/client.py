@@ -47,11 +47,18 @@ class Covey:
         self._declared: set[Address] = set()  # participants whose topology this handle applied
 
     @classmethod
-    def open(cls, identity: str | None = None, home: Path | None = None, **settings: Any) -> Covey:
+    def open(
+        cls,
+        identity: str | None = None,
+        home: Path | None = None,
+        problems: dict[str, str] | None = None,
+        **settings: Any,
+    ) -> Covey:
         """Load settings and roster for `home` (found from the working directory when
-        None). `identity` wins over COVEY_AGENT, which wins over the configured default."""
+        None). `identity` wins over COVEY_AGENT, which wins over the configured default.
+        With a `problems` dict, a broken agent is left out and its error put there."""
         loaded = Settings.load(home, **settings)
-        return cls(loaded, Roster.load(loaded), identity)
+        return cls(loaded, Roster.load(loaded, problems), identity)
 
     async def __aenter__(self) -> Covey:
         return self

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -76,7 +76,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         await self.covey.apply_topology()
-        self._check_agents(self.roster.agents.values())
+        self.covey.roster = self._launchable(self.roster)
         log.info("supervising", agents=len(self.roster.agents), zone=self.covey.settings.timezone)
         scheduler = asyncio.create_task(self._schedule())
         listener = asyncio.create_task(self._listen())
@@ -120,17 +120,23 @@ class Supervisor:
         merged = Roster(agents=agents, humans=roster.humans)
         self.covey.settings, self.covey.roster = settings, merged
         await self.covey.apply_topology()
-        self._check_agents(merged.agents.values())
+        self.covey.roster = self._launchable(merged)
         self._reschedule.set()
         self._resubscribe.set()
         log.info("roster reloaded", agents=len(merged.agents))
 
-    def _check_agents(self, agents: Iterable[Agent]) -> None:
-        for agent in agents:
+    def _launchable(self, roster: Roster) -> Roster:
+        """The roster less the agents that could not start (no command, no workdir):
+        those are logged and left out until a reload finds them fixed."""
+        agents = {}
+        for name, agent in roster.agents.items():
             try:
                 runner.Launch.prepare(self.covey.settings, agent, "check")
             except CoveyError as err:
-                log.error("agent left out until fixed", agent=agent.name, problem=str(err))
+                log.error("agent left out", agent=name, problem=str(err))
+                continue
+            agents[name] = agent
+        return Roster(agents=agents, humans=roster.humans)
 
     # -- asking for runs --------------------------------------------------------------
 

@@ -120,7 +120,9 @@ def test_skip_if_busy_exits_5_naming_the_holder(applied: World) -> None:
         holding.wait(30)
 
 
-def test_kill_9_of_a_run_frees_its_lock_within_5_seconds_and_the_run_shows_lost(applied: World) -> None:
+def test_kill_9_of_a_run_frees_its_lock_within_5_seconds_and_the_run_shows_lost(
+    applied: World,
+) -> None:
     log = stamping_agent(applied, "victim", 300.0)
     stamping_agent(applied, "next", 0.0)
     victim = start(applied, "run", "victim")

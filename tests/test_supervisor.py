@@ -161,3 +161,19 @@ def test_status_shows_who_runs_and_who_holds_the_lock(applied: World, daemon) ->
     finally:
         running.send_signal(signal.SIGTERM)
         running.wait(30)
+
+
+def test_a_broken_agent_at_start_is_left_out_and_the_others_run(applied: World, daemon) -> None:  # type: ignore[no-untyped-def]
+    applied.add_agent("broken", "schedule = [oops\n")
+    applied.add_agent(
+        "nodir", 'schedule = "* * * * * */1"\ncommand = "true"\nworkdir = "missing"\n'
+    )
+    log = stamping_agent(applied, "healthy", 0.1, 'schedule = "* * * * * */1"')
+    supervisor = daemon()
+    wait_for(lambda: len(starts(log, "healthy")) >= 2, timeout=30)
+    supervisor.send_signal(signal.SIGTERM)
+    _, err = supervisor.communicate(timeout=60)
+    assert supervisor.returncode == 0
+    assert "agent left out" in err and "broken" in err
+    assert "agent=nodir" in err and "workdir" in err
+    assert "run not started" not in err  # left out means not tried every second
