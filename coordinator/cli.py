@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from coordinator.client import Covey
     from coordinator.mailbox import Mail
 
@@ -185,6 +187,47 @@ def _took(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}s"
 
 
+async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        entry = await covey.log_add(args.summary, _body(args), args.tag)
+        _emit(args, entry.model_dump(mode="json"), f"Logged: {entry.summary}")
+        return 0
+    from coordinator.render import age, printable
+
+    entries = await covey.log(args.since, args.author, args.tag_filter, args.limit)
+    lines = []
+    for logged in entries:
+        entry = logged.entry
+        tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
+        lines.append(
+            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {entry.author:<20} "
+            f"{printable(entry.summary)}{tags}"
+        )
+        lines.extend(f"         > {line}" for line in printable(entry.body, True).splitlines())
+    text = "\n".join(lines) or "The changelog has nothing to show for that."
+    _emit(args, [logged.to_dict() for logged in entries], text)
+    return 0
+
+
+async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
+    news = await covey.digest(args.name)
+    if args.advance and news.upto is not None:
+        await covey.advance(args.name, news.upto)
+    if args.format == "claude-hook":
+        hook = {
+            "hookSpecificOutput": {
+                "hookEventName": "SessionStart",
+                "additionalContext": news.text,
+            }
+        }
+        print(json.dumps(hook))
+    elif args.format == "json" or args.json:
+        print(json.dumps(news.to_dict(), indent=2))
+    else:
+        print(news.text)
+    return 0
+
+
 async def cmd_demo(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.demo import run_demo
 
@@ -300,6 +343,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--via-supervisor", action="store_true", help="ask a running `covey supervise` instead"
     )
 
+    log = command("log", cmd_log, "the changelog: read it, or `covey log add` to it")
+    log.add_argument(
+        "--since",
+        type=_since,
+        metavar="WHEN",
+        help="an offset (#N), an ISO time, or a duration back from now (2h, 3d)",
+    )
+    log.add_argument("--author", help="only this participant's entries")
+    log.add_argument("--tag", dest="tag_filter", metavar="TAG", help="only entries with TAG")
+    log.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    log_actions = log.add_subparsers(dest="action", metavar="ACTION")
+    add = log_actions.add_parser(
+        "add", parents=[common], help="tell the others what you changed", description=None
+    )
+    add.add_argument("summary", help="one line")
+    body_options(add)
+    add.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
+    add.set_defaults(handler=cmd_log)
+
+    digest = command("digest", cmd_digest, "what an agent would be told at start, right now")
+    digest.add_argument("name", help="the agent")
+    digest.add_argument(
+        "--format",
+        choices=["text", "json", "claude-hook"],
+        default="text",
+        help="claude-hook: the JSON a Claude Code SessionStart hook prints",
+    )
+    digest.add_argument(
+        "--advance", action="store_true", help="move the agent's cursor past what is shown"
+    )
+
     runs = command("runs", cmd_runs, "recent runs and how they ended, oldest first")
     runs.add_argument("agent", nargs="?", help="only this agent's runs")
     runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
@@ -309,6 +383,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
     return parser
+
+
+def _since(text: str) -> int | datetime:
+    """An offset (`123` or `#123`), an ISO time (UTC unless it says), or a duration ago."""
+    from datetime import UTC, datetime, timedelta
+
+    from coordinator.durations import parse_duration
+
+    if text.lstrip("#").isdigit():
+        return int(text.lstrip("#"))
+    try:
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except ValueError:
+        pass
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an offset, an ISO time or a duration (e.g. 120, 2026-11-26T08:00, 2h)"
+        ) from None
 
 
 def _duration(text: str) -> float:

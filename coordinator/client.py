@@ -12,10 +12,11 @@ the first time something needs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +28,12 @@ from coordinator.mailbox import Mail, MailStore, Status, drain, store_path
 from coordinator.names import Address
 from coordinator.roster import Roster
 from coordinator.settings import Settings
+from coordinator.topology import CHANGELOG_STREAM
 
 if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
     from coordinator.bus import Bus
+    from coordinator.changelog import Entry, Logged
+    from coordinator.digest import Digest
 
 IDENTITY_VARIABLE = "COVEY_AGENT"
 
@@ -119,7 +123,7 @@ class Covey:
 
     async def apply_topology(self) -> topology.Topology:
         """Declare the core topology and every participant in the roster."""
-        plan = topology.for_roster(self.roster, self.settings.delivery_limit)
+        plan = topology.for_roster(self.roster, self.settings)
         await (await self.bus()).apply(plan)
         return plan
 
@@ -131,7 +135,7 @@ class Covey:
         limit = self.settings.delivery_limit
         plan = topology.Topology.combine(
             [
-                topology.core(),
+                topology.core(self.settings.changelog),
                 *(topology.participant(p, self.roster.teams_of(p), limit) for p in todo),
             ]
         )
@@ -254,3 +258,85 @@ class Covey:
 
     def search(self, text: str) -> list[Mail]:
         return self.store.search(text)
+
+    # -- the changelog -----------------------------------------------------------
+
+    async def log_add(self, summary: str, body: str = "", tags: Iterable[str] = ()) -> Entry:
+        """Append to the changelog as this participant (with the run id, inside a run)."""
+        from coordinator import changelog
+
+        entry = changelog.Entry.new(
+            author=str(self.me),
+            summary=summary,
+            body=body,
+            tags=list(tags),
+            run_id=os.environ.get("COVEY_RUN_ID"),
+        )
+        size, limit = len(body.encode()), self.settings.max_body_bytes
+        if size > limit:
+            raise BadInput(f"body is {size} bytes, over the {limit}-byte limit")
+        connection = (await self.bus()).connection
+        try:
+            await changelog.append(connection, entry, self.settings.connect_timeout)
+        except TopologyMissing:
+            await self.apply_topology()
+            await changelog.append(connection, entry, self.settings.connect_timeout)
+        return entry
+
+    async def log(
+        self,
+        since: int | datetime | None = None,
+        author: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+    ) -> list[Logged]:
+        """Changelog entries, oldest first: the newest `limit`, or the first `limit`
+        from `since` (an offset, or a time)."""
+        from coordinator import changelog, stream
+
+        who = str(Address.participant(author)) if author else None
+
+        def keep(logged: Logged) -> bool:
+            entry = logged.entry
+            return (who is None or entry.author == who) and (tag is None or tag in entry.tags)
+
+        connection = (await self.bus()).connection
+        try:
+            head = await stream.head(connection, CHANGELOG_STREAM)
+        except TopologyMissing:
+            return []
+        if head is None:
+            return []
+        if since is None:
+            return list(reversed(await changelog.newest(connection, 0, head, limit, keep)))
+        found: list[Logged] = []
+        async with contextlib.aclosing(changelog.read(connection, since, head)) as entries:
+            async for logged in entries:
+                if keep(logged):
+                    found.append(logged)
+                    if len(found) == limit:
+                        break
+        return found
+
+    async def digest(self, agent: str) -> Digest:
+        """What `agent` would be shown if it started now."""
+        from coordinator.digest import build as build_digest
+
+        config = self.roster.agent(agent)
+        connection = (await self.bus()).connection
+        try:
+            return await build_digest(connection, agent, config.config.digest, str(config.address))
+        except TopologyMissing:
+            await self.apply_topology()
+            return await build_digest(connection, agent, config.config.digest, str(config.address))
+
+    async def advance(self, agent: str, offset: int, wait: float = 30.0) -> None:
+        """Move `agent`'s cursor to `offset`, under its lock (waiting up to `wait` s for
+        a run of it to end), as a run that ended well would."""
+        from coordinator import changelog
+        from coordinator.lock import Holder, LockSession, LockSpec
+
+        holder = Holder.me(agent, os.environ.get("COVEY_RUN_ID") or "digest")
+        async with await LockSession.open(self.settings, holder) as locks:
+            await locks.acquire(LockSpec.for_agent(agent), wait=wait)
+            await changelog.advance((await self.bus()).connection, agent, offset)

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -58,6 +59,18 @@ class PreflightHook(BaseModel):
         return self.command[0] if self.command else str(self.http)
 
 
+class DigestConfig(BaseModel):
+    """`[digest]` in agent.toml: how the changelog digest is fitted for this agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_chars: int = Field(default=4000, ge=200)
+    max_entries: int = Field(default=50, ge=1)
+    first_run_entries: int = Field(default=20, ge=0)  # for an agent with no cursor yet
+    include_own: bool = False
+    group_by: Literal["author", "tag", "none"] = "author"
+
+
 class AgentConfig(BaseModel):
     """`agents/NAME/agent.toml`. Unknown keys are refused, so a typo is caught."""
 
@@ -75,6 +88,16 @@ class AgentConfig(BaseModel):
     timeout: Seconds = 3600.0
     grace: Seconds = 10.0
     preflight: list[PreflightHook] = Field(default_factory=list)
+    digest: DigestConfig = Field(default_factory=DigestConfig)
+    inject: Literal["file", "stdin"] = "file"  # the digest file always; stdin too if asked
+    instructions: str | None = None  # e.g. "CLAUDE.md": AGENT.md + digest, in the workdir
+
+    @field_validator("instructions")
+    @classmethod
+    def _plain_filename(cls, name: str | None) -> str | None:
+        if name is not None and (not name or "/" in name or name in (".", "..")):
+            raise ValueError("give a file name in the workdir, such as CLAUDE.md")
+        return name
 
     @field_validator("command")
     @classmethod

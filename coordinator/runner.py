@@ -26,13 +26,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-from coordinator import preflight
+from aiormq.exceptions import AMQPError
+
+from coordinator import changelog, digest, preflight
 from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
 from coordinator.lock import Holder, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
-from coordinator.roster import AGENT_FILE, NO_LOCK, Agent
+from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
 from coordinator.settings import Settings
 
 log = get_logger(__name__)
@@ -176,18 +178,49 @@ async def run(
                 bound.info("skipped, preflight failed", reason=reason)
                 return await record.finished(Outcome.SKIPPED_PREFLIGHT, reason=reason)
 
-        launch.run_dir.mkdir(parents=True, exist_ok=True)
-        Path(launch.env["COVEY_DIGEST_FILE"]).write_text("")  # the changelog digest goes here
+        news = await _digest(covey, agent)
+        stdin = _inject(launch, agent, news.text)
         await record.started()
         log_path = launch.run_dir / f"{run_id}.log"
         bound.info("started", command=launch.argv, log=str(log_path))
         with log_path.open("a", encoding="utf-8") as output:
             outcome, code, reason = await _execute(
-                launch, agent, locks.lost, stop or asyncio.Event(), output, echo
+                launch, agent, locks.lost, stop or asyncio.Event(), output, echo, stdin
             )
+        if outcome is Outcome.OK and news.upto is not None:
+            # Still under the agent's lock: nobody else moves this cursor meanwhile.
+            await _advance(covey, agent, news.upto)
     await record.locks("lock.released", taken)
     bound.info("finished", outcome=str(outcome), exit_code=code)
     return await record.finished(outcome, exit_code=code, reason=reason, log_path=log_path)
+
+
+async def _digest(covey: Covey, agent: Agent) -> digest.Digest:
+    """The changelog digest for this run; a broker hiccup here costs the digest, not the run."""
+    try:
+        connection = (await covey.bus()).connection
+        return await digest.build(connection, agent.name, agent.config.digest, str(agent.address))
+    except (CoveyError, AMQPError, RuntimeError, ConnectionError) as err:
+        log.warning("no digest for this run", agent=agent.name, error=str(err))
+        return digest.Digest(agent=agent.name, cursor=None, upto=None, text="")
+
+
+def _inject(launch: Launch, agent: Agent, text: str) -> bytes | None:
+    """Put the digest where the agent reads it; return what goes on its stdin, if anything."""
+    launch.run_dir.mkdir(parents=True, exist_ok=True)
+    Path(launch.env["COVEY_DIGEST_FILE"]).write_text(text)
+    if agent.config.instructions:
+        agent_md = agent.folder / INSTRUCTIONS_FILE
+        own = agent_md.read_text() if agent_md.is_file() else ""
+        (launch.cwd / agent.config.instructions).write_text(digest.instructions(own, text))
+    return text.encode() if agent.config.inject == "stdin" else None
+
+
+async def _advance(covey: Covey, agent: Agent, offset: int) -> None:
+    try:
+        await changelog.advance((await covey.bus()).connection, agent.name, offset)
+    except (CoveyError, AMQPError, RuntimeError, ConnectionError) as err:
+        log.warning("cursor not advanced; the next run repeats this news", error=str(err))
 
 
 def configured_lock(settings: Settings, agent: Agent) -> LockSpec | None:
@@ -255,19 +288,24 @@ async def _execute(
     stop: asyncio.Event,
     output: IO[str],
     echo: Echo | None,
+    stdin: bytes | None,
 ) -> tuple[Outcome, int | None, str | None]:
     """Run the process to its end, its timeout, a lost lock or a stop; say which."""
     process = await asyncio.create_subprocess_exec(
         *launch.argv,
         cwd=launch.cwd,
         env=launch.env,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # its own process group: a timeout ends its children too
     )
     assert process.stdout is not None
     pump = asyncio.create_task(_pump(process.stdout, output, echo))
+    if stdin is not None:
+        assert process.stdin is not None
+        feeding = asyncio.create_task(_feed(process.stdin, stdin))
+        feeding.add_done_callback(lambda task: task.cancelled() or task.exception())
     exited = asyncio.create_task(process.wait())
     lost = asyncio.create_task(lock_lost.wait())
     stopped = asyncio.create_task(stop.wait())
@@ -294,6 +332,15 @@ async def _execute(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pump), 2.0)
         pump.cancel()
+
+
+async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
+    """Write the digest to the agent's stdin and close it; an agent that does not read
+    it is its own business."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        pipe.write(data)
+        await pipe.drain()
+    pipe.close()
 
 
 async def _pump(stream: asyncio.StreamReader, output: IO[str], echo: Echo | None) -> None:

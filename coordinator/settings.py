@@ -58,6 +58,15 @@ class LockConfig(BaseModel):
     slots: int = Field(default=1, ge=1)
 
 
+class ChangelogConfig(BaseModel):
+    """`[changelog]` in covey.toml: how long the broker keeps entries, and how many bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_age: str = Field(default="30D", pattern=r"^[1-9][0-9]*[YMDhms]$")  # RabbitMQ's units
+    max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
+
+
 class Settings(BaseSettings):
     """covey's settings; see the module docstring for where each value comes from."""
 
@@ -81,6 +90,7 @@ class Settings(BaseSettings):
     )
     humans: dict[str, HumanConfig] = Field(default_factory=dict)
     locks: dict[str, LockConfig] = Field(default_factory=dict)
+    changelog: ChangelogConfig = Field(default_factory=ChangelogConfig)
 
     @field_validator("amqp_url")
     @classmethod

@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from coordinator.errors import TopologyMissing
 
 PREFETCH = 500
 CHUNK_IDLE_SECONDS = 0.15  # a chunk arrives in one burst; this much quiet means it ended
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
+class Item:
     offset: int
     body: bytes
     message: AbstractIncomingMessage
@@ -29,19 +33,19 @@ class Entry:
 async def head(connection: AbstractConnection, stream: str) -> int | None:
     """The offset of the newest entry, or None when the stream is empty."""
     newest: int | None = None
-    async for entry in _read(connection, stream, "last", stop_at=None):
-        newest = entry.offset if newest is None else max(newest, entry.offset)
+    async for item in read(connection, stream, "last", stop_at=None):
+        newest = item.offset if newest is None else max(newest, item.offset)
     return newest
 
 
 async def read_range(
     connection: AbstractConnection, stream: str, first: int, last: int
-) -> list[Entry]:
+) -> list[Item]:
     """Entries with offsets in [first, last], oldest first (fewer if retention removed some)."""
-    return [e async for e in _read(connection, stream, first, stop_at=last) if e.offset >= first]
+    return [i async for i in read(connection, stream, first, stop_at=last) if i.offset >= first]
 
 
-async def newest(connection: AbstractConnection, stream: str, count: int) -> list[Entry]:
+async def newest(connection: AbstractConnection, stream: str, count: int) -> list[Item]:
     """The newest `count` entries, oldest first."""
     top = await head(connection, stream)
     if top is None or count <= 0:
@@ -49,15 +53,23 @@ async def newest(connection: AbstractConnection, stream: str, count: int) -> lis
     return await read_range(connection, stream, max(0, top - count + 1), top)
 
 
-async def _read(
-    connection: AbstractConnection, stream: str, start: int | str, stop_at: int | None
-) -> AsyncIterator[Entry]:
-    """Yield entries from `start` until offset `stop_at` (inclusive), or until the
-    stream goes quiet when `stop_at` is None."""
+async def read(
+    connection: AbstractConnection, stream: str, start: int | str | datetime, stop_at: int | None
+) -> AsyncIterator[Item]:
+    """Yield entries from `start` (an offset, `first`, `last`, or a time) until offset
+    `stop_at` (inclusive), or until the stream goes quiet when `stop_at` is None.
+
+    The broker starts at the chunk that holds `start`, so a caller that wants an
+    exact start filters what comes before it."""
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=PREFETCH)
     try:
-        queue = await channel.declare_queue(stream, passive=True)
+        try:
+            queue = await channel.declare_queue(stream, passive=True)
+        except ChannelNotFoundEntity:
+            raise TopologyMissing(
+                f"stream {stream} does not exist; run `covey topology apply`"
+            ) from None
         deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         await queue.consume(deliveries.put, arguments={"x-stream-offset": start})
         while True:
@@ -69,8 +81,9 @@ async def _read(
                 return
             await message.ack()
             offset = int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
-            yield Entry(offset, message.body, message)
+            yield Item(offset, message.body, message)
             if stop_at is not None and offset >= stop_at:
                 return
     finally:
-        await channel.close()
+        if not channel.is_closed:
+            await channel.close()

@@ -35,12 +35,15 @@ from typing import Literal, TypedDict
 
 from coordinator.names import Address
 from coordinator.roster import Roster
+from coordinator.settings import ChangelogConfig, Settings
 
 MAIL_EXCHANGE = "covey"
 UNROUTED = "covey.unrouted"
 DEAD = "covey.dead"
 EVENTS_EXCHANGE = "covey.events"
 RUNS_STREAM = "covey.runs"
+CHANGELOG_STREAM = "covey.changelog"
+SEGMENT_BYTES = 8 * 1024 * 1024  # retention removes whole segments, so keep them small
 BROADCAST_KEY = "broadcast"
 
 ExchangeType = Literal["topic", "fanout"]
@@ -159,7 +162,7 @@ class Topology:
         return cls(tuple(exchanges), tuple(queues), tuple(bindings))
 
 
-def core() -> Topology:
+def core(changelog: ChangelogConfig) -> Topology:
     """The exchanges and queues every covey namespace has, whoever is in the roster."""
     return Topology(
         exchanges=(
@@ -183,7 +186,18 @@ def core() -> Topology:
                     {
                         "x-max-age": "30D",
                         "x-max-length-bytes": 256 * 1024 * 1024,
-                        "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+                        "x-stream-max-segment-size-bytes": SEGMENT_BYTES,
+                    }
+                ),
+            ),
+            # What changed, for every agent's digest; retention is the broker's job.
+            StreamSpec(
+                CHANGELOG_STREAM,
+                StreamArguments(
+                    {
+                        "x-max-age": changelog.max_age,
+                        "x-max-length-bytes": changelog.max_bytes,
+                        "x-stream-max-segment-size-bytes": min(SEGMENT_BYTES, changelog.max_bytes),
                     }
                 ),
             ),
@@ -219,11 +233,12 @@ def participant(address: Address, teams: Iterable[str], delivery_limit: int) -> 
     )
 
 
-def for_roster(roster: Roster, delivery_limit: int) -> Topology:
+def for_roster(roster: Roster, settings: Settings) -> Topology:
     """Everything `covey topology apply` declares: the core plus every participant."""
+    delivery_limit = settings.delivery_limit
     return Topology.combine(
         [
-            core(),
+            core(settings.changelog),
             *(
                 participant(address, roster.teams_of(address), delivery_limit)
                 for address in roster.participants()

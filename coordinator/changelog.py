@@ -1,0 +1,205 @@
+"""The changelog: what changed, written by agents and people, kept in a RabbitMQ stream.
+
+Appends are cheap and reads start at any offset; retention (age and size) is
+the broker's job. Each agent has a cursor — the offset of the last entry it
+has been shown — kept on the broker in `covey.cursor.NAME`, a one-message
+queue (newest wins), so it survives a supervisor restart and a move to another
+host. The cursor moves only under the agent's own lock, so two supervisors
+racing cannot move it backwards or past what the agent saw; and only when a
+run ends `ok`, so a failed run sees the same news again next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from coordinator import stream
+from coordinator.envelope import MAX_SUBJECT_CHARS, now
+from coordinator.errors import BadInput, TopologyMissing, first_problem
+from coordinator.names import Address, check_name
+from coordinator.topology import CHANGELOG_STREAM
+
+ENTRY_TYPE = "covey.changelog.v1"
+CURSOR_PREFIX = "covey.cursor."
+
+
+def _author(text: str) -> str:
+    try:
+        return str(Address.participant(text))
+    except BadInput as err:
+        raise ValueError(str(err)) from None
+
+
+def _summary(text: str) -> str:
+    text = text.strip()
+    if not text or "\n" in text or len(text) > MAX_SUBJECT_CHARS:
+        raise ValueError(f"the summary must be one line of 1 to {MAX_SUBJECT_CHARS} characters")
+    return text
+
+
+def _tags(tags: list[str]) -> list[str]:
+    for tag in tags:
+        try:
+            check_name(tag, "tag")
+        except BadInput as err:
+            raise ValueError(str(err)) from None
+    return tags
+
+
+class Entry(BaseModel):
+    """One changelog entry; the stream message body (type `covey.changelog.v1`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    author: Annotated[str, AfterValidator(_author)]
+    created_at: datetime = Field(default_factory=now)
+    summary: Annotated[str, AfterValidator(_summary)]
+    body: str = ""
+    tags: Annotated[list[str], AfterValidator(_tags)] = Field(default_factory=list)
+    run_id: str | None = None
+
+    @classmethod
+    def new(cls, **fields: object) -> Entry:
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as err:
+            field, problem = first_problem(err)
+            raise BadInput(f"{field}: {problem}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """An entry as read back, with its place in the stream."""
+
+    offset: int
+    entry: Entry
+
+    def to_dict(self) -> dict[str, object]:
+        return {"offset": self.offset, **self.entry.model_dump(mode="json")}
+
+
+async def append(connection: AbstractConnection, entry: Entry, timeout: float) -> None:
+    """Append `entry`; returns once the stream has confirmed it."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                entry.model_dump_json(exclude_defaults=True).encode(),
+                content_type="application/json",
+                type=ENTRY_TYPE,
+                timestamp=entry.created_at,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            CHANGELOG_STREAM,
+            mandatory=True,
+            timeout=timeout,
+        )
+    except aio_pika.exceptions.DeliveryError:
+        raise TopologyMissing(
+            f"the {CHANGELOG_STREAM} stream does not exist; run `covey topology apply`"
+        ) from None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+def parse(item: stream.Item) -> Logged | None:
+    """The entry in a stream item; None for anything that is not one (skipped, not fatal)."""
+    try:
+        return Logged(item.offset, Entry.model_validate_json(item.body))
+    except ValidationError:
+        return None
+
+
+async def read(
+    connection: AbstractConnection, start: int | datetime, stop_at: int
+) -> AsyncIterator[Logged]:
+    """Entries from `start` (an offset, or a time) up to offset `stop_at`, oldest first."""
+    async for item in stream.read(connection, CHANGELOG_STREAM, start, stop_at):
+        logged = parse(item)
+        if logged is None:
+            continue
+        if isinstance(start, int) and logged.offset < start:
+            continue  # the broker starts at the chunk that holds `start`
+        if isinstance(start, datetime) and logged.entry.created_at < start:
+            continue
+        yield logged
+
+
+async def newest(
+    connection: AbstractConnection,
+    floor: int,
+    head: int,
+    limit: int,
+    keep: Callable[[Logged], bool],
+) -> list[Logged]:
+    """Up to `limit` kept entries in [floor, head], newest first. Reads back from the
+    head in windows, so it costs what `limit` needs, not the whole range."""
+    found: list[Logged] = []
+    window = max(2 * limit, 64)
+    end = head
+    while end >= floor and len(found) < limit:
+        start = max(floor, end - window + 1)
+        batch = [logged async for logged in read(connection, start, end)]
+        for logged in reversed(batch):
+            if logged.offset <= end and keep(logged):
+                found.append(logged)
+                if len(found) == limit:
+                    break
+        end = start - 1
+    return found
+
+
+# -- cursors -------------------------------------------------------------------
+
+
+class Cursor(BaseModel):
+    offset: int  # the newest entry the agent has been shown
+    at: datetime = Field(default_factory=now)
+
+
+async def cursor_of(connection: AbstractConnection, agent: str) -> Cursor | None:
+    """The agent's cursor, or None before its first successful run."""
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(CURSOR_PREFIX + agent, passive=True)
+        message = await queue.get(fail=False, no_ack=False)
+        if message is None:
+            return None
+        await message.reject(requeue=True)  # a peek: the cursor stays where it is
+        return Cursor.model_validate_json(message.body)
+    except (aiormq.exceptions.ChannelNotFoundEntity, ValidationError):
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def advance(connection: AbstractConnection, agent: str, offset: int) -> Cursor:
+    """Move the agent's cursor forward to `offset` (never back). Call it holding the
+    agent's lock: that is what makes the read-then-write safe."""
+    current = await cursor_of(connection, agent)
+    if current is not None and current.offset >= offset:
+        return current
+    cursor = Cursor(offset=offset)
+    async with await connection.channel(publisher_confirms=True) as channel:
+        queue = await channel.declare_queue(
+            CURSOR_PREFIX + agent,
+            durable=True,
+            arguments={"x-max-length": 1, "x-overflow": "drop-head"},
+        )
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                cursor.model_dump_json().encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            ),
+            queue.name,
+        )
+    return cursor
