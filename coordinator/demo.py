@@ -1,9 +1,10 @@
 """`covey demo`: the example roster in agents/, end to end, against a real broker.
 
-A person asks scout a question; scout sends findings to its team and answers
-the person in the same thread; writer summarises the findings for the person,
-thanks scout in scout's thread and tells everyone; scout runs again and finds
-the thanks. Each agent is a script that uses the `covey` command, as a model
+A person asks scout a question; scout sends findings to its team, answers the
+person in the same thread and logs its change to the changelog; writer starts
+with that change in its digest, summarises the findings for the person, thanks
+scout in scout's thread and tells everyone; scout runs again and finds the
+thanks. Each agent is a script that uses the `covey` command, as a model
 would, run through the same lifecycle as `covey run` (locks, environment, run
 log, events), so the demo shows exactly what an agent sees.
 """

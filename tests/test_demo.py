@@ -21,6 +21,9 @@ def test_the_demo_shows_mail_flowing_between_agents_a_team_and_a_human(world: Wo
     out = result.stdout
     assert "[scout] sent findings to team:research" in out
     assert "[writer] read 'Findings: queues for agent mail' from agent:scout" in out
+    # scout's change reached writer's digest on writer's next run
+    assert "[writer] digest at start: - #0 (" in out
+    assert "Recommended quorum queues for mail [research]" in out
     assert "[writer] told everyone (all)" in out
     assert "[scout] read 'Re: Findings: queues for agent mail' from agent:writer" in out
     assert "agent:scout" in out.split("human:ada's inbox")[1]

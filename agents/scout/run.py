@@ -30,6 +30,8 @@ def main() -> None:
         if message["sender"].startswith("human:"):
             covey("send", "team:research", "Findings: queues for agent mail", "--body", FINDINGS)
             print("sent findings to team:research")
+            covey("log", "add", "Recommended quorum queues for mail", "--tag", "research")
+            print("logged the change for everyone's next digest")
             covey("reply", mail["id"], "--body", "Findings are out to team:research.")
             print(f"replied to {message['sender']} in the same thread")
         covey("done", mail["id"])

@@ -15,6 +15,9 @@ def covey(*args: str) -> str:
 
 def main() -> None:
     me = f"agent:{os.environ['COVEY_AGENT']}"
+    with open(os.environ["COVEY_DIGEST_FILE"]) as digest:
+        news = [line.strip() for line in digest if line.startswith("- #")]
+    print(f"digest at start: {'; '.join(news) if news else 'nothing new'}")
     inbox = json.loads(covey("inbox", "--json"))
     print(f"inbox: {len(inbox)} message(s)")
     for mail in inbox:
