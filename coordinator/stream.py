@@ -20,7 +20,14 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from coordinator.errors import TopologyMissing
 
 PREFETCH = 500
-CHUNK_IDLE_SECONDS = 0.15  # a chunk arrives in one burst; this much quiet means it ended
+# Finding the head: attached at `last`, the broker sends the newest chunk in one
+# burst. Waiting FIRST_SECONDS for it to start and CHUNK_IDLE_SECONDS of quiet for
+# it to end errs, under heavy load, towards a head slightly too old — never too
+# new — so a digest may show a little less, and its cursor moves only as far as
+# what it showed: the rest comes next time, nothing is skipped.
+FIRST_SECONDS = 0.25
+CHUNK_IDLE_SECONDS = 0.03
+RANGE_SECONDS = 5.0  # reading a known range: a generous wait for each next entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +79,17 @@ async def read(
             ) from None
         deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         await queue.consume(deliveries.put, arguments={"x-stream-offset": start})
+        timeout = FIRST_SECONDS if stop_at is None else RANGE_SECONDS
         while True:
             try:
-                # With a known end, wait for it (generously); else a quiet spell ends the read.
-                timeout = CHUNK_IDLE_SECONDS if stop_at is None else 5.0
                 message = await asyncio.wait_for(deliveries.get(), timeout)
             except TimeoutError:
                 return
             await message.ack()
             offset = int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
             yield Item(offset, message.body, message)
+            if stop_at is None:
+                timeout = CHUNK_IDLE_SECONDS
             if stop_at is not None and offset >= stop_at:
                 return
     finally:
