@@ -43,7 +43,10 @@ class Event(BaseModel):
     exit_code: int | None = None  # run.finished: the agent's own exit code
     duration_seconds: float | None = None  # run.finished
     reason: str | None = None  # run.finished: why it was skipped or failed
+    hook: str | None = None  # run.finished, skipped:preflight: the check that failed
     lock: str | None = None  # lock.*
+    wait_seconds: float | None = None  # lock.acquired: how long it took to get
+    held_seconds: float | None = None  # lock.released: how long it was held
     requested_by: str | None = None  # run.requested
 
     @property

@@ -26,13 +26,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
+import structlog
 from aiormq.exceptions import AMQPError
 
 from coordinator import changelog, digest, preflight
 from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
-from coordinator.lock import Holder, LockBusy, LockSession, LockSpec
+from coordinator.lock import HeldLock, Holder, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
 from coordinator.settings import Settings
@@ -40,6 +41,7 @@ from coordinator.settings import Settings
 log = get_logger(__name__)
 
 Echo = Callable[[str], None]
+Observer = Callable[[Event], None]
 
 
 class Outcome(StrEnum):
@@ -149,40 +151,64 @@ async def run(
     wait_lock: float | None = None,
     stop: asyncio.Event | None = None,
     echo: Echo | None = None,
+    observe: Observer | None = None,
 ) -> RunResult:
     """Run `agent` once. Bad input (no command, no workdir) raises BadInput before any
-    lock is taken; everything else ends as a RunResult with an outcome."""
+    lock is taken; everything else ends as a RunResult with an outcome. `observe` sees
+    each of the run's events as it happens (the supervisor's metrics count them)."""
     run_id = new_run_id()
     launch = Launch.prepare(covey.settings, agent, run_id)
-    bound = log.bind(agent=agent.name, run_id=run_id)
+    with structlog.contextvars.bound_contextvars(agent=agent.name, run_id=run_id):
+        return await _lifecycle(
+            covey, agent, trigger, run_id, launch, wait_lock, stop, echo, observe
+        )
+
+
+async def _lifecycle(
+    covey: Covey,
+    agent: Agent,
+    trigger: str,
+    run_id: str,
+    launch: Launch,
+    wait_lock: float | None,
+    stop: asyncio.Event | None,
+    echo: Echo | None,
+    observe: Observer | None,
+) -> RunResult:
     started = time.monotonic()
-    record = _Recorder(covey, agent.name, run_id, trigger, started)
+    record = _Recorder(covey, agent.name, run_id, trigger, started, observe)
 
     async with await LockSession.open(covey.settings, Holder.me(agent.name, run_id)) as locks:
         try:
-            await locks.acquire(LockSpec.for_agent(agent.name))
-            spec = configured_lock(covey.settings, agent)
-            if spec is not None:
-                wait = agent.config.wait_lock if wait_lock is None else wait_lock
+            specs = [LockSpec.for_agent(agent.name)]
+            waits = [0.0]
+            if (spec := configured_lock(covey.settings, agent)) is not None:
+                specs.append(spec)
+                waits.append(agent.config.wait_lock if wait_lock is None else wait_lock)
+            for spec, wait in zip(specs, waits, strict=True):
+                asked = time.monotonic()
                 await locks.acquire(spec, wait=wait)
+                await record.lock_acquired(spec.name, time.monotonic() - asked)
         except LockBusy as busy:
-            bound.info("skipped, lock busy", reason=str(busy))
+            log.info("skipped, lock busy", reason=str(busy))
+            await record.locks_released(locks.held)
             return await record.finished(Outcome.SKIPPED_BUSY, reason=str(busy))
-        taken = [held.spec.name for held in locks.held]
-        await record.locks("lock.acquired", taken)
+        held = list(locks.held)
 
         for hook in agent.config.preflight:
             if reason := await preflight.failure(hook, launch.cwd, launch.env):
                 await locks.close()  # free the locks at once, not after the bookkeeping
-                await record.locks("lock.released", taken)
-                bound.info("skipped, preflight failed", reason=reason)
-                return await record.finished(Outcome.SKIPPED_PREFLIGHT, reason=reason)
+                await record.locks_released(held)
+                log.info("skipped, preflight failed", reason=reason)
+                return await record.finished(
+                    Outcome.SKIPPED_PREFLIGHT, reason=reason, hook=hook.label
+                )
 
         news = await _digest(covey, agent)
         stdin = _inject(launch, agent, news.text)
         await record.started()
         log_path = launch.run_dir / f"{run_id}.log"
-        bound.info("started", command=launch.argv, log=str(log_path))
+        log.info("started", command=launch.argv, log=str(log_path))
         with log_path.open("a", encoding="utf-8") as output:
             outcome, code, reason = await _execute(
                 launch, agent, locks.lost, stop or asyncio.Event(), output, echo, stdin
@@ -190,8 +216,8 @@ async def run(
         if outcome is Outcome.OK and news.upto is not None:
             # Still under the agent's lock: nobody else moves this cursor meanwhile.
             await _advance(covey, agent, news.upto)
-    await record.locks("lock.released", taken)
-    bound.info("finished", outcome=str(outcome), exit_code=code)
+    await record.locks_released(held)
+    log.info("finished", outcome=str(outcome), exit_code=code)
     return await record.finished(outcome, exit_code=code, reason=reason, log_path=log_path)
 
 
@@ -232,22 +258,54 @@ def configured_lock(settings: Settings, agent: Agent) -> LockSpec | None:
 
 
 class _Recorder:
-    """Publishes a run's events; a broker hiccup here is logged, never fatal to the run."""
+    """Publishes a run's events, and shows each to `observe`; a broker hiccup here is
+    logged, never fatal to the run."""
 
-    def __init__(self, covey: Covey, agent: str, run_id: str, trigger: str, started: float):
+    def __init__(
+        self,
+        covey: Covey,
+        agent: str,
+        run_id: str,
+        trigger: str,
+        started: float,
+        observe: Observer | None,
+    ) -> None:
         self.covey, self.agent, self.run_id, self.trigger = covey, agent, run_id, trigger
         self.started_at = started
+        self.observe = observe
+        self._acquired: dict[str, float] = {}
 
     async def _publish(self, event: Event) -> None:
+        if self.observe is not None:
+            self.observe(event)
         try:
             await (await self.covey.bus()).publish_event(event)
         except CoveyError as err:
             log.warning("could not publish event", kind=event.kind, error=str(err))
 
-    async def locks(self, kind: str, names: list[str]) -> None:
-        for name in names:
+    async def lock_acquired(self, lock: str, waited: float) -> None:
+        self._acquired[lock] = time.monotonic()
+        await self._publish(
+            Event(
+                kind="lock.acquired",
+                lock=lock,
+                agent=self.agent,
+                run_id=self.run_id,
+                wait_seconds=round(waited, 4),
+            )
+        )
+
+    async def locks_released(self, held: list[HeldLock]) -> None:
+        for lock in held:
+            taken = self._acquired.pop(lock.spec.name, None)
             await self._publish(
-                Event(kind=kind, lock=name, agent=self.agent, run_id=self.run_id)  # type: ignore[arg-type]
+                Event(
+                    kind="lock.released",
+                    lock=lock.spec.name,
+                    agent=self.agent,
+                    run_id=self.run_id,
+                    held_seconds=None if taken is None else round(time.monotonic() - taken, 4),
+                )
             )
 
     async def started(self) -> None:
@@ -261,6 +319,7 @@ class _Recorder:
         *,
         exit_code: int | None = None,
         reason: str | None = None,
+        hook: str | None = None,
         log_path: Path | None = None,
     ) -> RunResult:
         duration = time.monotonic() - self.started_at
@@ -274,6 +333,7 @@ class _Recorder:
                 exit_code=exit_code,
                 duration_seconds=round(duration, 3),
                 reason=reason,
+                hook=hook,
             )
         )
         return RunResult(
