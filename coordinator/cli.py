@@ -136,9 +136,29 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
+    from coordinator.errors import BadInput
+    from coordinator.metrics import Metrics
     from coordinator.supervisor import Supervisor
 
-    await Supervisor(covey).serve()
+    metrics = None
+    if not args.no_metrics:
+        metrics = Metrics(covey)
+        try:
+            server, _ = start_http_server(
+                args.metrics_port, addr=args.metrics_host, registry=metrics.registry
+            )
+        except OSError as err:
+            raise BadInput(
+                f"cannot serve metrics on {args.metrics_host}:{args.metrics_port} "
+                f"({err.strerror}): pick another --metrics-port, or --no-metrics"
+            ) from None
+    try:
+        await Supervisor(covey, metrics).serve()
+    finally:
+        if metrics is not None:
+            server.shutdown()
     return 0
 
 
@@ -379,7 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
 
     command("status", cmd_status, "agents: pending mail, running or not, locks, last and next run")
-    command("supervise", cmd_supervise, "the daemon: run agents on cron, on mail and on request")
+    supervise = command(
+        "supervise", cmd_supervise, "the daemon: run agents on cron, on mail and on request"
+    )
+    supervise.add_argument(
+        "--metrics-port", type=int, default=9464, help="Prometheus /metrics (default 9464)"
+    )
+    supervise.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address to serve it on (default 127.0.0.1)"
+    )
+    supervise.add_argument("--no-metrics", action="store_true", help="serve no metrics")
 
     command("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
     return parser

@@ -37,6 +37,7 @@ from coordinator.envelope import now
 from coordinator.errors import CoveyError
 from coordinator.events import Event
 from coordinator.logs import get_logger
+from coordinator.metrics import Metrics
 from coordinator.roster import Agent, Roster
 from coordinator.schedule import Schedule
 from coordinator.settings import Settings
@@ -50,8 +51,9 @@ Clock = Callable[[], datetime]
 
 
 class Supervisor:
-    def __init__(self, covey: Covey, clock: Clock = now) -> None:
+    def __init__(self, covey: Covey, metrics: Metrics | None = None, clock: Clock = now) -> None:
         self.covey = covey
+        self.metrics = metrics
         self.clock = clock
         self.running: dict[str, asyncio.Task[None]] = {}
         self._starting: set[str] = set()  # requested, waiting out the debounce
@@ -62,6 +64,7 @@ class Supervisor:
         self._reschedule = asyncio.Event()
         self._resubscribe = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._left_out: set[str] = set()  # agents that cannot start as configured
 
     @property
     def roster(self) -> Roster:
@@ -76,14 +79,17 @@ class Supervisor:
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         await self.covey.apply_topology()
-        self.covey.roster = self._launchable(self.roster)
+        self._left_out = self._unlaunchable(self.roster)
         log.info("supervising", agents=len(self.roster.agents), zone=self.covey.settings.timezone)
-        scheduler = asyncio.create_task(self._schedule())
-        listener = asyncio.create_task(self._listen())
+        background = [asyncio.create_task(self._schedule()), asyncio.create_task(self._listen())]
+        if self.metrics is not None:
+            self.metrics.describe_roster()
+            await self.metrics.remember_last_runs()
+            background.append(asyncio.create_task(self.metrics.refresh_forever()))
         await self._stopping.wait()
-        for task in (scheduler, listener):
+        for task in background:
             task.cancel()
-        await asyncio.gather(scheduler, listener, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         await self._shutdown()
 
     def stop(self) -> None:
@@ -120,29 +126,30 @@ class Supervisor:
         merged = Roster(agents=agents, humans=roster.humans)
         self.covey.settings, self.covey.roster = settings, merged
         await self.covey.apply_topology()
-        self.covey.roster = self._launchable(merged)
+        self._left_out = self._unlaunchable(merged)
         self._reschedule.set()
         self._resubscribe.set()
+        if self.metrics is not None:
+            self.metrics.describe_roster()
         log.info("roster reloaded", agents=len(merged.agents))
 
-    def _launchable(self, roster: Roster) -> Roster:
-        """The roster less the agents that could not start (no command, no workdir):
-        those are logged and left out until a reload finds them fixed."""
-        agents = {}
+    def _unlaunchable(self, roster: Roster) -> set[str]:
+        """Agents that could not start (no command, no workdir): logged, and not run until
+        a reload finds them fixed. They stay in the roster: their mail still counts."""
+        left_out = set()
         for name, agent in roster.agents.items():
             try:
                 runner.Launch.prepare(self.covey.settings, agent, "check")
             except CoveyError as err:
                 log.error("agent left out", agent=name, problem=str(err))
-                continue
-            agents[name] = agent
-        return Roster(agents=agents, humans=roster.humans)
+                left_out.add(name)
+        return left_out
 
     # -- asking for runs --------------------------------------------------------------
 
     def request(self, name: str, trigger: str) -> None:
         """Ask for a run of `name`; folds into one already starting or running."""
-        if self._stopping.is_set() or name not in self.roster.agents:
+        if self._stopping.is_set() or name not in self.roster.agents or name in self._left_out:
             return
         if name in self.running:
             if trigger != "schedule":  # a schedule tick during a run is simply skipped
@@ -165,7 +172,10 @@ class Supervisor:
 
     async def _run(self, agent: Agent, trigger: str) -> None:
         try:
-            result = await runner.run(self.covey, agent, trigger, stop=self._stop_agents)
+            observe = self.metrics.observe if self.metrics is not None else None
+            result = await runner.run(
+                self.covey, agent, trigger, stop=self._stop_agents, observe=observe
+            )
             log.info("run ended", agent=agent.name, outcome=str(result.outcome))
         except CoveyError as err:  # bad input for this agent: the others keep running
             log.error("run not started", agent=agent.name, problem=str(err))

@@ -1,0 +1,332 @@
+"""Prometheus metrics for `covey supervise`, on a registry of its own (no global state).
+
+Two kinds of figures:
+
+* what this supervisor did — runs, durations, lock waits and holds, preflight
+  failures — counted from its runs' events as they happen;
+* what the broker holds — mail waiting per participant, dead and unrouted
+  letters, who holds each lock, the changelog's head and each agent's lag —
+  gathered by a background refresh every REFRESH_SECONDS over a few parallel
+  channels, so a scrape only reads the latest snapshot and stays fast however
+  large the roster (`covey_broker_figures_age_seconds` says how fresh it is).
+
+Message rates per queue are RabbitMQ's own job: its `rabbitmq_prometheus`
+plugin (port 15692) exports them, and the dashboard reads them from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import aiormq
+from aio_pika.abc import AbstractConnection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from coordinator import __version__, changelog, stream
+from coordinator.changelog import Cursor
+from coordinator.client import Covey
+from coordinator.errors import CoveyError
+from coordinator.events import Event
+from coordinator.lock import LockSpec, slot_state
+from coordinator.logs import get_logger
+from coordinator.records import recent_runs
+from coordinator.roster import GLOBAL_LOCK
+from coordinator.schedule import Schedule
+from coordinator.topology import CHANGELOG_STREAM, DEAD, UNROUTED
+
+log = get_logger(__name__)
+
+REFRESH_SECONDS = 5.0
+PARALLEL_CHANNELS = 8
+FAILED_OUTCOMES = {"failed", "timeout", "lock-lost"}
+
+
+@dataclass
+class BrokerFigures:
+    """One snapshot of what the broker holds."""
+
+    taken_at: float = 0.0
+    pending: dict[str, int] = field(default_factory=dict)  # participant -> ready messages
+    dead_letters: int | None = None
+    unrouted: int | None = None
+    holders: list[tuple[str, str, datetime | None]] = field(default_factory=list)
+    changelog_head: int | None = None
+    lag: dict[str, int] = field(default_factory=dict)  # agent -> entries after its cursor
+
+
+class Metrics:
+    def __init__(self, covey: Covey) -> None:
+        self.covey = covey
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Info("covey_build", "covey's version", registry=r).info({"version": __version__})
+        self.up = Gauge("covey_up", "1 while the supervisor runs", registry=r)
+        self.up.set(1)
+        self.roster_agents = Gauge("covey_roster_agents", "agents in the roster", registry=r)
+        self.runs = Counter(
+            "covey_runs", "runs by outcome", ["agent", "outcome", "trigger"], registry=r
+        )
+        self.run_duration = Histogram(
+            "covey_run_duration_seconds",
+            "how long runs took",
+            ["agent"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+            registry=r,
+        )
+        self.running = Gauge("covey_agent_running", "1 while the agent runs", ["agent"], registry=r)
+        self.last_run = Gauge(
+            "covey_last_run_timestamp_seconds",
+            "when the agent last finished a run, by outcome",
+            ["agent", "outcome"],
+            registry=r,
+        )
+        self.failures_in_a_row = Gauge(
+            "covey_agent_consecutive_failures",
+            "failed, timed-out or lock-lost runs since the agent's last ok run",
+            ["agent"],
+            registry=r,
+        )
+        self.schedule_interval = Gauge(
+            "covey_agent_schedule_interval_seconds",
+            "the time between two firings of the agent's schedule",
+            ["agent"],
+            registry=r,
+        )
+        self.lock_wait = Histogram(
+            "covey_lock_wait_seconds",
+            "how long runs waited for a lock",
+            ["lock"],
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300),
+            registry=r,
+        )
+        self.lock_held = Histogram(
+            "covey_lock_held_seconds",
+            "how long runs held a lock",
+            ["lock"],
+            buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200),
+            registry=r,
+        )
+        self.lock_lost = Counter(
+            "covey_lock_lost", "runs stopped because their lock was lost", ["agent"], registry=r
+        )
+        self.preflight_failures = Counter(
+            "covey_preflight_failures",
+            "runs skipped by a failing preflight check",
+            ["agent", "hook"],
+            registry=r,
+        )
+        self.figures = BrokerFigures()
+        r.register(_BrokerCollector(self))
+        self.describe_roster()
+
+    def describe_roster(self) -> None:
+        """Figures that follow from the roster alone; again after a reload."""
+        self.roster_agents.set(len(self.covey.roster.agents))
+        zone = self.covey.settings.timezone
+        for name, agent in self.covey.roster.agents.items():
+            if agent.config.schedule:
+                schedule = Schedule(agent.config.schedule, zone)
+                first = schedule.next_after(datetime.now(schedule.zone))
+                second = schedule.next_after(first)
+                self.schedule_interval.labels(name).set((second - first).total_seconds())
+
+    def observe(self, event: Event) -> None:
+        """Count one of this supervisor's run events (the runner's observer)."""
+        agent = event.agent or "unknown"
+        if event.kind == "run.started":
+            self.running.labels(agent).set(1)
+        elif event.kind == "lock.acquired" and event.wait_seconds is not None:
+            self.lock_wait.labels(event.lock).observe(event.wait_seconds)
+        elif event.kind == "lock.released" and event.held_seconds is not None:
+            self.lock_held.labels(event.lock).observe(event.held_seconds)
+        elif event.kind == "run.finished":
+            self._finished(agent, event)
+
+    def _finished(self, agent: str, event: Event) -> None:
+        outcome = event.outcome or "unknown"
+        self.running.labels(agent).set(0)
+        self.runs.labels(agent, outcome, event.trigger or "unknown").inc()
+        self.last_run.labels(agent, outcome).set(event.at.timestamp())
+        if event.duration_seconds is not None and not outcome.startswith("skipped"):
+            self.run_duration.labels(agent).observe(event.duration_seconds)
+        if outcome == "ok":
+            self.failures_in_a_row.labels(agent).set(0)
+        elif outcome in FAILED_OUTCOMES:
+            self.failures_in_a_row.labels(agent).inc()
+        if outcome == "lock-lost":
+            self.lock_lost.labels(agent).inc()
+        if outcome == "skipped:preflight":
+            self.preflight_failures.labels(agent, event.hook or "unknown").inc()
+
+    async def remember_last_runs(self) -> None:
+        """Seed the last-run times from the run records, so that a restarted supervisor
+        does not look as if no agent had ever run."""
+        try:
+            records = await recent_runs((await self.covey.bus()).connection, limit=1000)
+        except (CoveyError, aiormq.exceptions.AMQPError) as err:
+            log.warning("could not read past runs for the metrics", error=str(err))
+            return
+        for record in records:
+            if record.finished_at is not None and record.agent in self.covey.roster.agents:
+                self.last_run.labels(record.agent, record.outcome).set(
+                    record.finished_at.timestamp()
+                )
+
+    async def refresh_forever(self) -> None:
+        while True:
+            try:
+                self.figures = await gather(self.covey)
+            except (CoveyError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as err:
+                log.warning("could not gather broker figures", error=str(err))
+            await asyncio.sleep(REFRESH_SECONDS)
+
+
+class _BrokerCollector(Collector):
+    """Hands the latest broker snapshot to each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        figures = self.metrics.figures
+        age = GaugeMetricFamily(
+            "covey_broker_figures_age_seconds", "how old the broker figures below are"
+        )
+        age.add_metric([], time.time() - figures.taken_at if figures.taken_at else float("nan"))
+        yield age
+        pending = GaugeMetricFamily(
+            "covey_mailbox_pending",
+            "messages waiting in the participant's queue (not yet fetched)",
+            labels=["participant"],
+        )
+        for participant, count in sorted(figures.pending.items()):
+            pending.add_metric([participant], count)
+        yield pending
+        for name, doc, value in (
+            ("covey_dead_letters", "messages in covey.dead", figures.dead_letters),
+            ("covey_unrouted_messages", "messages in covey.unrouted", figures.unrouted),
+            ("covey_changelog_head_offset", "the newest changelog offset", figures.changelog_head),
+        ):
+            family = GaugeMetricFamily(name, doc)
+            if value is not None:
+                family.add_metric([], value)
+            yield family
+        holder = GaugeMetricFamily(
+            "covey_lock_holder", "1 for the agent holding each lock", labels=["lock", "agent"]
+        )
+        since = GaugeMetricFamily(
+            "covey_lock_held_since_seconds",
+            "when the holder took the lock (Unix time)",
+            labels=["lock", "agent"],
+        )
+        for lock, agent, taken in figures.holders:
+            holder.add_metric([lock, agent], 1)
+            if taken is not None:
+                since.add_metric([lock, agent], taken.timestamp())
+        yield holder
+        yield since
+        lag = GaugeMetricFamily(
+            "covey_changelog_lag_entries",
+            "changelog entries after the agent's cursor",
+            labels=["agent"],
+        )
+        for agent, entries in sorted(figures.lag.items()):
+            lag.add_metric([agent], entries)
+        yield lag
+
+
+async def gather(covey: Covey) -> BrokerFigures:
+    """One snapshot of the broker-side figures for the roster."""
+    connection = (await covey.bus()).connection
+    roster = covey.roster
+    participants = [str(p) for p in roster.participants()]
+    queue_names = [p.replace(":", ".") for p in participants]
+    counts = await _ready_counts(connection, [*queue_names, DEAD, UNROUTED])
+    figures = BrokerFigures(
+        taken_at=time.time(),
+        pending={
+            p: counts[q]
+            for p, q in zip(participants, queue_names, strict=True)
+            if counts[q] is not None
+        },
+        dead_letters=counts[DEAD],
+        unrouted=counts[UNROUTED],
+    )
+    locks = [LockSpec(GLOBAL_LOCK)] + [
+        LockSpec(name, config.slots) for name, config in covey.settings.locks.items()
+    ]
+    for spec in locks:
+        for queue in spec.queues:
+            held, holder = await slot_state(connection, queue)
+            if held:
+                figures.holders.append(
+                    (
+                        spec.name,
+                        holder.agent if holder else "unknown",
+                        holder.since if holder else None,
+                    )
+                )
+    try:
+        figures.changelog_head = await stream.head(connection, CHANGELOG_STREAM)
+    except CoveyError:
+        figures.changelog_head = None
+    if figures.changelog_head is not None:
+        cursors = await _cursors(connection, list(roster.agents))
+        for agent, cursor in cursors.items():
+            seen = cursor.offset if cursor is not None else -1
+            figures.lag[agent] = max(0, figures.changelog_head - seen)
+    return figures
+
+
+async def _ready_counts(
+    connection: AbstractConnection, queues: Sequence[str]
+) -> dict[str, int | None]:
+    """Ready messages per queue (None: no such queue), by passive declares over a few
+    channels, each reopened when a missing queue closes it."""
+    results: dict[str, int | None] = {}
+
+    async def worker(share: Sequence[str]) -> None:
+        channel = await connection.channel()
+        try:
+            for queue in share:
+                if channel.is_closed:
+                    channel = await connection.channel()
+                try:
+                    declared = await channel.declare_queue(queue, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    results[queue] = None
+                    continue
+                results[queue] = declared.declaration_result.message_count or 0
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    await _in_parallel(queues, worker)
+    return results
+
+
+async def _cursors(
+    connection: AbstractConnection, agents: Sequence[str]
+) -> dict[str, Cursor | None]:
+    results: dict[str, Cursor | None] = {}
+
+    async def worker(share: Sequence[str]) -> None:
+        for agent in share:
+            results[agent] = await changelog.cursor_of(connection, agent)
+
+    await _in_parallel(agents, worker)
+    return results
+
+
+async def _in_parallel(
+    items: Sequence[str], worker: Callable[[Sequence[str]], Awaitable[None]]
+) -> None:
+    """Split `items` into PARALLEL_CHANNELS shares, worked on at once."""
+    shares = [items[i::PARALLEL_CHANNELS] for i in range(min(PARALLEL_CHANNELS, len(items)))]
+    await asyncio.gather(*(worker(share) for share in shares))
