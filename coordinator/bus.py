@@ -277,6 +277,40 @@ class Bus:
             ) from None
 
 
+# -- notes: one-message queues, newest wins ------------------------------------------------
+# A small piece of shared state kept on the broker (a lock's holder, an agent's
+# changelog cursor): a durable queue of at most one message, where a new write
+# drops the old one, and a read is a peek (get, then reject back into the queue).
+
+
+async def write_note(connection: AbstractConnection, queue: str, body: bytes) -> None:
+    """Replace the note in `queue` (created if need be); confirmed before returning."""
+    async with await connection.channel(publisher_confirms=True) as channel:
+        await channel.declare_queue(
+            queue, durable=True, arguments={"x-max-length": 1, "x-overflow": "drop-head"}
+        )
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), queue
+        )
+
+
+async def read_note(connection: AbstractConnection, queue: str) -> bytes | None:
+    """The note in `queue`, left in place; None when there is none (or no queue)."""
+    channel = await connection.channel()
+    try:
+        notes = await channel.declare_queue(queue, passive=True)
+        note = await notes.get(fail=False, no_ack=False)
+        if note is None:
+            return None
+        await note.reject(requeue=True)
+        return note.body
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
 def _declare_error(err: BaseException) -> BaseException:
     """One line for what went wrong declaring the topology."""
     if isinstance(err, aiormq.exceptions.ChannelPreconditionFailed):

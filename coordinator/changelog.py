@@ -17,25 +17,18 @@ from datetime import datetime
 from typing import Annotated
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractConnection
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator import stream
-from coordinator.envelope import MAX_SUBJECT_CHARS, now
+from coordinator.bus import read_note, write_note
+from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant
 from coordinator.errors import BadInput, TopologyMissing, first_problem
-from coordinator.names import Address, check_name
+from coordinator.names import valid_names
 from coordinator.topology import CHANGELOG_STREAM
 
 ENTRY_TYPE = "covey.changelog.v1"
 CURSOR_PREFIX = "covey.cursor."
-
-
-def _author(text: str) -> str:
-    try:
-        return str(Address.participant(text))
-    except BadInput as err:
-        raise ValueError(str(err)) from None
 
 
 def _summary(text: str) -> str:
@@ -46,12 +39,7 @@ def _summary(text: str) -> str:
 
 
 def _tags(tags: list[str]) -> list[str]:
-    for tag in tags:
-        try:
-            check_name(tag, "tag")
-        except BadInput as err:
-            raise ValueError(str(err)) from None
-    return tags
+    return valid_names(tags, "tag")
 
 
 class Entry(BaseModel):
@@ -59,7 +47,7 @@ class Entry(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    author: Annotated[str, AfterValidator(_author)]
+    author: Annotated[str, AfterValidator(participant)]
     created_at: datetime = Field(default_factory=now)
     summary: Annotated[str, AfterValidator(_summary)]
     body: str = ""
@@ -168,19 +156,11 @@ class Cursor(BaseModel):
 
 async def cursor_of(connection: AbstractConnection, agent: str) -> Cursor | None:
     """The agent's cursor, or None before its first successful run."""
-    channel = await connection.channel()
+    note = await read_note(connection, CURSOR_PREFIX + agent)
     try:
-        queue = await channel.declare_queue(CURSOR_PREFIX + agent, passive=True)
-        message = await queue.get(fail=False, no_ack=False)
-        if message is None:
-            return None
-        await message.reject(requeue=True)  # a peek: the cursor stays where it is
-        return Cursor.model_validate_json(message.body)
-    except (aiormq.exceptions.ChannelNotFoundEntity, ValidationError):
+        return Cursor.model_validate_json(note) if note is not None else None
+    except ValidationError:
         return None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
 
 
 async def advance(connection: AbstractConnection, agent: str, offset: int) -> Cursor:
@@ -190,16 +170,5 @@ async def advance(connection: AbstractConnection, agent: str, offset: int) -> Cu
     if current is not None and current.offset >= offset:
         return current
     cursor = Cursor(offset=offset)
-    async with await connection.channel(publisher_confirms=True) as channel:
-        queue = await channel.declare_queue(
-            CURSOR_PREFIX + agent,
-            durable=True,
-            arguments={"x-max-length": 1, "x-overflow": "drop-head"},
-        )
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                cursor.model_dump_json().encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-            ),
-            queue.name,
-        )
+    await write_note(connection, CURSOR_PREFIX + agent, cursor.model_dump_json().encode())
     return cursor

@@ -39,7 +39,8 @@ def _address(text: str) -> str:
         raise ValueError(str(err)) from None
 
 
-def _participant(text: str) -> str:
+def participant(text: str) -> str:
+    """For pydantic validators: a participant's address, normalised."""
     try:
         return str(Address.participant(text))
     except BadInput as err:
@@ -69,7 +70,7 @@ class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(min_length=1, max_length=128)
-    sender: Annotated[str, AfterValidator(_participant)]
+    sender: Annotated[str, AfterValidator(participant)]
     recipient: Annotated[str, AfterValidator(_address)]
     subject: Annotated[str, AfterValidator(_subject)]
     body: str = ""

@@ -32,12 +32,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
 
-from coordinator.bus import open_connection
+from coordinator.bus import open_connection, read_note, write_note
 from coordinator.envelope import now
 from coordinator.errors import CoveyError, ExitCode
 from coordinator.settings import Settings
@@ -184,15 +183,9 @@ class LockSession:
         return True
 
     async def _note_holder(self, queue: str) -> None:
-        async with await self._connection.channel(publisher_confirms=True) as channel:
-            note = await channel.declare_queue(
-                queue + ".holder",
-                durable=True,
-                arguments={"x-max-length": 1, "x-overflow": "drop-head"},
-            )
-            await channel.default_exchange.publish(
-                aio_pika.Message(self.holder.model_dump_json().encode()), note.name
-            )
+        await write_note(
+            self._connection, queue + ".holder", self.holder.model_dump_json().encode()
+        )
 
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
@@ -227,16 +220,8 @@ async def slot_state(connection: AbstractConnection, queue: str) -> tuple[bool, 
 
 
 async def _read_note(connection: AbstractConnection, note_queue: str) -> Holder | None:
-    channel = await connection.channel()
+    note = await read_note(connection, note_queue)
     try:
-        notes = await channel.declare_queue(note_queue, passive=True)
-        note = await notes.get(fail=False, no_ack=False)
-        if note is None:
-            return None
-        await note.reject(requeue=True)  # a peek: the note stays for the next reader
-        return Holder.model_validate_json(note.body)
-    except (aiormq.exceptions.ChannelNotFoundEntity, ValidationError):
+        return Holder.model_validate_json(note) if note is not None else None
+    except ValidationError:
         return None
-    finally:
-        if not channel.is_closed:
-            await channel.close()

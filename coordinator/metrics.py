@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -194,51 +194,53 @@ class _BrokerCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        figures = self.metrics.figures
-        age = GaugeMetricFamily(
-            "covey_broker_figures_age_seconds", "how old the broker figures below are"
+        f = self.metrics.figures
+        age = time.time() - f.taken_at if f.taken_at else float("nan")
+        yield _gauge(
+            "covey_broker_figures_age_seconds", "how old the broker figures are", [((), age)]
         )
-        age.add_metric([], time.time() - figures.taken_at if figures.taken_at else float("nan"))
-        yield age
-        pending = GaugeMetricFamily(
+        yield _gauge(
             "covey_mailbox_pending",
             "messages waiting in the participant's queue (not yet fetched)",
-            labels=["participant"],
+            [((p,), n) for p, n in sorted(f.pending.items())],
+            ["participant"],
         )
-        for participant, count in sorted(figures.pending.items()):
-            pending.add_metric([participant], count)
-        yield pending
         for name, doc, value in (
-            ("covey_dead_letters", "messages in covey.dead", figures.dead_letters),
-            ("covey_unrouted_messages", "messages in covey.unrouted", figures.unrouted),
-            ("covey_changelog_head_offset", "the newest changelog offset", figures.changelog_head),
+            ("covey_dead_letters", "messages in covey.dead", f.dead_letters),
+            ("covey_unrouted_messages", "messages in covey.unrouted", f.unrouted),
+            ("covey_changelog_head_offset", "the newest changelog offset", f.changelog_head),
         ):
-            family = GaugeMetricFamily(name, doc)
-            if value is not None:
-                family.add_metric([], value)
-            yield family
-        holder = GaugeMetricFamily(
-            "covey_lock_holder", "1 for the agent holding each lock", labels=["lock", "agent"]
+            yield _gauge(name, doc, [((), value)] if value is not None else [])
+        yield _gauge(
+            "covey_lock_holder",
+            "1 for the agent holding each lock",
+            [((lock, agent), 1) for lock, agent, _ in f.holders],
+            ["lock", "agent"],
         )
-        since = GaugeMetricFamily(
+        yield _gauge(
             "covey_lock_held_since_seconds",
             "when the holder took the lock (Unix time)",
-            labels=["lock", "agent"],
+            [((lock, agent), t.timestamp()) for lock, agent, t in f.holders if t is not None],
+            ["lock", "agent"],
         )
-        for lock, agent, taken in figures.holders:
-            holder.add_metric([lock, agent], 1)
-            if taken is not None:
-                since.add_metric([lock, agent], taken.timestamp())
-        yield holder
-        yield since
-        lag = GaugeMetricFamily(
+        yield _gauge(
             "covey_changelog_lag_entries",
             "changelog entries after the agent's cursor",
-            labels=["agent"],
+            [((agent,), n) for agent, n in sorted(f.lag.items())],
+            ["agent"],
         )
-        for agent, entries in sorted(figures.lag.items()):
-            lag.add_metric([agent], entries)
-        yield lag
+
+
+def _gauge(
+    name: str,
+    doc: str,
+    samples: Iterable[tuple[Sequence[str], float]],
+    labels: Sequence[str] = (),
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
 
 
 async def gather(covey: Covey) -> BrokerFigures:

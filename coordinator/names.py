@@ -22,14 +22,28 @@ PARTICIPANT_KINDS: tuple[Kind, ...] = ("agent", "human")
 _KINDS: tuple[Kind, ...] = ("agent", "human", "team", "all")
 
 
+def _problem(name: str, what: str) -> str | None:
+    if _NAME.fullmatch(name):
+        return None
+    return (
+        f"invalid {what} {name!r}: use 1-64 characters of a-z, 0-9, '_' and '-', "
+        "starting with a letter or digit"
+    )
+
+
 def check_name(name: str, what: str = "name") -> str:
     """Return `name` if it is a valid covey name, else raise BadInput saying why."""
-    if not _NAME.fullmatch(name):
-        raise BadInput(
-            f"invalid {what} {name!r}: use 1-64 characters of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
+    if problem := _problem(name, what):
+        raise BadInput(problem)
     return name
+
+
+def valid_names(names: list[str], what: str) -> list[str]:
+    """For pydantic validators: the names if all are valid, else ValueError for the first."""
+    for name in names:
+        if problem := _problem(name, what):
+            raise ValueError(problem)
+    return names
 
 
 @dataclass(frozen=True, slots=True)

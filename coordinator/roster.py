@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from coordinator.durations import Seconds
 from coordinator.errors import BadInput, ConfigError, first_problem
-from coordinator.names import Address, check_name
+from coordinator.names import Address, check_name, valid_names
 from coordinator.settings import CONFIG_FILE, ROSTER_DIR, Settings
 
 AGENT_FILE = "agent.toml"
@@ -122,20 +122,12 @@ class AgentConfig(BaseModel):
     @field_validator("lock")
     @classmethod
     def _valid_lock_name(cls, lock: str) -> str:
-        try:
-            return check_name(lock, "lock name")
-        except BadInput as err:
-            raise ValueError(str(err)) from None
+        return valid_names([lock], "lock name")[0]
 
     @field_validator("teams")
     @classmethod
     def _valid_team_names(cls, teams: list[str]) -> list[str]:
-        for team in teams:
-            try:
-                check_name(team, "team name")
-            except BadInput as err:
-                raise ValueError(str(err)) from None
-        return teams
+        return valid_names(teams, "team name")
 
 
 @dataclass(frozen=True, slots=True)
