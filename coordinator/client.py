@@ -127,7 +127,7 @@ class Covey:
         await (await self.bus()).apply(plan)
         return plan
 
-    async def _apply_participants(self, participants: list[Address]) -> None:
+    async def ensure_participants(self, participants: list[Address]) -> None:
         """Declare the core and these participants' queues and bindings, once per handle."""
         todo = [p for p in participants if p not in self._declared]
         if not todo:
@@ -207,7 +207,7 @@ class Covey:
         bus = await self.bus()
         recipient = envelope.recipient_address
         if recipient.kind != "all" and (reached := self.roster.reached_by(recipient)):
-            await self._apply_participants(reached)
+            await self.ensure_participants(reached)
         try:
             await bus.publish(envelope, timeout=self.settings.connect_timeout)
         except TopologyMissing:  # nothing reached, in a namespace nobody has set up yet
@@ -224,7 +224,7 @@ class Covey:
         try:
             new = await drain(bus, self.store, queue, limit, wait)
         except TopologyMissing:  # first use of this participant: its queue exists from now on
-            await self._apply_participants([self.me])
+            await self.ensure_participants([self.me])
             new = await drain(bus, self.store, queue, limit, wait)
         log.info("drained", queue=queue, new=len(new))
         return new

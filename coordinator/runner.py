@@ -177,6 +177,9 @@ async def _lifecycle(
 ) -> RunResult:
     started = time.monotonic()
     record = _Recorder(covey, agent.name, run_id, trigger, started, observe)
+    # The crontab form may be the first thing to touch a namespace: make sure the
+    # events exchange, the run records and the changelog exist (idempotent, cached).
+    await covey.ensure_participants([agent.address])
 
     async with await LockSession.open(covey.settings, Holder.me(agent.name, run_id)) as locks:
         try:

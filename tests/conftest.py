@@ -55,14 +55,16 @@ class ManagementAdmin:
         self.base = base.rstrip("/")
         self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 30
+    ) -> Any:
         request = urllib.request.Request(
             self.base + path,
             method=method,
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Authorization": self._auth, "Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             data = response.read()
         return json.loads(data) if data else None
 
@@ -74,7 +76,7 @@ class ManagementAdmin:
             return False
 
     def add_vhost(self, name: str, user: str) -> None:
-        self._call("PUT", f"/api/vhosts/{quote(name, safe='')}", {})
+        self._call("PUT", f"/api/vhosts/{quote(name, safe='')}", {}, timeout=600)
         self._call(
             "PUT",
             f"/api/permissions/{quote(name, safe='')}/{quote(user, safe='')}",
@@ -82,7 +84,8 @@ class ManagementAdmin:
         )
 
     def delete_vhost(self, name: str) -> None:
-        self._call("DELETE", f"/api/vhosts/{quote(name, safe='')}")
+        # Deleting a vhost deletes its queues; a thousand quorum queues take a while.
+        self._call("DELETE", f"/api/vhosts/{quote(name, safe='')}", timeout=600)
 
     def close_connections(self, vhost: str) -> int:
         """Cut every client connection to `vhost`, as a network failure would."""

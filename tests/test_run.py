@@ -286,3 +286,12 @@ def test_an_unknown_agent_and_a_zero_slot_semaphore_are_exit_2(applied: World) -
     result = applied.covey("run", "scout")
     assert result.returncode == 2
     assert "locks.none_left.slots" in result.stderr
+
+
+def test_a_first_run_in_a_fresh_namespace_sets_up_what_it_records_to(world: World) -> None:
+    world.add_agent("pioneer", 'command = "true"\n')  # nobody ran `covey topology apply`
+    result = world.covey("run", "pioneer")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "could not publish" not in result.stderr
+    (record,) = world.json("runs", "pioneer")
+    assert record["outcome"] == "ok"

@@ -48,6 +48,9 @@ def test_a_cron_schedule_fires_and_never_overlaps_a_running_run(applied: World, 
     _, err = supervisor.communicate(timeout=60)
     assert supervisor.returncode == 0, err
     assert "schedule fired" in err
+    # Every line logged during a run names the agent and the run, so logs join metrics.
+    run_lines = [line for line in err.splitlines() if "started" in line or "finished" in line]
+    assert run_lines and all("agent=ticker" in line and "run_id=" in line for line in run_lines)
     assert most_at_once(_all_spans(log)) == 1  # a tick during a run is skipped, not stacked
 
 

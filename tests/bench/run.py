@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -29,11 +34,13 @@ from conftest import ManagementAdmin
 
 from coordinator import changelog, digest, stream
 from coordinator.bus import Bus
+from coordinator.localbroker import answers, free_port
 from coordinator.roster import DigestConfig
 from coordinator.settings import Settings
 from coordinator.topology import CHANGELOG_STREAM, core
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+COVEY = str(Path(sys.executable).parent / "covey")
 
 
 @dataclass
@@ -126,7 +133,127 @@ async def bench_digest(url: str, quick: bool) -> Figure:
     )
 
 
-FIGURES = {"digest": bench_digest}
+# -- 7: topology for a large roster; 8: the supervisor idle with it ----------------------
+
+
+def write_roster(home: Path, agents: int) -> None:
+    (home / "agents").mkdir(parents=True)
+    (home / "covey.toml").write_text('identity = "human:ada"\n[humans.ada]\n')
+    for n in range(agents):
+        folder = home / "agents" / f"agent{n:04d}"
+        folder.mkdir()
+        (folder / "agent.toml").write_text(
+            f'teams = ["team{n % 10}", "guild{n % 7}"]\ncommand = "true"\n'
+        )
+
+
+def covey_env(home: Path, url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVEY_")}
+    env.update(COVEY_HOME=str(home), COVEY_AMQP_URL=url, COVEY_STATE_DIR=str(home / "state"))
+    return env
+
+
+async def bench_topology(url: str, quick: bool) -> Figure:
+    agents = 100 if quick else 1000
+    admin = ManagementAdmin("http://127.0.0.1:15672", "guest", "guest")
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        write_roster(home, agents)
+        started = time.perf_counter()
+        subprocess.run(
+            [COVEY, "topology", "apply"], env=covey_env(home, url), check=True, capture_output=True
+        )
+        covey_s = time.perf_counter() - started
+    # The raw side in a fresh vhost too: declaring what exists already would be cheaper.
+    vhost = f"covey-bench-{uuid.uuid4().hex[:8]}"
+    admin.add_vhost(vhost, "guest")
+    try:
+        connection = await aio_pika.connect(BROKER + vhost)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange("covey", "topic", durable=True)
+            started = time.perf_counter()
+            for n in range(agents):
+                queue = await channel.declare_queue(
+                    f"agent.agent{n:04d}", durable=True, arguments={"x-queue-type": "quorum"}
+                )
+                for key in (f"agent.agent{n:04d}", f"team.team{n % 10}", f"team.guild{n % 7}"):
+                    await queue.bind(exchange, key)
+                await queue.bind(exchange, "broadcast")
+            raw_s = time.perf_counter() - started
+    finally:
+        admin.delete_vhost(vhost)
+    return Figure(
+        f"topology apply, {agents} agents x 2 teams",
+        "s",
+        covey_s,
+        raw_s,
+        "≤ 0.5 × raw",
+        "covey: the real command, parallel channels; raw: one sequential loop, one channel",
+    )
+
+
+async def bench_supervisor(url: str, quick: bool) -> Figure:
+    agents, idle = (100, 10) if quick else (1000, 60)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        write_roster(home, agents)
+        env = covey_env(home, url)
+        subprocess.run([COVEY, "topology", "apply"], env=env, check=True, capture_output=True)
+        port = free_port()
+        daemon = subprocess.Popen(
+            [COVEY, "supervise", "--metrics-port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            metrics = f"http://127.0.0.1:{port}/metrics"
+            while not answers("127.0.0.1", port):  # noqa: ASYNC110 (another process)
+                await asyncio.sleep(0.2)
+            while "covey_mailbox_pending{" not in _get(metrics):  # noqa: ASYNC110 (another process)
+                await asyncio.sleep(0.5)  # until the first broker snapshot
+            cpu_before = _cpu_seconds(daemon.pid)
+            await asyncio.sleep(idle)
+            cpu_per_minute = (_cpu_seconds(daemon.pid) - cpu_before) * 60 / idle
+            rss_mb = _rss_mb(daemon.pid)
+            scrapes = []
+            for _ in range(10):
+                started = time.perf_counter()
+                _get(metrics)
+                scrapes.append(time.perf_counter() - started)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(60)
+    return Figure(
+        f"supervisor idle, {agents} agents: /metrics scrape",
+        "s",
+        statistics.median(scrapes),
+        None,
+        "RSS ≤ 150 MB; scrape ≤ 1 s",
+        f"RSS {rss_mb:.0f} MB; CPU {cpu_per_minute:.2f} s per minute idle "
+        "(broker figures refreshed every 5 s)",
+    )
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+FIGURES = {"digest": bench_digest, "topology": bench_topology, "supervisor": bench_supervisor}
 
 
 async def main() -> None:
