@@ -44,6 +44,7 @@ T = TypeVar("T")
 REASON_HEADER = "x-covey-reason"
 DETAIL_HEADER = "x-covey-detail"
 QUEUE_HEADER = "x-covey-queue"
+DEAD_AT_HEADER = "x-covey-dead-at"
 
 
 def redacted(url: str) -> str:
@@ -216,7 +217,14 @@ class Bus:
         never lost; a crash between the two leaves a duplicate dead letter, never none.
         """
         headers = dict(message.headers or {})
-        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:1000], QUEUE_HEADER: queue})
+        headers.update(
+            {
+                REASON_HEADER: reason,
+                DETAIL_HEADER: detail[:1000],
+                QUEUE_HEADER: queue,
+                DEAD_AT_HEADER: now().isoformat(),
+            }
+        )
         copy = aio_pika.Message(
             body=message.body,
             headers=headers,

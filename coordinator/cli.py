@@ -248,6 +248,40 @@ async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from coordinator import dead
+    from coordinator.render import age, printable
+
+    action = args.action or "list"
+    connection = (await covey.bus()).connection
+    if action == "purge":
+        cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
+        _, gone = await dead.handle(connection, dead.older_than(cutoff))
+        _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
+        return 0
+    if action == "replay":
+        _, sent = await dead.handle(connection, dead.by_ids(args.ids), replay=True)
+        text = "\n".join(f"replayed {x.id} to {x.routing_key}" for x in sent)
+        _emit(args, {"replayed": [x.id for x in sent]}, text)
+        return 0
+    letters, _ = await dead.handle(connection)
+    if action == "show":
+        (letter,) = dead.by_ids([args.id])(letters)
+        data = letter.to_dict(with_body=True)
+        text = "\n".join(f"{k + ':':<12} {printable(str(v), k == 'body')}" for k, v in data.items())
+        _emit(args, data, text)
+        return 0
+    lines = [
+        f"{x.id[:12]}  {x.reason:<15} {x.routing_key:<24} "
+        f"{age(x.dead_at) + ' ago' if x.dead_at else '?':>8}  {printable(x.detail)[:80]}"
+        for x in letters
+    ]
+    _emit(args, [x.to_dict() for x in letters], "\n".join(lines) or "No dead letters.")
+    return 0
+
+
 async def cmd_demo(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.demo import run_demo
 
@@ -393,6 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     digest.add_argument(
         "--advance", action="store_true", help="move the agent's cursor past what is shown"
     )
+
+    dead = command("dead", cmd_dead, "dead and unroutable letters: list, show, replay, purge")
+    dead_actions = dead.add_subparsers(dest="action", metavar="ACTION")
+    dead_actions.add_parser("list", parents=[common], help="every dead letter, with its reason")
+    show = dead_actions.add_parser("show", parents=[common], help="one dead letter, whole")
+    show.add_argument("id")
+    replay = dead_actions.add_parser(
+        "replay", parents=[common], help="send dead letters to their recipients again"
+    )
+    replay.add_argument("ids", nargs="+", metavar="ID")
+    purge = dead_actions.add_parser("purge", parents=[common], help="drop old dead letters")
+    purge.add_argument("--older-than", type=_duration, required=True, metavar="DURATION")
+    for sub in (dead, *dead_actions.choices.values()):
+        sub.set_defaults(handler=cmd_dead)
 
     runs = command("runs", cmd_runs, "recent runs and how they ended, oldest first")
     runs.add_argument("agent", nargs="?", help="only this agent's runs")

@@ -1,0 +1,166 @@
+"""Dead letters: what never reached a mailbox, and why — listed, shown, replayed, purged.
+
+Two queues hold them. `covey.dead` gets what covey refused (`invalid`,
+`spoofed`, with `x-covey-reason` and `x-covey-detail`) and what RabbitMQ
+dead-lettered (`delivery-limit`, `expired`, `rejected`, from `x-death`);
+`covey.unrouted` gets what no queue took (`unroutable`). AMQP cannot browse a
+queue, so reading takes every message without acking it and gives back all
+that is not being replayed or purged; those are acked only after their replay
+was confirmed, so none is lost on the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from coordinator.bus import DEAD_AT_HEADER, DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER
+from coordinator.errors import BadInput, NotFound
+from coordinator.topology import DEAD, MAIL_EXCHANGE, UNROUTED
+
+_BROKER_REASONS = {"delivery_limit": "delivery-limit", "expired": "expired", "rejected": "rejected"}
+_COVEY_HEADERS = {REASON_HEADER, DETAIL_HEADER, QUEUE_HEADER, DEAD_AT_HEADER}
+
+
+@dataclass
+class DeadLetter:
+    id: str  # the message id, or a digest of the body for junk that has none
+    held_in: str  # covey.dead or covey.unrouted
+    reason: str
+    detail: str
+    routing_key: str  # where it was going: replay sends it there again
+    dead_at: datetime | None
+    message: AbstractIncomingMessage
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage, held_in: str) -> DeadLetter:
+        headers = dict(message.headers or {})
+        if held_in == UNROUTED:
+            reason, detail = "unroutable", "no queue is bound to its routing key"
+        elif REASON_HEADER in headers:
+            reason, detail = str(headers[REASON_HEADER]), str(headers.get(DETAIL_HEADER, ""))
+        else:
+            raw = str(headers.get("x-first-death-reason", "unknown"))
+            reason = _BROKER_REASONS.get(raw, raw)
+            detail = f"dead-lettered by RabbitMQ from {headers.get('x-first-death-queue', '?')}"
+        return cls(
+            id=message.message_id or hashlib.sha1(message.body).hexdigest()[:32],
+            held_in=held_in,
+            reason=reason,
+            detail=detail,
+            routing_key=message.routing_key or "",
+            dead_at=_dead_at(headers, message),
+            message=message,
+        )
+
+    def to_dict(self, with_body: bool = False) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "queue": self.held_in,
+            "reason": self.reason,
+            "detail": self.detail,
+            "routing_key": self.routing_key,
+            "dead_at": self.dead_at.isoformat() if self.dead_at else None,
+        }
+        if with_body:
+            data["body"] = self.message.body.decode(errors="replace")
+        return data
+
+
+def _dead_at(headers: dict[str, Any], message: AbstractIncomingMessage) -> datetime | None:
+    """When it died: covey's own mark, else the broker's newest x-death, else its timestamp."""
+    deaths = headers.get("x-death")
+    moment = headers.get(DEAD_AT_HEADER)
+    if moment is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        moment = deaths[0].get("time")
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    if moment is None:
+        moment = message.timestamp
+    if isinstance(moment, datetime):
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return None
+
+
+Choose = Callable[[list[DeadLetter]], list[DeadLetter]]
+
+
+async def handle(
+    connection: AbstractConnection, choose: Choose | None = None, replay: bool = False
+) -> tuple[list[DeadLetter], list[DeadLetter]]:
+    """Read every dead letter; those `choose` picks from them are replayed (or, without
+    `replay`, purged) and acked, the rest are given back. Returns (all, chosen).
+    If `choose` raises, everything is given back untouched."""
+    everything: list[DeadLetter] = []
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        for held_in in (DEAD, UNROUTED):
+            queue = await channel.declare_queue(held_in, passive=True)
+            while (message := await queue.get(no_ack=False, fail=False)) is not None:
+                everything.append(DeadLetter.of(message, held_in))
+        chosen = choose(everything) if choose is not None else []
+        picked = {id(letter) for letter in chosen}
+        mail = await channel.get_exchange(MAIL_EXCHANGE, ensure=False)
+        for letter in everything:
+            if id(letter) in picked:
+                if replay:  # confirmed (a publisher-confirm channel) before the ack below
+                    await mail.publish(_fresh_copy(letter.message), letter.routing_key)
+                await letter.message.ack()
+            else:
+                await letter.message.reject(requeue=True)
+    finally:
+        if not channel.is_closed:
+            await channel.close()  # anything not settled above goes back to its queue
+    return everything, chosen
+
+
+def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+    """The original message, without the marks of its death."""
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if k not in _COVEY_HEADERS
+        and not k.startswith("x-death")
+        and not k.startswith("x-first")
+        and not k.startswith("x-last")
+    }
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        type=message.type,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def by_ids(prefixes: list[str]) -> Choose:
+    """Choose the letters whose id starts with one of `prefixes`; each must match one."""
+
+    def choose(letters: list[DeadLetter]) -> list[DeadLetter]:
+        chosen = []
+        for prefix in prefixes:
+            if len(prefix) < 4:
+                raise BadInput(f"dead letter id {prefix!r} is too short: give 4 characters or more")
+            matches = [letter for letter in letters if letter.id.startswith(prefix)]
+            if not matches:
+                raise NotFound(f"no dead letter {prefix!r} (see `covey dead list`)")
+            if len({m.id for m in matches}) > 1:
+                raise BadInput(f"dead letter id {prefix!r} is ambiguous: give more characters")
+            chosen += matches
+        return chosen
+
+    return choose
+
+
+def older_than(cutoff: datetime) -> Choose:
+    return lambda letters: [x for x in letters if x.dead_at is not None and x.dead_at < cutoff]
