@@ -45,6 +45,8 @@ REASON_HEADER = "x-covey-reason"
 DETAIL_HEADER = "x-covey-detail"
 QUEUE_HEADER = "x-covey-queue"
 DEAD_AT_HEADER = "x-covey-dead-at"
+NOTE_ATTEMPTS = 20
+NOTE_RETRY_SECONDS = 0.01
 
 
 def redacted(url: str) -> str:
@@ -303,17 +305,24 @@ async def write_note(connection: AbstractConnection, queue: str, body: bytes) ->
 
 
 async def read_note(connection: AbstractConnection, queue: str) -> bytes | None:
-    """The note in `queue`, left in place; None when there is none (or no queue)."""
+    """The note in `queue`, left in place; None when there is none (or no queue).
+
+    A note queue is never empty once written, so an empty one means another reader
+    has the note out for its own peek: try again in a moment rather than answer None.
+    """
     channel = await connection.channel()
     try:
-        notes = await channel.declare_queue(queue, passive=True)
-        note = await notes.get(fail=False, no_ack=False)
-        if note is None:
+        try:
+            notes = await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
             return None
-        await note.reject(requeue=True)
-        return note.body
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return None
+        for _ in range(NOTE_ATTEMPTS):
+            note = await notes.get(fail=False, no_ack=False)
+            if note is not None:
+                await note.reject(requeue=True)
+                return note.body
+            await asyncio.sleep(NOTE_RETRY_SECONDS)
+        return None  # declared, never written (its writer died between the two)
     finally:
         if not channel.is_closed:
             await channel.close()

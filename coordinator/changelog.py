@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from coordinator import stream
 from coordinator.bus import read_note, write_note
 from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant
-from coordinator.errors import BadInput, TopologyMissing, first_problem
+from coordinator.errors import BadInput, BrokerUnavailable, TopologyMissing, first_problem
 from coordinator.names import valid_names
 from coordinator.topology import CHANGELOG_STREAM
 
@@ -136,7 +136,15 @@ async def newest(
     end = head
     while end >= floor and len(found) < limit:
         start = max(floor, end - window + 1)
-        batch = [logged async for logged in read(connection, start, end)]
+        batch, seen = [], -1
+        async for item in stream.read(connection, CHANGELOG_STREAM, start, end):
+            seen = max(seen, item.offset)
+            if item.offset >= start and (logged := parse(item)) is not None:
+                batch.append(logged)
+        if seen < end:
+            # The read stopped short (a slow broker): better no digest, and no cursor
+            # moved, than a digest that silently skips what it did not get to read.
+            raise BrokerUnavailable(f"the changelog stopped answering before offset {end}")
         for logged in reversed(batch):
             if logged.offset <= end and keep(logged):
                 found.append(logged)

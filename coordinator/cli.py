@@ -190,7 +190,9 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
         return 0
     lines = [f"{'AGENT':<16} {'MAIL':>4}  {'NOW':<24} {'LOCK':<28} {'LAST RUN':<22} NEXT RUN"]
     for a in agents:
-        state = f"running {age(a.running.since)}" if a.running else "idle"
+        state = "idle"
+        if a.running:
+            state = f"running {age(a.run_holder.since)}" if a.run_holder else "starting"
         held = ", ".join(h.agent if h else "?" for h in a.lock_holders)
         lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
         last = f"{a.last_run.outcome} {age(a.last_run.at)} ago" if a.last_run else "never"
@@ -230,9 +232,9 @@ async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.errors import CoveyError
+
     news = await covey.digest(args.name)
-    if args.advance and news.upto is not None:
-        await covey.advance(args.name, news.upto)
     if args.format == "claude-hook":
         hook = {
             "hookSpecificOutput": {
@@ -245,6 +247,12 @@ async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
         print(json.dumps(news.to_dict(), indent=2))
     else:
         print(news.text)
+    sys.stdout.flush()  # the session gets its digest even if moving the cursor fails
+    if args.advance and news.upto is not None:
+        try:
+            await covey.advance(args.name, news.upto, wait=5.0)
+        except CoveyError as err:
+            print(f"covey: cursor not moved, the next digest repeats this ({err})", file=sys.stderr)
     return 0
 
 
@@ -533,6 +541,9 @@ async def _run(args: argparse.Namespace) -> int:
     except Exception as err:
         if os.environ.get("COVEY_DEBUG"):
             raise
+        if _lost_broker(err):
+            print(f"covey: lost RabbitMQ ({err}); check that it runs, then retry", file=sys.stderr)
+            return int(ExitCode.BROKER_UNAVAILABLE)
         print(
             f"covey: internal error: {type(err).__name__}: {err} (a bug in covey; "
             "COVEY_DEBUG=1 shows the traceback)",
@@ -543,6 +554,15 @@ async def _run(args: argparse.Namespace) -> int:
         if covey is not None:
             with contextlib.suppress(Exception):  # the answer is given; closing is best effort
                 await covey.close()
+
+
+def _lost_broker(err: Exception) -> bool:
+    """A connection that died under a command: the broker's trouble, not covey's bug."""
+    if isinstance(err, ConnectionError):
+        return True
+    from aiormq.exceptions import AMQPError  # loaded already, if a broker was involved
+
+    return isinstance(err, AMQPError)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ class Covey:
             return "(no identity)"
 
     async def bus(self) -> Bus:
+        if self._bus is not None and self._bus.connection.is_closed:
+            self._bus = None  # it died (a broker restart, a cut): open a new one
         if self._bus is None:
             from coordinator.bus import Bus
 
@@ -132,11 +134,10 @@ class Covey:
         todo = [p for p in participants if p not in self._declared]
         if not todo:
             return
-        limit = self.settings.delivery_limit
         plan = topology.Topology.combine(
             [
                 topology.core(self.settings.changelog),
-                *(topology.participant(p, self.roster.teams_of(p), limit) for p in todo),
+                *(topology.participant(p, self.roster.teams_of(p), self.settings) for p in todo),
             ]
         )
         await (await self.bus()).apply(plan)

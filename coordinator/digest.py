@@ -57,7 +57,7 @@ async def build(
     # the agent counts as having seen everything so far (nothing).
     digest = Digest(agent=agent, cursor=cursor, upto=-1 if head is None else head)
     if head is None or (cursor is not None and head <= cursor.offset):
-        digest.upto = max(digest.upto or -1, cursor.offset if cursor else -1)
+        digest.upto = cursor.offset if cursor else -1
         digest.text = _nothing_new(cursor)
         return digest
     # After the cursor; before a first run, the newest `first_run_entries` only.

@@ -25,7 +25,6 @@ Rules that keep it honest:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
@@ -103,6 +102,20 @@ class LockBusy(CoveyError):
         self.holders = holders
 
 
+class Interrupted(Exception):
+    """A stop was asked for while waiting for a lock."""
+
+
+async def _first_of(one: asyncio.Event, other: asyncio.Event, timeout: float) -> None:
+    """Wait until either event is set, or `timeout` seconds pass."""
+    waits = [asyncio.create_task(one.wait()), asyncio.create_task(other.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+
+
 @dataclass(frozen=True, slots=True)
 class HeldLock:
     spec: LockSpec
@@ -143,33 +156,33 @@ class LockSession:
             await self._connection.close()
         self.held.clear()
 
-    async def acquire(self, spec: LockSpec, wait: float = 0.0) -> HeldLock:
-        """Take a free slot of `spec`, waiting up to `wait` seconds; else raise LockBusy."""
+    async def acquire(
+        self, spec: LockSpec, wait: float = 0.0, stop: asyncio.Event | None = None
+    ) -> HeldLock:
+        """Take a free slot of `spec`, waiting up to `wait` seconds; else raise LockBusy.
+        A `stop` set while waiting raises Interrupted."""
         deadline = time.monotonic() + wait
         watcher, released = await self._watch_releases(spec) if wait > 0 else (None, None)
         try:
             while True:
                 for queue in spec.queues:
                     if await self._try(queue):
-                        held = HeldLock(spec, queue, self.holder)
-                        await self._note_holder(queue)
+                        holder = self.holder.model_copy(update={"since": now()})
+                        await self._note_holder(queue, holder)
+                        held = HeldLock(spec, queue, holder)
                         self.held.append(held)
                         return held
                 left = deadline - time.monotonic()
                 if left <= 0 or released is None:
                     states = [await slot_state(self._connection, q) for q in spec.queues]
                     raise LockBusy(spec, [holder for held, holder in states if held])
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(released.wait(), min(left, RETRY_SECONDS))
+                await _first_of(released, stop or asyncio.Event(), min(left, RETRY_SECONDS))
+                if stop is not None and stop.is_set():
+                    raise Interrupted(f"told to stop while waiting for lock {spec.name}")
                 released.clear()
         finally:
             if watcher is not None and not watcher.is_closed:
                 await watcher.close()
-
-    async def release(self, held: HeldLock) -> None:
-        async with await self._connection.channel() as channel:
-            await channel.queue_delete(held.queue)
-        self.held.remove(held)
 
     async def _try(self, queue: str) -> bool:
         channel = await self._connection.channel()
@@ -182,10 +195,8 @@ class LockSession:
                 await channel.close()
         return True
 
-    async def _note_holder(self, queue: str) -> None:
-        await write_note(
-            self._connection, queue + ".holder", self.holder.model_dump_json().encode()
-        )
+    async def _note_holder(self, queue: str, holder: Holder) -> None:
+        await write_note(self._connection, queue + ".holder", holder.model_dump_json().encode())
 
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""

@@ -128,6 +128,7 @@ class Metrics:
     def describe_roster(self) -> None:
         """Figures that follow from the roster alone; again after a reload."""
         self.roster_agents.set(len(self.covey.roster.agents))
+        self.schedule_interval.clear()  # an agent removed, or unscheduled, loses its series
         zone = self.covey.settings.timezone
         for name, agent in self.covey.roster.agents.items():
             if agent.config.schedule:
@@ -182,7 +183,7 @@ class Metrics:
         while True:
             try:
                 self.figures = await gather(self.covey)
-            except (CoveyError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as err:
+            except Exception as err:  # the metrics must outlive any one bad refresh
                 log.warning("could not gather broker figures", error=str(err))
             await asyncio.sleep(REFRESH_SECONDS)
 
@@ -248,7 +249,7 @@ async def gather(covey: Covey) -> BrokerFigures:
     connection = (await covey.bus()).connection
     roster = covey.roster
     participants = [str(p) for p in roster.participants()]
-    queue_names = [p.replace(":", ".") for p in participants]
+    queue_names = [p.queue for p in roster.participants()]
     counts = await _ready_counts(connection, [*queue_names, DEAD, UNROUTED])
     figures = BrokerFigures(
         taken_at=time.time(),
@@ -331,4 +332,6 @@ async def _in_parallel(
 ) -> None:
     """Split `items` into PARALLEL_CHANNELS shares, worked on at once."""
     shares = [items[i::PARALLEL_CHANNELS] for i in range(min(PARALLEL_CHANNELS, len(items)))]
-    await asyncio.gather(*(worker(share) for share in shares))
+    async with asyncio.TaskGroup() as group:  # one failing cancels the others
+        for share in shares:
+            group.create_task(worker(share))

@@ -33,13 +33,14 @@ from coordinator import changelog, digest, preflight
 from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
-from coordinator.lock import HeldLock, Holder, LockBusy, LockSession, LockSpec
+from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
 from coordinator.settings import Settings
 
 log = get_logger(__name__)
 
+CHUNK_BYTES = 64 * 1024
 Echo = Callable[[str], None]
 Observer = Callable[[Event], None]
 
@@ -190,12 +191,15 @@ async def _lifecycle(
                 waits.append(agent.config.wait_lock if wait_lock is None else wait_lock)
             for spec, wait in zip(specs, waits, strict=True):
                 asked = time.monotonic()
-                await locks.acquire(spec, wait=wait)
+                await locks.acquire(spec, wait=wait, stop=stop)
                 await record.lock_acquired(spec.name, time.monotonic() - asked)
-        except LockBusy as busy:
-            log.info("skipped, lock busy", reason=str(busy))
-            await record.locks_released(locks.held)
-            return await record.finished(Outcome.SKIPPED_BUSY, reason=str(busy))
+        except (LockBusy, Interrupted) as not_now:
+            held = list(locks.held)
+            await locks.close()  # free what was taken before announcing it
+            await record.locks_released(held)
+            outcome = Outcome.SKIPPED_BUSY if isinstance(not_now, LockBusy) else Outcome.STOPPED
+            log.info("not run", outcome=str(outcome), reason=str(not_now))
+            return await record.finished(outcome, reason=str(not_now))
         held = list(locks.held)
 
         for hook in agent.config.preflight:
@@ -206,17 +210,24 @@ async def _lifecycle(
                 return await record.finished(
                     Outcome.SKIPPED_PREFLIGHT, reason=reason, hook=hook.label
                 )
+        if stop is not None and stop.is_set():  # asked to stop during the checks: don't start
+            await locks.close()
+            await record.locks_released(held)
+            return await record.finished(Outcome.STOPPED, reason="told to stop before it started")
 
         news = await _digest(covey, agent)
-        stdin = _inject(launch, agent, news.text)
         await record.started()
         log_path = launch.run_dir / f"{run_id}.log"
         log.info("started", command=launch.argv, log=str(log_path))
-        with log_path.open("a", encoding="utf-8") as output:
-            outcome, code, reason = await _execute(
-                launch, agent, locks.lost, stop or asyncio.Event(), output, echo, stdin
-            )
-        if outcome is Outcome.OK and news.upto is not None:
+        try:
+            stdin = _inject(launch, agent, news.text)
+            with log_path.open("a", encoding="utf-8") as output:
+                outcome, code, reason = await _execute(
+                    launch, agent, locks.lost, stop or asyncio.Event(), output, echo, stdin
+                )
+        except OSError as err:  # a full disk, an unreadable AGENT.md, an exec that fails
+            outcome, code, reason = Outcome.FAILED, None, f"could not run it: {err}"
+        if outcome is Outcome.OK and news.upto is not None and not locks.lost.is_set():
             # Still under the agent's lock: nobody else moves this cursor meanwhile.
             await _advance(covey, agent, news.upto)
     await record.locks_released(held)
@@ -365,10 +376,10 @@ async def _execute(
     )
     assert process.stdout is not None
     pump = asyncio.create_task(_pump(process.stdout, output, echo))
+    feeding = None
     if stdin is not None:
         assert process.stdin is not None
         feeding = asyncio.create_task(_feed(process.stdin, stdin))
-        feeding.add_done_callback(lambda task: task.cancelled() or task.exception())
     exited = asyncio.create_task(process.wait())
     lost = asyncio.create_task(lock_lost.wait())
     stopped = asyncio.create_task(stop.wait())
@@ -388,8 +399,9 @@ async def _execute(
             return Outcome.STOPPED, None, "told to stop; the agent was stopped"
         return Outcome.TIMEOUT, None, f"ran past its {agent.config.timeout:g} s timeout"
     finally:
-        for task in (exited, lost, stopped):
-            task.cancel()
+        for task in (exited, lost, stopped, feeding):
+            if task is not None:
+                task.cancel()
         # Output still buffered is worth keeping; a child that holds the pipe open is not
         # worth waiting for.
         with contextlib.suppress(TimeoutError):
@@ -407,13 +419,25 @@ async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
 
 
 async def _pump(stream: asyncio.StreamReader, output: IO[str], echo: Echo | None) -> None:
-    """Copy the agent's output line by line, timestamped, to its run log (and `echo`)."""
-    async for raw in stream:
-        line = raw.decode(errors="replace").rstrip("\n")
-        output.write(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {line}\n")
-        output.flush()
-        if echo is not None:
-            echo(line)
+    """Copy the agent's output line by line, timestamped, to its run log (and `echo`).
+
+    It reads chunks, not lines, so a line of any length (a model dumping a JSON blob
+    on one line) is copied too, rather than overrunning the reader's line limit."""
+    pending = b""
+    while chunk := await stream.read(CHUNK_BYTES):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            _copy_line(raw, output, echo)
+    if pending:
+        _copy_line(pending, output, echo)
+
+
+def _copy_line(raw: bytes, output: IO[str], echo: Echo | None) -> None:
+    line = raw.decode(errors="replace")
+    output.write(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {line}\n")
+    output.flush()
+    if echo is not None:
+        echo(line)
 
 
 async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
@@ -423,8 +447,11 @@ async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
         os.killpg(group, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _group_alive(group):
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), 0.1)
+        if process.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 0.1)
+        else:  # the leader is gone; a child that ignores SIGTERM gets the rest of the grace
+            await asyncio.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)
     await process.wait()

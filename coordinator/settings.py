@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(
         default=10, gt=0, description="deliveries before a message is dead-lettered"
     )
+    dead_lettering: Literal["at-most-once", "at-least-once"] = Field(
+        default="at-most-once", description="the broker's strategy; see topology.py for why"
+    )
     connect_timeout: float = Field(default=10.0, gt=0)
     log_format: Literal["console", "json"] = "console"
     timezone: str = Field(default="UTC", description="the zone cron schedules are read in")

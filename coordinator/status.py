@@ -23,7 +23,8 @@ RECENT_RUNS = 500  # enough history to find most agents' last run in one read
 class AgentStatus:
     name: str
     pending: int | None  # None: its queue does not exist yet
-    running: Holder | None
+    running: bool
+    run_holder: Holder | None  # who runs it; None for a moment while a run starts
     lock: str
     lock_holders: list[Holder | None]  # one per held slot; None: holder not known yet
     last_run: RunRecord | None
@@ -33,7 +34,8 @@ class AgentStatus:
         return {
             "agent": self.name,
             "pending": self.pending,
-            "running": self.running.model_dump(mode="json") if self.running else None,
+            "running": self.running,
+            "run": self.run_holder.model_dump(mode="json") if self.run_holder else None,
             "lock": self.lock,
             "lock_holders": [h.model_dump(mode="json") if h else None for h in self.lock_holders],
             "last_run": self.last_run.to_dict() if self.last_run else None,
@@ -71,7 +73,8 @@ async def agent_statuses(covey: Covey) -> list[AgentStatus]:
             AgentStatus(
                 name=name,
                 pending=await pending(covey, agent.address),
-                running=holder if held else None,
+                running=held,
+                run_holder=holder if held else None,
                 lock=spec.name if spec else NO_LOCK,
                 lock_holders=holders,
                 last_run=last.get(name),

@@ -27,14 +27,15 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
+import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from pydantic import ValidationError
 
 from coordinator import runner, topology
 from coordinator.bus import open_connection
 from coordinator.client import Covey
-from coordinator.envelope import now
-from coordinator.errors import CoveyError
+from coordinator.envelope import Envelope, now
+from coordinator.errors import CoveyError, InvalidEnvelope
 from coordinator.events import Event
 from coordinator.logs import get_logger
 from coordinator.metrics import Metrics
@@ -57,7 +58,7 @@ class Supervisor:
         self.clock = clock
         self.running: dict[str, asyncio.Task[None]] = {}
         self._starting: set[str] = set()  # requested, waiting out the debounce
-        self._again: set[str] = set()  # asked for while running: run once more after
+        self._again: dict[str, str] = {}  # asked for while running: run once more, and why
         self._stopping = asyncio.Event()  # no new runs
         self._stop_agents = asyncio.Event()  # the grace period is over
         # A reload tells the scheduler (new schedules) and the listener (new bindings).
@@ -65,6 +66,7 @@ class Supervisor:
         self._resubscribe = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._left_out: set[str] = set()  # agents that cannot start as configured
+        self._reloading = asyncio.Lock()
 
     @property
     def roster(self) -> Roster:
@@ -83,7 +85,6 @@ class Supervisor:
         log.info("supervising", agents=len(self.roster.agents), zone=self.covey.settings.timezone)
         background = [asyncio.create_task(self._schedule()), asyncio.create_task(self._listen())]
         if self.metrics is not None:
-            self.metrics.describe_roster()
             await self.metrics.remember_last_runs()
             background.append(asyncio.create_task(self.metrics.refresh_forever()))
         await self._stopping.wait()
@@ -109,12 +110,16 @@ class Supervisor:
             task.cancel()
 
     async def reload(self) -> None:
-        """Re-read settings and roster; what is broken keeps its old definition."""
-        try:
-            settings = Settings.load(self.covey.settings.home)
-        except CoveyError as err:
-            log.error("reload failed; keeping the old roster", problem=str(err))
-            return
+        """Re-read settings and roster; what is broken keeps its old definition. One
+        reload at a time; a failed one keeps everything as it was."""
+        async with self._reloading:
+            try:
+                await self._reload()
+            except Exception as err:  # a daemon reports a bad reload and runs on
+                log.error("reload failed; keeping the old roster", problem=str(err))
+
+    async def _reload(self) -> None:
+        settings = Settings.load(self.covey.settings.home)
         problems: dict[str, str] = {}
         roster = Roster.load(settings, problems)
         agents = dict(roster.agents)
@@ -124,8 +129,13 @@ class Supervisor:
             if kept:
                 agents[name] = self.roster.agents[name]
         merged = Roster(agents=agents, humans=roster.humans)
+        old = self.covey.settings, self.covey.roster
         self.covey.settings, self.covey.roster = settings, merged
-        await self.covey.apply_topology()
+        try:
+            await self.covey.apply_topology()
+        except Exception:
+            self.covey.settings, self.covey.roster = old
+            raise
         self._left_out = self._unlaunchable(merged)
         self._reschedule.set()
         self._resubscribe.set()
@@ -153,7 +163,7 @@ class Supervisor:
             return
         if name in self.running:
             if trigger != "schedule":  # a schedule tick during a run is simply skipped
-                self._again.add(name)
+                self._again[name] = trigger
             return
         if name in self._starting:
             return
@@ -183,9 +193,8 @@ class Supervisor:
             log.exception("run crashed", agent=agent.name)
         finally:
             del self.running[agent.name]
-        if agent.name in self._again:
-            self._again.discard(agent.name)
-            self.request(agent.name, trigger)
+        if (again := self._again.pop(agent.name, None)) is not None:
+            self.request(agent.name, again)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -227,7 +236,7 @@ class Supervisor:
         while not self._stopping.is_set():
             try:
                 connection = await open_connection(self.covey.settings, "covey supervise")
-            except CoveyError as err:
+            except CoveyError as err:  # open_connection maps every failure to one
                 pause = RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
                 log.warning("broker unreachable; retrying", problem=str(err), in_seconds=pause)
                 attempt += 1
@@ -239,6 +248,7 @@ class Supervisor:
             try:
                 self._resubscribe.clear()
                 await self._subscribe(connection)
+                await self._wake_for_waiting_mail()
                 changed = asyncio.create_task(self._resubscribe.wait())
                 lost = asyncio.create_task(closed.wait())
                 try:
@@ -248,6 +258,9 @@ class Supervisor:
                     lost.cancel()
                 if closed.is_set():
                     log.warning("lost the broker connection; reconnecting")
+            except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as err:
+                log.warning("lost the broker while subscribing; reconnecting", problem=str(err))
+                await asyncio.sleep(RECONNECT_SECONDS[0])
             finally:
                 if not connection.is_closed:
                     await connection.close()
@@ -262,6 +275,20 @@ class Supervisor:
         await requests.bind(topology.EVENTS_EXCHANGE, "run.requested.*")
         await requests.consume(self._on_request, no_ack=True)
 
+    async def _wake_for_waiting_mail(self) -> None:
+        """Mail that arrived while nobody watched (start, reconnect, reload) wakes too."""
+        bus = await self.covey.bus()
+        for agent in self.roster.agents.values():
+            if not agent.config.wake_on_mail:
+                continue
+            try:
+                queue = await bus.queue(agent.address.queue)
+            except CoveyError:
+                continue
+            await queue.channel.close()
+            if queue.declaration_result.message_count:
+                self.request(agent.name, "mail")
+
     def _wake_keys(self) -> set[str]:
         keys = set()
         for agent in self.roster.agents.values():
@@ -273,8 +300,14 @@ class Supervisor:
 
     async def _on_mail(self, message: AbstractIncomingMessage) -> None:
         key = message.routing_key or ""
+        try:
+            sender = Envelope.from_delivery(message).sender
+        except InvalidEnvelope:
+            sender = None  # junk still wakes its recipient, whose drain dead-letters it
         for agent in self.roster.agents.values():
             config = agent.config
+            if str(agent.address) == sender:
+                continue  # its own post to its team or to all is no news to it
             if config.wake_on_mail and (
                 key in (agent.address.routing_key, topology.BROADCAST_KEY)
                 or key in {f"team.{team}" for team in config.teams}

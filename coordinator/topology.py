@@ -19,10 +19,16 @@ Why it is shaped this way:
   `covey.dead` with the reason in its `x-death` header (`delivery_limit`, `expired`,
   `rejected`). covey itself dead-letters deliveries that are not valid envelopes
   there too, with `x-covey-reason` and `x-covey-detail` headers.
-* Dead-lettering is `at-least-once`: RabbitMQ keeps a dead letter in the source
-  queue until `covey.dead` has confirmed it, so a broker failure mid-way cannot
-  lose it. That strategy requires `x-overflow: reject-publish`, which
-  `QueueSpec` checks when it is built.
+* The broker's own dead-lettering (delivery limit, expiry) is `at-most-once` by
+  default. `dead_lettering = "at-least-once"` makes RabbitMQ keep a dead letter
+  in its queue until `covey.dead` has confirmed it (and needs
+  `x-overflow: reject-publish`, which `QueueSpec` checks), but on RabbitMQ 3.10
+  its dead-letter workers crash when such queues are deleted, and two crashes in
+  a few seconds stop at-least-once dead-lettering for every quorum queue on the
+  node until it restarts (seen here: `rabbit_fifo_dlx_sup` reached its restart
+  intensity, and every later declare of such a queue failed with
+  INTERNAL_ERROR). covey's own dead letters (invalid envelopes) are always
+  confirmed before the original is acked, whichever strategy is set.
 * Quorum queues replicate in a cluster and survive a broker restart: a message
   to an agent that is not running waits there, however long it sleeps.
 """
@@ -211,19 +217,18 @@ def core(changelog: ChangelogConfig) -> Topology:
     )
 
 
-def participant(address: Address, teams: Iterable[str], delivery_limit: int) -> Topology:
+def participant(address: Address, teams: Iterable[str], settings: Settings) -> Topology:
     """One participant's queue, bound to its own key, its teams' keys and (agents) broadcast."""
-    queue = QueueSpec(
-        address.queue,
-        QuorumQueueArguments(
-            {
-                "x-delivery-limit": delivery_limit,
-                "x-dead-letter-exchange": DEAD,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            }
-        ),
+    arguments = QuorumQueueArguments(
+        {
+            "x-delivery-limit": settings.delivery_limit,
+            "x-dead-letter-exchange": DEAD,
+            "x-dead-letter-strategy": settings.dead_lettering,
+        }
     )
+    if settings.dead_lettering == "at-least-once":
+        arguments["x-overflow"] = "reject-publish"
+    queue = QueueSpec(address.queue, arguments)
     keys = [address.routing_key, *(Address("team", team).routing_key for team in teams)]
     if address.kind == "agent":
         keys.append(BROADCAST_KEY)
@@ -235,12 +240,11 @@ def participant(address: Address, teams: Iterable[str], delivery_limit: int) -> 
 
 def for_roster(roster: Roster, settings: Settings) -> Topology:
     """Everything `covey topology apply` declares: the core plus every participant."""
-    delivery_limit = settings.delivery_limit
     return Topology.combine(
         [
             core(settings.changelog),
             *(
-                participant(address, roster.teams_of(address), delivery_limit)
+                participant(address, roster.teams_of(address), settings)
                 for address in roster.participants()
             ),
         ]

@@ -11,6 +11,8 @@ import time
 from conftest import World
 from test_run import start, wait_for
 
+from coordinator.localbroker import free_port
+
 APPEND_MANY = """
 import asyncio, sys
 from coordinator.client import Covey
@@ -148,15 +150,17 @@ def test_the_cursor_survives_a_supervisor_restart(applied: World) -> None:
     reporter(applied, "steady")
     applied.ok("log", "add", "old news", "--as", "scout")
     for round_ in range(2):
-        supervisor = start(applied, "supervise")
-        deadline = time.monotonic() + 30
-        while applied.covey("run", "steady", "--via-supervisor").returncode != 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-        wait_for(lambda n=round_: len(applied.json("runs", "steady")) > n, timeout=30)
-        wait_for(lambda: applied.json("runs", "steady")[-1]["outcome"] == "ok", timeout=30)
-        supervisor.send_signal(signal.SIGTERM)
-        assert supervisor.wait(60) == 0
+        supervisor = start(applied, "supervise", "--metrics-port", str(free_port()))
+        try:
+            deadline = time.monotonic() + 30
+            while applied.covey("run", "steady", "--via-supervisor").returncode != 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+            wait_for(lambda n=round_: len(applied.json("runs", "steady")) > n, timeout=30)
+            wait_for(lambda: applied.json("runs", "steady")[-1]["outcome"] == "ok", timeout=30)
+        finally:
+            supervisor.send_signal(signal.SIGTERM)
+            assert supervisor.wait(60) == 0
         if round_ == 0:
             applied.ok("log", "add", "fresh news", "--as", "scout")
     digest_after = applied.json("digest", "steady")

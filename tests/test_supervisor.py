@@ -12,6 +12,8 @@ import pytest
 from conftest import World
 from test_run import most_at_once, stamping_agent, start, wait_for
 
+from coordinator.localbroker import free_port
+
 
 def starts(log: Path, agent: str | None = None) -> list[float]:
     if not log.exists():
@@ -29,7 +31,7 @@ def daemon(applied: World):  # type: ignore[no-untyped-def]
     started: list[subprocess.Popen[str]] = []
 
     def launch() -> subprocess.Popen[str]:
-        process = start(applied, "supervise")
+        process = start(applied, "supervise", "--metrics-port", str(free_port()))
         started.append(process)
         return process
 
@@ -155,7 +157,7 @@ def test_status_shows_who_runs_and_who_holds_the_lock(applied: World, daemon) ->
         applied.ok("send", "busy", "for later")
         status = applied.json("status")
         busy = next(a for a in status["agents"] if a["agent"] == "busy")
-        assert busy["running"]["agent"] == "busy"
+        assert busy["running"] is True and busy["run"]["agent"] == "busy"
         assert busy["lock"] == "global" and busy["lock_holders"][0]["agent"] == "busy"
         assert busy["pending"] == 1
         assert status["humans"] == {"ada": 0}

@@ -7,6 +7,7 @@ from conftest import Raw, World
 
 from coordinator import topology
 from coordinator.names import Address
+from coordinator.settings import Settings
 
 
 def test_specs_refuse_combinations_rabbitmq_would_refuse_or_ignore() -> None:
@@ -22,10 +23,10 @@ def test_specs_refuse_combinations_rabbitmq_would_refuse_or_ignore() -> None:
 
 
 def test_a_participant_is_bound_to_its_key_its_teams_and_broadcast() -> None:
-    plan = topology.participant(Address("agent", "scout"), ["research", "ops"], delivery_limit=5)
+    plan = topology.participant(Address("agent", "scout"), ["research", "ops"], Settings())
     keys = sorted(b.routing_key for b in plan.bindings)
     assert keys == ["agent.scout", "broadcast", "team.ops", "team.research"]
-    human = topology.participant(Address("human", "ada"), [], delivery_limit=5)
+    human = topology.participant(Address("human", "ada"), [], Settings())
     assert [b.routing_key for b in human.bindings] == ["human.ada"]  # no broadcast for people
 
 
@@ -45,8 +46,7 @@ async def test_apply_is_idempotent_and_makes_durable_quorum_queues(world: World,
             "x-queue-type": "quorum",
             "x-delivery-limit": 10,
             "x-dead-letter-exchange": "covey.dead",
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
+            "x-dead-letter-strategy": "at-most-once",
         }
         channel = await connection.channel()
         await channel.declare_queue("agent.scout", durable=True, arguments=arguments)
