@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -97,6 +97,21 @@ async def open_connection(
         raise BrokerUnavailable(
             f"cannot reach RabbitMQ at {shown} ({err}): start it, or point COVEY_AMQP_URL at one"
         ) from None
+
+
+def copy_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent copy of a delivery, with these headers instead of its own."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        type=message.type,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
 
 
 class Bus:
@@ -227,17 +242,7 @@ class Bus:
                 DEAD_AT_HEADER: now().isoformat(),
             }
         )
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            type=message.type,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            app_id=message.app_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        copy = copy_of(message, headers)
         exchange = await self._exchange(DEAD)
         await self._confirmed(
             exchange.publish(

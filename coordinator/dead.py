@@ -20,7 +20,13 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from coordinator.bus import DEAD_AT_HEADER, DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER
+from coordinator.bus import (
+    DEAD_AT_HEADER,
+    DETAIL_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    copy_of,
+)
 from coordinator.errors import BadInput, NotFound
 from coordinator.topology import DEAD, MAIL_EXCHANGE, UNROUTED
 
@@ -130,17 +136,7 @@ def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
         and not k.startswith("x-first")
         and not k.startswith("x-last")
     }
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        type=message.type,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        app_id=message.app_id,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return copy_of(message, headers)
 
 
 def by_ids(prefixes: list[str]) -> Choose:
