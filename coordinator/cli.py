@@ -357,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         source = sub.add_mutually_exclusive_group()
         source.add_argument("--body", help="the message text; '-' reads standard input")
         source.add_argument("--body-file", metavar="PATH", help="read the message text from PATH")
+        sub.add_argument(
+            "--timeout",
+            dest="send_timeout",
+            type=_seconds,
+            metavar="SECONDS",
+            help="give up (exit 4) if the broker has not taken it by then (default 10)",
+        )
 
     send = command("send", cmd_send, "send mail; prints its id once the broker has it")
     send.add_argument("to", help="agent:NAME, NAME, team:NAME, human:NAME or all")
@@ -529,7 +536,10 @@ async def _run(args: argparse.Namespace) -> int:
         daemon = args.handler is cmd_supervise
         # A daemon leaves a broken agent out and runs the others; a command refuses.
         problems: dict[str, str] | None = {} if daemon else None
-        covey = Covey.open(identity=args.identity, problems=problems)
+        # `send --timeout` bounds connecting and the broker's confirm alike.
+        timeout = getattr(args, "send_timeout", None)
+        overrides = {"connect_timeout": timeout} if timeout else {}
+        covey = Covey.open(identity=args.identity, problems=problems, **overrides)
         logs.configure(covey.settings.log_format, "info" if args.verbose or daemon else "warning")
         for agent, problem in (problems or {}).items():
             logs.get_logger(__name__).error("agent left out", agent=agent, problem=problem)
