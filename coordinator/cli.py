@@ -276,7 +276,8 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         return 0
     letters, _ = await dead.handle(connection)
     if action == "show":
-        (letter,) = dead.by_ids([args.id])(letters)
+        # A crash while dead-lettering can leave two copies of one letter: show one.
+        letter = dead.by_ids([args.id])(letters)[0]
         data = letter.to_dict(with_body=True)
         text = "\n".join(f"{k + ':':<12} {printable(str(v), k == 'body')}" for k, v in data.items())
         _emit(args, data, text)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from coordinator.bus import (
@@ -27,7 +28,7 @@ from coordinator.bus import (
     REASON_HEADER,
     copy_of,
 )
-from coordinator.errors import BadInput, NotFound
+from coordinator.errors import BadInput, NotFound, TopologyMissing
 from coordinator.topology import DEAD, MAIL_EXCHANGE, UNROUTED
 
 _BROKER_REASONS = {"delivery_limit": "delivery-limit", "expired": "expired", "rejected": "rejected"}
@@ -107,7 +108,12 @@ async def handle(
     channel = await connection.channel(publisher_confirms=True)
     try:
         for held_in in (DEAD, UNROUTED):
-            queue = await channel.declare_queue(held_in, passive=True)
+            try:
+                queue = await channel.declare_queue(held_in, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise TopologyMissing(
+                    f"{held_in} does not exist here; run `covey topology apply`"
+                ) from None
             while (message := await queue.get(no_ack=False, fail=False)) is not None:
                 everything.append(DeadLetter.of(message, held_in))
         chosen = choose(everything) if choose is not None else []

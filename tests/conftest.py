@@ -296,6 +296,15 @@ class Raw:
             declared = await channel.declare_queue(queue, passive=True)
             return declared.declaration_result.message_count or 0
 
+    async def fail_deliveries(self, queue: str, times: int) -> None:
+        """Be a consumer that fails on the message at the head of `queue` every time."""
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            source = await channel.declare_queue(queue, passive=True)
+            for _ in range(times):
+                await (await source.get(timeout=5)).reject(requeue=True)
+
     async def take_all(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Every message in `queue`, acked (so removed)."""
         connection = await aio_pika.connect(self.url)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import aio_pika
 import pytest
 from conftest import Raw, World
 
@@ -17,12 +16,7 @@ async def dead_letters(world: World, raw: Raw, monkeypatch: pytest.MonkeyPatch) 
     world.ok("topology", "apply")
     await raw.publish("agent.scout", b"junk", message_id="junk-0001")  # invalid
     poison = world.ok("send", "writer", "poison").strip()
-    connection = await aio_pika.connect(world.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue("agent.writer", passive=True)
-        for _ in range(2):  # a consumer that fails on it every time
-            await (await queue.get(timeout=5)).reject(requeue=True)
+    await raw.fail_deliveries("agent.writer", times=2)
     async with world.open("human:ada") as ada:
         stale = await ada.send("loner", "stale", expires_in=timedelta(milliseconds=1))
     lost = world.covey("send", "agent:nobody", "lost")
@@ -83,3 +77,10 @@ def test_purge_drops_only_letters_older_than_asked(
     purged = world.json("dead", "purge", "--older-than", "0s")
     assert len(purged["purged"]) == 4
     assert world.json("dead") == []
+
+
+def test_a_namespace_without_dead_letter_queues_says_so_in_one_line(world: World) -> None:
+    result = world.covey("dead")  # nobody ran `covey topology apply` here
+    assert result.returncode == 2
+    assert "covey topology apply" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -86,13 +86,7 @@ async def test_a_message_that_keeps_failing_is_dead_lettered_at_the_delivery_lim
     world.extra_env["COVEY_DELIVERY_LIMIT"] = "2"
     world.ok("topology", "apply")
     poison = world.ok("send", "scout", "poison").strip()
-    connection = await aio_pika.connect(world.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue("agent.scout", passive=True)
-        for _ in range(3):  # a consumer that fails on it every time
-            message = await queue.get(timeout=5)
-            await message.reject(requeue=True)
+    await raw.fail_deliveries("agent.scout", times=3)
     world.ok("send", "scout", "fine")
 
     assert [m["subject"] for m in world.json("inbox", "--as", "scout")] == ["fine"]
