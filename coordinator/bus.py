@@ -2,13 +2,16 @@
 
 Publishing is always confirmed and `mandatory`: `publish` returns only once
 the broker has taken responsibility for the message, and raises when it did
-not. Envelopes become AMQP messages here (and back), so the rest of covey
-never handles AMQP properties itself.
+not. Every publish is signed: its `user_id` is the connection's own user, which
+RabbitMQ checks, so a reader can trust it (see `identity.py`). Envelopes become
+AMQP messages here (and back), so the rest of covey never handles AMQP
+properties itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -27,11 +30,13 @@ from yarl import URL
 from coordinator.envelope import MESSAGE_TYPE, Envelope, now
 from coordinator.errors import BrokerUnavailable, ConfigError, NoRecipient, TopologyMissing
 from coordinator.events import EVENT_TYPE, Event
+from coordinator.identity import DEFAULT_USER
 from coordinator.settings import Settings
 from coordinator.topology import (
     DEAD,
     EVENTS_EXCHANGE,
     MAIL_EXCHANGE,
+    NOTES_EXCHANGE,
     BindingSpec,
     ExchangeSpec,
     QueueSpec,
@@ -45,6 +50,7 @@ REASON_HEADER = "x-covey-reason"
 DETAIL_HEADER = "x-covey-detail"
 QUEUE_HEADER = "x-covey-queue"
 DEAD_AT_HEADER = "x-covey-dead-at"
+USER_HEADER = "x-covey-user-id"  # who published a letter covey dead-lettered (replay keeps it)
 NOTE_ATTEMPTS = 20
 NOTE_RETRY_SECONDS = 0.01
 
@@ -54,7 +60,12 @@ def redacted(url: str) -> str:
     return str(parsed.with_password("***")) if parsed.password else url
 
 
-def to_amqp(envelope: Envelope) -> aio_pika.Message:
+def signer(connection: AbstractConnection) -> str:
+    """The user a connection logged in as: the `user_id` RabbitMQ lets it publish with."""
+    return URL(str(connection.url)).user or DEFAULT_USER
+
+
+def to_amqp(envelope: Envelope, user_id: str) -> aio_pika.Message:
     expiration: timedelta | None = None
     if envelope.expires_at is not None:
         # A message that is already due still needs a positive TTL to be accepted;
@@ -69,6 +80,7 @@ def to_amqp(envelope: Envelope) -> aio_pika.Message:
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         expiration=expiration,
         app_id="covey",
+        user_id=user_id,
     )
 
 
@@ -82,8 +94,16 @@ async def open_connection(
     shown = redacted(settings.amqp_url)
     try:
         return await aio_pika.connect(
-            url, timeout=settings.connect_timeout, client_properties={"connection_name": name}
+            url,
+            timeout=settings.connect_timeout,
+            client_properties={"connection_name": name},
+            ssl_context=tls_context(settings) if url.scheme == "amqps" else None,
         )
+    except ssl.SSLError as err:
+        raise BrokerUnavailable(
+            f"TLS with RabbitMQ at {shown} failed ({err.reason or err}): check tls_ca, and "
+            "tls_cert/tls_key where the broker asks for a client certificate"
+        ) from None
     except aiormq.exceptions.ProbableAuthenticationError:
         raise BrokerUnavailable(
             f"RabbitMQ at {shown} refused the login: check the user and password in COVEY_AMQP_URL"
@@ -99,8 +119,24 @@ async def open_connection(
         ) from None
 
 
-def copy_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent copy of a delivery, with these headers instead of its own."""
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Verify the broker against `tls_ca` (else the system's CAs); present `tls_cert`."""
+    try:
+        context = ssl.create_default_context(cafile=settings.tls_ca)
+        if settings.tls_cert is not None:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"cannot load the TLS files (tls_ca, tls_cert, tls_key): {err}; check the paths"
+        ) from None
+    return context
+
+
+def copy_of(
+    message: AbstractIncomingMessage, headers: dict[str, Any], user_id: str | None
+) -> aio_pika.Message:
+    """A persistent copy of a delivery, with these headers instead of its own, signed by
+    `user_id` (the publishing connection's user, or one it may impersonate)."""
     return aio_pika.Message(
         body=message.body,
         headers=headers,
@@ -110,6 +146,7 @@ def copy_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pi
         message_id=message.message_id,
         timestamp=message.timestamp,
         app_id=message.app_id,
+        user_id=user_id,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
 
@@ -123,6 +160,7 @@ class Bus:
         self._name = name
         self._publisher: AbstractChannel | None = None
         self._publisher_opening = asyncio.Lock()  # concurrent first publishes share one channel
+        self.user = signer(connection)
 
     @classmethod
     async def connect(cls, settings: Settings, name: str = "covey") -> Bus:
@@ -198,7 +236,9 @@ class Bus:
         exchange = await self._exchange(MAIL_EXCHANGE)
         routing_key = envelope.recipient_address.routing_key
         await self._confirmed(
-            exchange.publish(to_amqp(envelope), routing_key, mandatory=True, timeout=timeout),
+            exchange.publish(
+                to_amqp(envelope, self.user), routing_key, mandatory=True, timeout=timeout
+            ),
             what=f"message {envelope.id} to {envelope.recipient}",
         )
 
@@ -214,6 +254,7 @@ class Bus:
             timestamp=event.at,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             app_id="covey",
+            user_id=self.user,
         )
         await self._confirmed(
             exchange.publish(
@@ -242,7 +283,9 @@ class Bus:
                 DEAD_AT_HEADER: now().isoformat(),
             }
         )
-        copy = copy_of(message, headers)
+        if message.user_id:  # the copy is signed by this reader; keep who signed the original
+            headers[USER_HEADER] = message.user_id
+        copy = copy_of(message, headers, user_id=self.user)
         exchange = await self._exchange(DEAD)
         await self._confirmed(
             exchange.publish(
@@ -296,17 +339,37 @@ class Bus:
 # A small piece of shared state kept on the broker (a lock's holder, an agent's
 # changelog cursor): a durable queue of at most one message, where a new write
 # drops the old one, and a read is a peek (get, then reject back into the queue).
+# Notes are written through the `covey.notes` topic exchange, each bound by its
+# own name, not through the default exchange: a user allowed to publish to the
+# default exchange may publish into any queue, whereas topic permissions on
+# `covey.notes` say whose notes a provisioned user may write.
+
+NOTE_ARGUMENTS = {"x-max-length": 1, "x-overflow": "drop-head"}
 
 
 async def write_note(connection: AbstractConnection, queue: str, body: bytes) -> None:
     """Replace the note in `queue` (created if need be); confirmed before returning."""
-    async with await connection.channel(publisher_confirms=True) as channel:
-        await channel.declare_queue(
-            queue, durable=True, arguments={"x-max-length": 1, "x-overflow": "drop-head"}
-        )
-        await channel.default_exchange.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), queue
-        )
+    message = aio_pika.Message(
+        body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=signer(connection)
+    )
+    for attempt in range(2):
+        async with await connection.channel(publisher_confirms=True) as channel:
+            note = await channel.declare_queue(queue, durable=True, arguments=NOTE_ARGUMENTS)
+            try:
+                await note.bind(NOTES_EXCHANGE, queue)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                if attempt:
+                    raise
+                await _declare_notes_exchange(connection)  # a namespace nobody has set up
+                continue
+            notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+            await notes.publish(message, queue)
+            return
+
+
+async def _declare_notes_exchange(connection: AbstractConnection) -> None:
+    async with await connection.channel() as channel:
+        await channel.declare_exchange(NOTES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
 async def read_note(connection: AbstractConnection, queue: str) -> bytes | None:

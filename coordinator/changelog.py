@@ -17,15 +17,16 @@ from datetime import datetime
 from typing import Annotated
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractConnection
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator import stream
-from coordinator.bus import read_note, write_note
+from coordinator.bus import read_note, signer, write_note
 from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant
 from coordinator.errors import BadInput, BrokerUnavailable, TopologyMissing, first_problem
 from coordinator.names import valid_names
-from coordinator.topology import CHANGELOG_STREAM
+from coordinator.topology import CHANGELOG_EXCHANGE, CHANGELOG_STREAM
 
 ENTRY_TYPE = "covey.changelog.v1"
 CURSOR_PREFIX = "covey.cursor."
@@ -76,21 +77,24 @@ class Logged:
 
 async def append(connection: AbstractConnection, entry: Entry, timeout: float) -> None:
     """Append `entry`; returns once the stream has confirmed it."""
+    # Through its own exchange, not the default one: see the note above bus.write_note.
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     try:
-        await channel.default_exchange.publish(
+        exchange = await channel.get_exchange(CHANGELOG_EXCHANGE, ensure=False)
+        await exchange.publish(
             aio_pika.Message(
                 entry.model_dump_json(exclude_defaults=True).encode(),
                 content_type="application/json",
                 type=ENTRY_TYPE,
                 timestamp=entry.created_at,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                user_id=signer(connection),
             ),
-            CHANGELOG_STREAM,
+            "",
             mandatory=True,
             timeout=timeout,
         )
-    except aio_pika.exceptions.DeliveryError:
+    except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity):
         raise TopologyMissing(
             f"the {CHANGELOG_STREAM} stream does not exist; run `covey topology apply`"
         ) from None

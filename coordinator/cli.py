@@ -291,6 +291,22 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_provision(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.provision import host_name, provision
+
+    await covey.apply_topology()  # the grants name what it declares
+    host = args.host or host_name()
+    done = provision(covey.settings, covey.roster, host, args.rotate, print_only=args.print)
+    lines = []
+    for x in done:
+        where = x.url if x.url is not None else x.file
+        if x.action == "kept-without-credentials":
+            where = f"no credentials file; `covey provision --rotate {x.holder.split()[0]}`"
+        lines.append(f"{x.action:<8} {x.user:<32} {x.holder:<24} {where or ''}".rstrip())
+    _emit(args, [x.to_dict() for x in done], "\n".join(lines))
+    return 0
+
+
 async def cmd_demo(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.demo import run_demo
 
@@ -473,6 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host", default="127.0.0.1", help="address to serve it on (default 127.0.0.1)"
     )
     supervise.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+
+    provision = command(
+        "provision", cmd_provision, "a broker user per participant and supervisor host"
+    )
+    provision.add_argument(
+        "--print", action="store_true", help="print new credentials once instead of writing files"
+    )
+    provision.add_argument(
+        "--rotate", metavar="NAME", help="give NAME (a participant, or supervisor) a new password"
+    )
+    provision.add_argument("--host", help="the supervisor host's name (default: this machine's)")
 
     command("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
     return parser

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from coordinator import topology
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
 from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound, TopologyMissing
+from coordinator.identity import provisioned_as
 from coordinator.logs import get_logger
-from coordinator.mailbox import Mail, MailStore, Status, drain, store_path
+from coordinator.mailbox import Admission, Mail, MailStore, Status, drain, store_path
 from coordinator.names import Address
 from coordinator.roster import Roster
 from coordinator.settings import Settings
@@ -132,8 +133,8 @@ class Covey:
     async def ensure_participants(self, participants: list[Address]) -> None:
         """Declare the core and these participants' queues and bindings, once per handle."""
         todo = [p for p in participants if p not in self._declared]
-        if not todo:
-            return
+        if not todo or provisioned_as(self.settings) is not None:
+            return  # a provisioned participant may not declare: `covey provision` did
         plan = topology.Topology.combine(
             [
                 topology.core(self.settings.changelog),
@@ -219,14 +220,16 @@ class Covey:
 
     async def drain(self, wait: float | None = None) -> list[Envelope]:
         """Move waiting mail from the broker into the mailbox; return what is new."""
+        from coordinator.identity import SenderCheck
+
         bus = await self.bus()
         queue = self.me.queue
-        limit = self.settings.max_body_bytes
+        limits = Admission(self.settings.max_body_bytes, SenderCheck.for_settings(self.settings))
         try:
-            new = await drain(bus, self.store, queue, limit, wait)
+            new = await drain(bus, self.store, queue, limits, wait)
         except TopologyMissing:  # first use of this participant: its queue exists from now on
             await self.ensure_participants([self.me])
-            new = await drain(bus, self.store, queue, limit, wait)
+            new = await drain(bus, self.store, queue, limits, wait)
         log.info("drained", queue=queue, new=len(new))
         return new
 

@@ -19,20 +19,21 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
 
 from coordinator.bus import (
     DEAD_AT_HEADER,
     DETAIL_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
+    USER_HEADER,
     copy_of,
 )
-from coordinator.errors import BadInput, NotFound, TopologyMissing
+from coordinator.errors import BadInput, BrokerUnavailable, NotFound, TopologyMissing
 from coordinator.topology import DEAD, MAIL_EXCHANGE, UNROUTED
 
 _BROKER_REASONS = {"delivery_limit": "delivery-limit", "expired": "expired", "rejected": "rejected"}
-_COVEY_HEADERS = {REASON_HEADER, DETAIL_HEADER, QUEUE_HEADER, DEAD_AT_HEADER}
+_COVEY_HEADERS = {REASON_HEADER, DETAIL_HEADER, QUEUE_HEADER, DEAD_AT_HEADER, USER_HEADER}
 
 
 @dataclass
@@ -66,6 +67,16 @@ class DeadLetter:
             message=message,
         )
 
+    @property
+    def signed_by(self) -> str | None:
+        """The broker user that published the original (see identity.py)."""
+        headers = self.message.headers or {}
+        if REASON_HEADER in headers:  # covey's copy is signed by whoever dead-lettered it
+            signer = headers.get(USER_HEADER)
+        else:  # RabbitMQ dead-letters (and routes to covey.unrouted) the message itself
+            signer = self.message.user_id
+        return str(signer) if signer else None
+
     def to_dict(self, with_body: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
             "id": self.id,
@@ -73,6 +84,7 @@ class DeadLetter:
             "reason": self.reason,
             "detail": self.detail,
             "routing_key": self.routing_key,
+            "signed_by": self.signed_by,
             "dead_at": self.dead_at.isoformat() if self.dead_at else None,
         }
         if with_body:
@@ -122,7 +134,7 @@ async def handle(
         for letter in everything:
             if id(letter) in picked:
                 if replay:  # confirmed (a publisher-confirm channel) before the ack below
-                    await mail.publish(_fresh_copy(letter.message), letter.routing_key)
+                    await _replay(mail, letter)
                 await letter.message.ack()
             else:
                 await letter.message.reject(requeue=True)
@@ -132,7 +144,22 @@ async def handle(
     return everything, chosen
 
 
-def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
+async def _replay(mail: AbstractExchange, letter: DeadLetter) -> None:
+    """Send the original again, signed by its original sender's user, so that the
+    recipient's sender check judges it as it would have the first time. Only that
+    user, or one with RabbitMQ's `impersonator` tag, may do so."""
+    signer = letter.signed_by
+    try:
+        await mail.publish(_fresh_copy(letter.message, signer), letter.routing_key)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        raise BrokerUnavailable(
+            f"RabbitMQ refused to replay {letter.id} as signed by {signer!r}: replay it as that "
+            "user, or as one with the impersonator tag (rabbitmqctl set_user_tags USER "
+            "impersonator); nothing was replayed or removed"
+        ) from None
+
+
+def _fresh_copy(message: AbstractIncomingMessage, signer: str | None) -> aio_pika.Message:
     """The original message, without the marks of its death."""
     headers = {
         k: v
@@ -142,7 +169,7 @@ def _fresh_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
         and not k.startswith("x-first")
         and not k.startswith("x-last")
     }
-    return copy_of(message, headers)
+    return copy_of(message, headers, user_id=signer)
 
 
 def by_ids(prefixes: list[str]) -> Choose:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the store works without the broker; only `drain` needs it
     from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
     from coordinator.bus import Bus
+    from coordinator.identity import SenderCheck
 
 log = get_logger(__name__)
 
@@ -259,9 +260,14 @@ IDLE_SECONDS = 2.0  # how long a drain waits for deliveries it expects before gi
 
 
 async def drain(
-    bus: Bus, store: MailStore, queue_name: str, max_body_bytes: int, wait: float | None = None
+    bus: Bus,
+    store: MailStore,
+    queue_name: str,
+    limits: Admission,
+    wait: float | None = None,
 ) -> list[Envelope]:
     """Move the messages waiting in `queue_name` into `store`; return the new ones.
+    What `limits` does not admit goes to `covey.dead` instead, with the reason.
 
     With `wait`, block up to that many seconds for a first message when the queue
     is empty. A drain takes what was waiting when it began, not mail that keeps
@@ -276,7 +282,7 @@ async def drain(
     """
     from aiormq.exceptions import AMQPError  # the broker is only needed here
 
-    filing = _Filing(bus, store, queue_name, max_body_bytes)
+    filing = _Filing(bus, store, queue_name, limits)
     budget: int | None = None  # what was waiting when the drain began
     first_wait = wait
     try:
@@ -339,12 +345,20 @@ async def _take(
     return batch
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a mailbox admits: bodies up to `max_body_bytes`, from genuine senders."""
+
+    max_body_bytes: int
+    senders: SenderCheck
+
+
 class _Filing:
     """Files batches of deliveries: valid envelopes into the store, the rest to covey.dead."""
 
-    def __init__(self, bus: Bus, store: MailStore, queue_name: str, max_body_bytes: int) -> None:
+    def __init__(self, bus: Bus, store: MailStore, queue_name: str, limits: Admission) -> None:
         self.bus, self.store, self.queue_name = bus, store, queue_name
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
         self.taken = 0
         self.added: list[Envelope] = []
 
@@ -362,7 +376,7 @@ class _Filing:
         stored = self.store.stored(envelope.id for _, envelope in parsed)
         for delivery, envelope in parsed:
             try:
-                valid.append(self._check(envelope, stored.get(envelope.id)))
+                valid.append(self._check(delivery, envelope, stored.get(envelope.id)))
             except InvalidEnvelope as invalid:
                 rejected.append((delivery, invalid))
         self.added += self.store.add(valid)  # committed: from here on a crash is harmless
@@ -378,17 +392,20 @@ class _Filing:
         await batch[-1].ack(multiple=True)
         self.taken += len(batch)
 
-    def _check(self, envelope: Envelope, stored: Envelope | None) -> Envelope:
+    def _check(
+        self, delivery: AbstractIncomingMessage, envelope: Envelope, stored: Envelope | None
+    ) -> Envelope:
         if stored is not None:
             # A redelivery of what the mailbox holds is fine as it is (the store drops
             # it); another message under the same id would be silently lost, so it is not.
             if stored.model_dump() != envelope.model_dump():
                 raise InvalidEnvelope("invalid", f"id {envelope.id} is already another message's")
             return envelope
-        if envelope.body_size() > self.max_body_bytes:
-            raise InvalidEnvelope(
-                "invalid", f"body is {envelope.body_size()} bytes, over {self.max_body_bytes}"
-            )
+        if spoofed := self.limits.senders.problem(envelope.sender, delivery.user_id):
+            raise InvalidEnvelope("spoofed", spoofed)
+        limit = self.limits.max_body_bytes
+        if envelope.body_size() > limit:
+            raise InvalidEnvelope("invalid", f"body is {envelope.body_size()} bytes, over {limit}")
         if envelope.is_expired():
             raise InvalidEnvelope("expired", f"expired at {envelope.expires_at}")
         return envelope

@@ -33,6 +33,7 @@ from coordinator import changelog, digest, preflight
 from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
+from coordinator.identity import url_for
 from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
@@ -117,7 +118,7 @@ class Launch:
             "PATH": path,
             "COVEY_AGENT": agent.name,
             "COVEY_RUN_ID": run_id,
-            "COVEY_AMQP_URL": settings.amqp_url,
+            "COVEY_AMQP_URL": url_for(settings, agent.address),
             "COVEY_STATE_DIR": str(settings.expanded_state_dir),
             "COVEY_DIGEST_FILE": str(run_dir / f"{run_id}.digest.md"),
         }

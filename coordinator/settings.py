@@ -86,6 +86,22 @@ class Settings(BaseSettings):
         default="at-most-once", description="the broker's strategy; see topology.py for why"
     )
     connect_timeout: float = Field(default=10.0, gt=0)
+    tls_ca: Path | None = Field(default=None, description="CA bundle that signs the broker's cert")
+    tls_cert: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    tls_key: Path | None = Field(default=None, description="the client certificate's key")
+    user_prefix: str = Field(
+        default="covey.",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="how `covey provision` names broker users: PREFIX + agent.NAME",
+    )
+    trust_local: bool | None = Field(
+        default=None,
+        description="accept mail not signed by a participant's own user as from anyone; "
+        "unset: on, unless connected as a provisioned participant",
+    )
+    management_url: str | None = Field(
+        default=None, description="RabbitMQ's management API, for `covey provision`"
+    )
     log_format: Literal["console", "json"] = "console"
     timezone: str = Field(default="UTC", description="the zone cron schedules are read in")
     shutdown_grace: Seconds = Field(
@@ -153,6 +169,11 @@ class Settings(BaseSettings):
     @property
     def expanded_state_dir(self) -> Path:
         return self.state_dir.expanduser()
+
+    @property
+    def credentials_dir(self) -> Path:
+        """Where `covey provision` keeps each broker user's URL (files of mode 0600)."""
+        return self.expanded_state_dir / "credentials"
 
 
 def _describe(err: ValidationError, home: Path | None) -> str:

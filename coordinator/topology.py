@@ -47,6 +47,8 @@ MAIL_EXCHANGE = "covey"
 UNROUTED = "covey.unrouted"
 DEAD = "covey.dead"
 EVENTS_EXCHANGE = "covey.events"
+NOTES_EXCHANGE = "covey.notes"  # see bus.write_note
+CHANGELOG_EXCHANGE = "covey.changelog"  # to the stream of the same name (see changelog.append)
 RUNS_STREAM = "covey.runs"
 CHANGELOG_STREAM = "covey.changelog"
 SEGMENT_BYTES = 8 * 1024 * 1024  # retention removes whole segments, so keep them small
@@ -178,6 +180,8 @@ def core(changelog: ChangelogConfig) -> Topology:
             ExchangeSpec(UNROUTED, "fanout"),
             ExchangeSpec(DEAD, "fanout"),
             ExchangeSpec(EVENTS_EXCHANGE, "topic"),
+            ExchangeSpec(NOTES_EXCHANGE, "topic"),
+            ExchangeSpec(CHANGELOG_EXCHANGE, "fanout"),
         ),
         # Neither holding queue dead-letters further or has a delivery limit: they
         # are where messages end up, to be listed and replayed by a person.
@@ -213,6 +217,7 @@ def core(changelog: ChangelogConfig) -> Topology:
             BindingSpec(DEAD, DEAD, ""),
             BindingSpec(RUNS_STREAM, EVENTS_EXCHANGE, "run.started.*"),
             BindingSpec(RUNS_STREAM, EVENTS_EXCHANGE, "run.finished.*"),
+            BindingSpec(CHANGELOG_STREAM, CHANGELOG_EXCHANGE, ""),
         ),
     )
 

@@ -1,0 +1,204 @@
+"""Security: per-participant broker users (`covey provision`), unforgeable senders, and the
+open set-up's `trust_local`. Against the machine's broker, in the test's vhost, with
+users named after the vhost so tests never share one; they are removed afterwards."""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import aio_pika
+import aiormq
+import pytest
+from conftest import Broker, ManagementAdmin, World
+
+from coordinator.envelope import MESSAGE_TYPE, Envelope
+from coordinator.identity import SenderCheck
+
+
+@pytest.fixture
+def secured(world: World, broker: Broker, vhost: str) -> Iterator[World]:
+    """The world, provisioned: every participant and the supervisor host has a user."""
+    if not isinstance(broker.admin, ManagementAdmin):
+        pytest.fail("covey provision needs the management API (.ci/run enables it)")
+    prefix = f"{vhost}."
+    world.extra_env["COVEY_USER_PREFIX"] = prefix
+    try:
+        world.ok("provision", "--host", "testhost")
+        yield world
+    finally:
+        remove_users(broker.admin, prefix)
+
+
+def remove_users(admin: ManagementAdmin, prefix: str) -> None:
+    for user in admin._call("GET", "/api/users"):
+        if user["name"].startswith(prefix):
+            admin._call("DELETE", f"/api/users/{quote(user['name'], safe='')}")
+
+
+def credentials(world: World, user: str) -> str:
+    prefix = world.extra_env["COVEY_USER_PREFIX"]
+    return (world.state_dir / "credentials" / f"{prefix}{user}.url").read_text().strip()
+
+
+def as_user(world: World, user: str) -> dict[str, str]:
+    """The environment a process started with `user`'s credentials would have."""
+    return {**world.env, "COVEY_AMQP_URL": credentials(world, user)}
+
+
+def letter(sender: str, recipient: str, subject: str) -> aio_pika.Message:
+    envelope = Envelope.new(sender=sender, recipient=recipient, subject=subject)
+    return aio_pika.Message(envelope.to_json(), type=MESSAGE_TYPE, message_id=envelope.id)
+
+
+def test_provision_writes_one_private_credentials_file_per_participant(secured: World) -> None:
+    world = secured
+    folder = world.state_dir / "credentials"
+    files = sorted(p.name for p in folder.iterdir())
+    prefix = world.extra_env["COVEY_USER_PREFIX"]
+    expected = ["agent.loner", "agent.scout", "agent.writer", "human.ada", "supervisor.testhost"]
+    assert files == [f"{prefix}{name}.url" for name in expected]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert {stat.S_IMODE((folder / f).stat().st_mode) for f in files} == {0o600}
+    # Each URL works as it is: the agent can read its own mail with it.
+    world.ok("send", "scout", "hello", env=as_user(world, "human.ada"))
+    inbox = json.loads(
+        world.ok("inbox", "--as", "scout", "--json", env=as_user(world, "agent.scout"))
+    )
+    assert [m["subject"] for m in inbox] == ["hello"]
+
+
+def test_provision_is_idempotent_and_rotates_one_password(secured: World) -> None:
+    world = secured
+    before = {p.name: p.read_text() for p in (world.state_dir / "credentials").iterdir()}
+    again = world.json("provision", "--host", "testhost")
+    assert {x["action"] for x in again} == {"kept"}
+    after = {p.name: p.read_text() for p in (world.state_dir / "credentials").iterdir()}
+    assert after == before
+
+    old_url = credentials(world, "agent.scout")
+    rotated = world.json("provision", "--host", "testhost", "--rotate", "scout")
+    assert [x["for"] for x in rotated if x["action"] == "rotated"] == ["agent:scout"]
+    assert credentials(world, "agent.scout") != old_url
+    refused = world.covey("inbox", "--as", "scout", env={**world.env, "COVEY_AMQP_URL": old_url})
+    assert refused.returncode == 4 and "refused the login" in refused.stderr
+    others = {p.name: p.read_text() for p in (world.state_dir / "credentials").iterdir()}
+    assert {k: v for k, v in others.items() if "scout" not in k} == {
+        k: v for k, v in before.items() if "scout" not in k
+    }
+
+
+def test_provision_print_shows_new_credentials_once_and_writes_nothing(
+    world: World, broker: Broker, vhost: str
+) -> None:
+    prefix = f"{vhost}."
+    world.extra_env["COVEY_USER_PREFIX"] = prefix
+    try:
+        printed = world.json("provision", "--print", "--host", "testhost")
+        assert {x["action"] for x in printed} == {"created"}
+        assert all(x["url"].startswith("amqp://") for x in printed)
+        assert not (world.state_dir / "credentials").exists()
+        again = world.json("provision", "--print", "--host", "testhost")
+        assert all("url" not in x for x in again)  # a password is shown once only
+    finally:
+        assert isinstance(broker.admin, ManagementAdmin)
+        remove_users(broker.admin, prefix)
+
+
+async def test_an_agent_cannot_read_another_agents_queue(secured: World) -> None:
+    secured.ok("send", "writer", "for writer only", env=as_user(secured, "human.ada"))
+    connection = await aio_pika.connect(credentials(secured, "agent.scout"))
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("agent.writer", passive=True)  # needs no permission
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await queue.get(fail=False)
+    # Refused, and nothing taken: writer still gets it.
+    inbox = secured.ok("inbox", "--as", "writer", "--json", env=as_user(secured, "agent.writer"))
+    assert [m["subject"] for m in json.loads(inbox)] == ["for writer only"]
+
+
+async def test_an_agent_cannot_publish_as_another_user(secured: World) -> None:
+    writer_user = f"{secured.extra_env['COVEY_USER_PREFIX']}agent.writer"
+    connection = await aio_pika.connect(credentials(secured, "agent.scout"))
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        mail = await channel.get_exchange("covey", ensure=False)
+        forged = letter("agent:writer", "agent:loner", "forged")
+        forged.user_id = writer_user
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="user_id"):
+            await mail.publish(forged, "agent.loner")
+        # Nor around the mail exchange, through the default exchange into a queue.
+        channel = await connection.channel(publisher_confirms=True)
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await channel.default_exchange.publish(
+                letter("agent:scout", "agent:loner", "x"), "agent.loner"
+            )
+
+
+async def test_a_forged_sender_is_dead_lettered_as_spoofed(secured: World) -> None:
+    scout_user = f"{secured.extra_env['COVEY_USER_PREFIX']}agent.scout"
+    connection = await aio_pika.connect(credentials(secured, "agent.scout"))
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        mail = await channel.get_exchange("covey", ensure=False)
+        signed = letter("agent:writer", "agent:loner", "signed by scout, claims writer")
+        signed.user_id = scout_user
+        await mail.publish(signed, "agent.loner")
+        await mail.publish(letter("agent:writer", "agent:loner", "unsigned"), "agent.loner")
+        genuine = letter("agent:scout", "agent:loner", "genuine")
+        genuine.user_id = scout_user
+        await mail.publish(genuine, "agent.loner")
+    inbox = secured.ok("inbox", "--as", "loner", "--json", env=as_user(secured, "agent.loner"))
+    assert [m["subject"] for m in json.loads(inbox)] == ["genuine"]
+    dead = secured.json("dead", "list")
+    assert sorted(x["reason"] for x in dead) == ["spoofed", "spoofed"]
+    assert {x["signed_by"] for x in dead} == {scout_user, None}
+    assert all("claims to be from agent:writer" in x["detail"] for x in dead)
+
+
+def test_a_run_hands_the_agent_its_own_credentials(secured: World, tmp_path: Path) -> None:
+    world = secured
+    seen = tmp_path / "url"
+    world.add_agent("echo", f"command = 'echo \"$COVEY_AMQP_URL\" > {seen}'\n")
+    world.ok("provision", "--host", "testhost")  # echo joined the roster
+    supervisor = as_user(world, "supervisor.testhost")
+    result = world.covey("run", "echo", env=supervisor)
+    assert result.returncode == 0, result.stderr
+    assert seen.read_text().strip() == credentials(world, "agent.echo")
+    # The supervisor's user recorded the run, and cannot read mailboxes.
+    assert [r["outcome"] for r in world.json("runs", "echo")] == ["ok"]
+    world.ok("send", "echo", "private", env=as_user(world, "human.ada"))
+    peek = world.covey("inbox", "--as", "echo", env=supervisor)
+    assert peek.returncode == 4 and "access" in peek.stderr.lower()
+
+
+def test_a_provisioned_supervisor_never_hands_out_its_own_credentials(secured: World) -> None:
+    world = secured
+    world.add_agent("newcomer", "command = 'true'\n")  # not provisioned yet
+    result = world.covey("run", "newcomer", env=as_user(world, "supervisor.testhost"))
+    assert result.returncode == 2, result.stderr
+    assert "no credentials for agent:newcomer" in result.stderr
+    assert "covey provision" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("trust_local", "sender", "user_id", "genuine"),
+    [
+        (True, "agent:a", "guest", True),  # the open set-up: the shared user speaks for all
+        (True, "agent:a", None, True),
+        (True, "agent:a", "p.agent.a", True),
+        (True, "agent:a", "p.agent.b", False),  # a provisioned user speaks only for itself
+        (True, "agent:a", "p.supervisor.host", False),  # supervisors send no mail
+        (False, "agent:a", "p.agent.a", True),
+        (False, "human:ada", "p.human.ada", True),
+        (False, "agent:a", "guest", False),
+        (False, "agent:a", None, False),
+    ],
+)
+def test_sender_check(trust_local: bool, sender: str, user_id: str | None, genuine: bool) -> None:
+    problem = SenderCheck("p.", trust_local).problem(sender, user_id)
+    assert (problem is None) == genuine, problem
