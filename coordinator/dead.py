@@ -71,10 +71,10 @@ class DeadLetter:
     def signed_by(self) -> str | None:
         """The broker user that published the original (see identity.py)."""
         headers = self.message.headers or {}
-        if REASON_HEADER in headers:  # covey's copy is signed by whoever dead-lettered it
-            signer = headers.get(USER_HEADER)
-        else:  # RabbitMQ dead-letters (and routes to covey.unrouted) the message itself
-            signer = self.message.user_id
+        # covey's copy is signed by whoever dead-lettered it, and names the original's
+        # signer; RabbitMQ dead-letters (and routes to covey.unrouted) the message itself.
+        covey_copy = REASON_HEADER in headers
+        signer = headers.get(USER_HEADER) if covey_copy else self.message.user_id
         return str(signer) if signer else None
 
     def to_dict(self, with_body: bool = False) -> dict[str, Any]:

@@ -356,6 +356,31 @@ class _Recorder:
         )
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """On Linux, have the kernel SIGKILL the agent when its run dies, even by kill -9.
+
+    A dead run's lock is free at once, so an agent that outlived it would run
+    beside the next run of itself. This covers the process started (a shell
+    command that is one simple command is exec'd by sh, so that too); what the
+    agent starts of its own it must end itself, or run in its process group.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not between fork and exec
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the run died before the line above took effect
+            os._exit(1)
+
+    return arm
+
+
 async def _execute(
     launch: Launch,
     agent: Agent,
@@ -374,6 +399,7 @@ async def _execute(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # its own process group: a timeout ends its children too
+        preexec_fn=_dies_with(os.getpid()),
     )
     assert process.stdout is not None
     pump = asyncio.create_task(_pump(process.stdout, output, echo))

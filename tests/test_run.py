@@ -143,10 +143,21 @@ def test_kill_9_of_a_run_frees_its_lock_within_5_seconds_and_the_run_shows_lost(
         # Its run never said how it ended; with its lock gone, it shows as lost.
         (record,) = applied.json("runs", "victim")
         assert record["outcome"] == "lost"
+        # And its agent did not keep running beside the next one: it died with its run.
+        assert agent_pids
+        wait_for(lambda: not any(alive(int(pid)) for pid in agent_pids), timeout=5)
     finally:
-        for pid in agent_pids:  # the orphaned agent itself is not covey's to reap here
+        for pid in agent_pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by init, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def test_a_two_slot_semaphore_runs_two_at_once_and_never_three(applied: World) -> None:
