@@ -99,11 +99,6 @@ async def open_connection(
             client_properties={"connection_name": name},
             ssl_context=tls_context(settings) if url.scheme == "amqps" else None,
         )
-    except ssl.SSLError as err:
-        raise BrokerUnavailable(
-            f"TLS with RabbitMQ at {shown} failed ({err.reason or err}): check tls_ca, and "
-            "tls_cert/tls_key where the broker asks for a client certificate"
-        ) from None
     except aiormq.exceptions.ProbableAuthenticationError:
         raise BrokerUnavailable(
             f"RabbitMQ at {shown} refused the login: check the user and password in COVEY_AMQP_URL"
@@ -114,6 +109,13 @@ async def open_connection(
             "COVEY_AMQP_URL exists and the user may use it"
         ) from None
     except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
+        tls = err if isinstance(err, ssl.SSLError) else err.__cause__  # aiormq wraps it
+        if isinstance(tls, ssl.SSLError):
+            raise BrokerUnavailable(
+                f"TLS with RabbitMQ at {shown} failed ({tls.verify_message or tls.reason}): "
+                "set tls_ca to the CA that signed the broker's certificate (and tls_cert, "
+                "tls_key where it asks for a client certificate)"
+            ) from None
         raise BrokerUnavailable(
             f"cannot reach RabbitMQ at {shown} ({err}): start it, or point COVEY_AMQP_URL at one"
         ) from None

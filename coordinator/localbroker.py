@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,26 @@ def answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for a TLS listener: the CA, and the broker's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 class LocalBroker:
     """Start with `with LocalBroker() as broker: ... broker.url ...`; removed on exit."""
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, tls: TlsFiles | None = None) -> None:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="covey-broker-"))
         self.nodename = f"covey-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else None
         self._process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -70,6 +82,25 @@ class LocalBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def tls_url(self) -> str:
+        """The amqps:// URL (with `tls`); the certificate is for `localhost`."""
+        return f"amqps://guest:guest@localhost:{self.tls_port}/"
+
+    def _config(self) -> str:
+        lines = [f"listeners.tcp.1 = 127.0.0.1:{self.port}", "log.console = false"]
+        if self.tls is not None:
+            lines += [
+                f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}",
+                f"ssl_options.cacertfile = {self.tls.ca}",
+                f"ssl_options.certfile = {self.tls.cert}",
+                f"ssl_options.keyfile = {self.tls.key}",
+                "ssl_options.verify = verify_none",
+                "ssl_options.fail_if_no_peer_cert = false",
+                # guest may log in only from loopback, which an amqps client on 127.0.0.1 is
+            ]
+        return "\n".join(lines) + "\n"
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -95,9 +126,7 @@ class LocalBroker:
         if server is None:
             raise RuntimeError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nlog.console = false\n"
-        )
+        (self.workdir / "rabbitmq.conf").write_text(self._config())
         (self.workdir / "rabbitmq-env.conf").write_text("")
         (self.workdir / "enabled_plugins").write_text("[].\n")
         log = (self.workdir / "server.log").open("ab")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from conftest import Broker, ManagementAdmin, World
 
 from coordinator.envelope import MESSAGE_TYPE, Envelope
 from coordinator.identity import SenderCheck
+from coordinator.localbroker import LocalBroker, TlsFiles
 
 
 @pytest.fixture
@@ -202,3 +204,38 @@ def test_a_provisioned_supervisor_never_hands_out_its_own_credentials(secured: W
 def test_sender_check(trust_local: bool, sender: str, user_id: str | None, genuine: bool) -> None:
     problem = SenderCheck("p.", trust_local).problem(sender, user_id)
     assert (problem is None) == genuine, problem
+
+
+def self_signed(folder: Path, host: str = "localhost") -> TlsFiles:
+    """A throwaway CA, and a certificate it signed for `host`."""
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+
+    def openssl(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    subject = ("-nodes", "-days", "2", "-subj")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-keyout", folder / "ca.key", "-out", files.ca,
+            *subject, "/CN=covey test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-keyout", files.key, "-out", folder / "server.csr",
+            *subject, f"/CN={host}")  # fmt: skip
+    (folder / "san.cnf").write_text(f"subjectAltName=DNS:{host},IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", folder / "server.csr", "-CA", files.ca, "-CAkey",
+            folder / "ca.key", "-CAcreateserial", "-out", files.cert, "-days", "2",
+            "-extfile", folder / "san.cnf")  # fmt: skip
+    return files
+
+
+@pytest.mark.slow
+def test_mail_over_tls_verifies_the_broker(world: World, tmp_path: Path) -> None:
+    files = self_signed(tmp_path)
+    with LocalBroker(tls=files) as node:
+        world.amqp_url = node.tls_url  # a port that speaks only TLS
+        world.extra_env["COVEY_TLS_CA"] = str(files.ca)
+        world.ok("send", "scout", "over TLS")
+        assert [m["subject"] for m in world.json("inbox", "--as", "scout")] == ["over TLS"]
+        # Without the CA that signed it, the broker's certificate is refused, in one line.
+        del world.extra_env["COVEY_TLS_CA"]
+        refused = world.covey("inbox", "--as", "scout")
+        assert refused.returncode == 4
+        assert refused.stderr.count("\n") == 1 and "TLS with RabbitMQ" in refused.stderr
+        assert "self-signed certificate" in refused.stderr
