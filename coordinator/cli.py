@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -520,7 +521,7 @@ def _since(text: str) -> int | datetime:
         pass
     try:
         return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: further back than year 1
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an offset, an ISO time or a duration (e.g. 120, 2026-11-26T08:00, 2h)"
         ) from None
@@ -540,6 +541,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
     if value < 0:
         raise argparse.ArgumentTypeError("seconds cannot be negative")
     return value

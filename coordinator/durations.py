@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -26,6 +27,8 @@ def parse_duration(text: str | float) -> float:
                     f"invalid duration {text!r}: use seconds or e.g. 90s, 5m, 1h30m, 2d"
                 ) from None
             seconds = sum(float(n) * _SECONDS[u] for n, u in parts)
+    if not math.isfinite(seconds):  # float() takes "inf" and "nan"
+        raise ValueError(f"invalid duration {text!r}: use seconds or e.g. 90s, 5m, 1h30m, 2d")
     if seconds < 0:
         raise ValueError(f"invalid duration {text!r}: it cannot be negative")
     return seconds
