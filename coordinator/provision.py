@@ -87,11 +87,12 @@ def participant_grant(address: Address, prefix: str) -> Grant:
     # covey.dead: to dead-letter what its own queue held that was not fit to file.
     publish_only = [re.escape(DEAD)]
     own = [re.escape(address.queue)]
+    waits = r"lock\.released\..*"  # to wait for a lock
     if address.kind == "agent":
         cursor = re.escape(f"covey.cursor.{address.name}")
-        mine, notes = [SERVER_NAMED, LOCKS, cursor], _any_of(LOCKS, cursor)
-    else:
-        mine, notes = [SERVER_NAMED], NOTHING
+        mine, notes, events = [SERVER_NAMED, LOCKS, cursor], _any_of(LOCKS, cursor), _any_of(waits)
+    else:  # a person also asks the supervisor for runs (`covey run NAME --via-supervisor`)
+        mine, notes, events = [SERVER_NAMED], NOTHING, _any_of(waits, r"run\.requested\..*")
     return Grant(
         user=user_of(address, prefix),
         configure=_any_of(*mine),
@@ -99,10 +100,7 @@ def participant_grant(address: Address, prefix: str) -> Grant:
         # listener to covey.events); publishing goes through the exchanges only.
         write=_any_of(*shared_exchanges, *publish_only, *mine),
         read=_any_of(*own, re.escape(CHANGELOG_STREAM), *shared_exchanges, *mine),
-        topics={
-            NOTES_EXCHANGE: notes,
-            EVENTS_EXCHANGE: r"^lock\.released\..*$",  # to wait for a lock; publishes none
-        },
+        topics={NOTES_EXCHANGE: notes, EVENTS_EXCHANGE: events},
     )
 
 

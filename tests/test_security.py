@@ -16,6 +16,7 @@ import aiormq
 import pytest
 from conftest import Broker, ManagementAdmin, World
 
+from coordinator.bus import write_note
 from coordinator.envelope import MESSAGE_TYPE, Envelope
 from coordinator.identity import SenderCheck
 from coordinator.localbroker import LocalBroker, TlsFiles
@@ -160,6 +161,25 @@ async def test_a_forged_sender_is_dead_lettered_as_spoofed(secured: World) -> No
     assert sorted(x["reason"] for x in dead) == ["spoofed", "spoofed"]
     assert {x["signed_by"] for x in dead} == {scout_user, None}
     assert all("claims to be from agent:writer" in x["detail"] for x in dead)
+
+
+async def test_an_agent_keeps_its_own_cursor_and_changelog_but_not_anothers(
+    secured: World,
+) -> None:
+    scout = as_user(secured, "agent.scout")
+    secured.ok("log", "add", "scout changed the schema", "--as", "scout", env=scout)
+    hook = secured.covey("digest", "scout", "--advance", "--format", "json", env=scout)
+    assert hook.returncode == 0 and "cursor not moved" not in hook.stderr, hook.stderr
+    connection = await aio_pika.connect(credentials(secured, "agent.scout"))
+    async with connection:
+        cursor = json.dumps({"offset": 0}).encode()
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await write_note(connection, "covey.cursor.writer", cursor)
+    # A person may ask the supervisor for a run; an agent may not.
+    ada = secured.covey("run", "loner", "--via-supervisor", env=as_user(secured, "human.ada"))
+    assert ada.returncode == 3 and "no supervisor" in ada.stderr.lower(), ada.stderr
+    refused = secured.covey("run", "loner", "--via-supervisor", env=scout)
+    assert refused.returncode == 4 and "access" in refused.stderr.lower(), refused.stderr
 
 
 def test_a_run_hands_the_agent_its_own_credentials(secured: World, tmp_path: Path) -> None:
