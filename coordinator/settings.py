@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     shutdown_grace: Seconds = Field(
         default=30.0, description="how long `covey supervise` lets runs finish on SIGTERM"
     )
+    busy_retry: Seconds = Field(
+        default=60.0,
+        gt=0,
+        description="how soon `covey supervise` tries again for mail whose run found the lock busy",
+    )
     humans: dict[str, HumanConfig] = Field(default_factory=dict)
     locks: dict[str, LockConfig] = Field(default_factory=dict)
     changelog: ChangelogConfig = Field(default_factory=ChangelogConfig)

@@ -8,7 +8,9 @@ process, outcome). Three things ask for a run:
   its own to the agents' routing keys, so it sees a copy of each message as it
   is routed — without touching the agents' queues, which only the agents drain.
   A burst makes one run: requests within DEBOUNCE_SECONDS fold into one, and
-  mail that arrives during a run makes one more run after it;
+  mail that arrives during a run makes one more run after it. A run that mail
+  woke but that found its lock busy is tried again every `busy_retry` while
+  that mail waits, so it is not left until more mail comes;
 * a `run.requested.NAME` event (`covey run NAME --via-supervisor`).
 
 It never runs an agent twice at once (and the agent's own lock makes sure of
@@ -187,6 +189,8 @@ class Supervisor:
                 self.covey, agent, trigger, stop=self._stop_agents, observe=observe
             )
             log.info("run ended", agent=agent.name, outcome=str(result.outcome))
+            if result.outcome is runner.Outcome.SKIPPED_BUSY and trigger == "mail":
+                self._spawn(self._retry_while_mail_waits(agent))
         except CoveyError as err:  # bad input for this agent: the others keep running
             log.error("run not started", agent=agent.name, problem=str(err))
         except Exception:
@@ -277,17 +281,29 @@ class Supervisor:
 
     async def _wake_for_waiting_mail(self) -> None:
         """Mail that arrived while nobody watched (start, reconnect, reload) wakes too."""
-        bus = await self.covey.bus()
         for agent in self.roster.agents.values():
-            if not agent.config.wake_on_mail:
-                continue
-            try:
-                queue = await bus.queue(agent.address.queue)
-            except CoveyError:
-                continue
-            await queue.channel.close()
-            if queue.declaration_result.message_count:
+            if agent.config.wake_on_mail and await self._mail_waits(agent):
                 self.request(agent.name, "mail")
+
+    async def _retry_while_mail_waits(self, agent: Agent) -> None:
+        await asyncio.sleep(self.covey.settings.busy_retry)
+        try:
+            waiting = await self._mail_waits(agent)
+        except CoveyError as err:  # the broker went: the reconnect will look again
+            log.warning("could not look for waiting mail", agent=agent.name, problem=str(err))
+            return
+        if waiting:
+            log.info("mail still waits after a busy lock; trying again", agent=agent.name)
+            self.request(agent.name, "mail")
+
+    async def _mail_waits(self, agent: Agent) -> bool:
+        bus = await self.covey.bus()
+        try:
+            queue = await bus.queue(agent.address.queue)
+        except CoveyError:
+            return False
+        await queue.channel.close()
+        return bool(queue.declaration_result.message_count)
 
     def _wake_keys(self) -> set[str]:
         keys = set()

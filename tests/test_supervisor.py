@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import World
-from test_run import most_at_once, stamping_agent, start, wait_for
+from test_run import intervals, most_at_once, stamping_agent, start, wait_for
 
 from coordinator.localbroker import free_port
 
@@ -97,6 +97,34 @@ def test_wake_on_mail_starts_one_run_for_a_burst(applied: World, daemon) -> None
     time.sleep(4)
     assert len(starts(log)) == 1, log.read_text()
     assert supervisor.poll() is None
+
+
+def test_mail_that_found_the_lock_busy_wakes_its_agent_once_the_lock_is_free(
+    applied: World, daemon
+) -> None:  # type: ignore[no-untyped-def]
+    applied.extra_env["COVEY_BUSY_RETRY"] = "1"
+    log = stamping_agent(applied, "hog", 4.0)  # both take the `global` lock
+    stamping_agent(applied, "waker", 0.1, "wake_on_mail = true")
+    daemon()
+    time.sleep(2)  # let it bind its wake-up queue
+    hog = start(applied, "run", "hog")
+    try:
+        wait_for(lambda: len(starts(log, "hog")) == 1, timeout=15)
+        applied.ok("send", "waker", "while hog holds the lock")
+        # Woken, found the lock busy, skipped; mail still waiting...
+        wait_for(
+            lambda: any(r["outcome"] == "skipped:busy" for r in applied.json("runs", "waker")),
+            timeout=15,
+        )
+        assert hog.wait(30) == 0
+        # ...so once the lock is free, the supervisor tries again, unasked.
+        wait_for(lambda: "end waker" in log.read_text(), timeout=20)
+        assert intervals(log)["waker"][0] > intervals(log)["hog"][1]
+        *skipped, last = [r["outcome"] for r in applied.json("runs", "waker")]
+        assert set(skipped) == {"skipped:busy"} and last == "ok"  # retried until it ran once
+    finally:
+        if hog.poll() is None:
+            hog.kill()
 
 
 def test_a_run_can_be_requested_from_a_running_supervisor(applied: World, daemon) -> None:  # type: ignore[no-untyped-def]
