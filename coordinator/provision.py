@@ -53,6 +53,7 @@ from coordinator.topology import (
     EVENTS_EXCHANGE,
     MAIL_EXCHANGE,
     NOTES_EXCHANGE,
+    RUNS_STREAM,
 )
 
 MANAGEMENT_PORT = {"amqp": 15672, "amqps": 15671}
@@ -86,20 +87,21 @@ def participant_grant(address: Address, prefix: str) -> Grant:
     ]
     # covey.dead: to dead-letter what its own queue held that was not fit to file.
     publish_only = [re.escape(DEAD)]
-    own = [re.escape(address.queue)]
+    readable = [re.escape(address.queue), re.escape(CHANGELOG_STREAM)]
     waits = r"lock\.released\..*"  # to wait for a lock
     if address.kind == "agent":
         cursor = re.escape(f"covey.cursor.{address.name}")
         mine, notes, events = [SERVER_NAMED, LOCKS, cursor], _any_of(LOCKS, cursor), _any_of(waits)
-    else:  # a person also asks the supervisor for runs (`covey run NAME --via-supervisor`)
+    else:  # a person also asks for runs (`covey run NAME --via-supervisor`) and reads them
         mine, notes, events = [SERVER_NAMED], NOTHING, _any_of(waits, r"run\.requested\..*")
+        readable.append(re.escape(RUNS_STREAM))
     return Grant(
         user=user_of(address, prefix),
         configure=_any_of(*mine),
         # Writing to a queue is needed to bind it (a note to covey.notes, an event
         # listener to covey.events); publishing goes through the exchanges only.
         write=_any_of(*shared_exchanges, *publish_only, *mine),
-        read=_any_of(*own, re.escape(CHANGELOG_STREAM), *shared_exchanges, *mine),
+        read=_any_of(*readable, *shared_exchanges, *mine),
         topics={NOTES_EXCHANGE: notes, EVENTS_EXCHANGE: events},
     )
 

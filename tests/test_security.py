@@ -180,6 +180,9 @@ async def test_an_agent_keeps_its_own_cursor_and_changelog_but_not_anothers(
     assert ada.returncode == 3 and "no supervisor" in ada.stderr.lower(), ada.stderr
     refused = secured.covey("run", "loner", "--via-supervisor", env=scout)
     assert refused.returncode == 4 and "access" in refused.stderr.lower(), refused.stderr
+    # A person reads the run records; an agent need not.
+    assert secured.covey("runs", env=as_user(secured, "human.ada")).returncode == 0
+    assert secured.covey("runs", env=scout).returncode == 4
 
 
 def test_a_run_hands_the_agent_its_own_credentials(secured: World, tmp_path: Path) -> None:
