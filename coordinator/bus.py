@@ -30,7 +30,7 @@ from yarl import URL
 from coordinator.envelope import MESSAGE_TYPE, Envelope, now
 from coordinator.errors import BrokerUnavailable, ConfigError, NoRecipient, TopologyMissing
 from coordinator.events import EVENT_TYPE, Event
-from coordinator.identity import DEFAULT_USER
+from coordinator.identity import url_user
 from coordinator.settings import Settings
 from coordinator.topology import (
     DEAD,
@@ -62,7 +62,7 @@ def redacted(url: str) -> str:
 
 def signer(connection: AbstractConnection) -> str:
     """The user a connection logged in as: the `user_id` RabbitMQ lets it publish with."""
-    return URL(str(connection.url)).user or DEFAULT_USER
+    return url_user(str(connection.url))
 
 
 def to_amqp(envelope: Envelope, user_id: str) -> aio_pika.Message:

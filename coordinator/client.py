@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator import topology
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
 from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound, TopologyMissing
-from coordinator.identity import provisioned_as
+from coordinator.identity import SenderCheck, provisioned_as
 from coordinator.logs import get_logger
 from coordinator.mailbox import Admission, Mail, MailStore, Status, drain, store_path
 from coordinator.names import Address
@@ -220,8 +220,6 @@ class Covey:
 
     async def drain(self, wait: float | None = None) -> list[Envelope]:
         """Move waiting mail from the broker into the mailbox; return what is new."""
-        from coordinator.identity import SenderCheck
-
         bus = await self.bus()
         queue = self.me.queue
         limits = Admission(self.settings.max_body_bytes, SenderCheck.for_settings(self.settings))
