@@ -1,286 +1,250 @@
 """covey side by side with raw aio-pika, on the same broker, in one run.
 
-    .venv/bin/python tests/bench/run.py [--quick] [--out figures.json]
+    .venv/bin/python tests/bench/run.py [--quick] [--out figures.json] [--only NAME]...
+                                        [--url AMQP_URL] [--profile covey.prof]
+
+Figures (see issue #7): 1 send throughput, 2 drain throughput, 3 round trip,
+4 cold CLI commands, 5 locks, 6 digest far behind, 7 `covey topology apply`
+for 1,000 agents, 8 `covey supervise` idle with them. `--only` takes send,
+drain, roundtrip, cli, locks, digest, topology, supervisor.
 
 Each figure is measured for covey and for the plain aio-pika equivalent,
 interleaved (covey, raw, covey, raw, …) so that a noisy machine hits both
-alike; the table gives medians and the ratio covey/raw. Each figure runs in a
-vhost of its own, removed afterwards.
+alike; the table gives medians, the ratio covey/raw, the target and whether it
+was met, and `--out` writes all of it with every repetition and the machine's
+facts as JSON. A full run takes under 3 minutes on 2 cores; `--quick` uses tiny
+sizes and takes about half a minute, most of it starting the broker.
+
+By default the run starts a private throwaway RabbitMQ node
+(coordinator.localbroker) and removes it at the end, so a thousand quorum
+queues never touch a shared broker; with `--url` it runs on that broker
+instead, in vhosts of its own (management API, else rabbitmqctl), deleted at
+the end. Each figure gets a vhost of its own. Processes the bench starts cache
+their bytecode in a private folder, as an installed covey would.
+
+Exit status: 0 when every figure was measured, met or not; 1 when one failed
+(its row says why, and the others are still measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
-import signal
-import statistics
-import subprocess
+import platform
+import pstats
 import sys
 import tempfile
 import time
-import urllib.request
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the figure modules beside this one
 
 import aio_pika
+import benchlib
+from benchlib import Admin, Bench, CtlAdmin, Figure, admin_for_url
+from fig_cli import bench_cli
+from fig_locks import bench_locks
+from fig_mail import bench_drain, bench_round_trip, bench_send
+from fig_roster import bench_digest, bench_supervisor, bench_topology, topology_size
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for conftest's admin
+from coordinator import __version__
+from coordinator.localbroker import LocalBroker
 
-from conftest import ManagementAdmin
-
-from coordinator import changelog, digest, stream
-from coordinator.bus import Bus
-from coordinator.localbroker import answers, free_port
-from coordinator.roster import DigestConfig
-from coordinator.settings import Settings
-from coordinator.topology import CHANGELOG_STREAM, core
-
-BROKER = "amqp://guest:guest@127.0.0.1:5672/"
-COVEY = str(Path(sys.executable).parent / "covey")
-
-
-@dataclass
-class Figure:
-    name: str
-    unit: str
-    covey: float
-    raw: float | None
-    target: str
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        return self.covey / self.raw if self.raw else None
+FIGURES: dict[str, Callable[[Bench], Awaitable[list[Figure]]]] = {
+    "send": bench_send,
+    "drain": bench_drain,
+    "roundtrip": bench_round_trip,
+    "cli": bench_cli,
+    "locks": bench_locks,
+    "digest": bench_digest,
+    "topology": bench_topology,
+    "supervisor": bench_supervisor,
+}
 
 
-async def interleaved(
-    covey: Callable[[], Awaitable[float]], raw: Callable[[], Awaitable[float]], repeats: int
-) -> tuple[float, float]:
-    covey_runs, raw_runs = [], []
-    for _ in range(repeats):
-        covey_runs.append(await covey())
-        raw_runs.append(await raw())
-    return statistics.median(covey_runs), statistics.median(raw_runs)
+def vhosts_needed(names: list[str], bench: Bench) -> int:
+    """How many vhosts the chosen figures take, to create them in one go."""
+    _, topology_runs = topology_size(bench)
+    count = sum(1 for name in names if name not in ("topology", "supervisor"))
+    if "topology" in names:
+        count += 2 * topology_runs
+    elif "supervisor" in names:
+        count += 1
+    return count
 
 
-async def timed(action: Awaitable[object]) -> float:
-    started = time.perf_counter()
-    await action
-    return time.perf_counter() - started
+async def broker_facts(url: str) -> dict[str, Any]:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
+    return {
+        "rabbitmq": str(properties.get("version")),
+        "erlang": str(properties.get("platform")),
+    }
 
 
-# -- 6: the digest, with a cursor far behind the head -------------------------------------
+def machine_facts() -> dict[str, Any]:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "covey": __version__,
+        "aio_pika": aio_pika.__version__,
+    }
 
 
-async def bench_digest(url: str, quick: bool) -> Figure:
-    behind, budget = (5_000, 50) if quick else (100_000, 50)
-    settings = Settings(amqp_url=url)
-    async with await Bus.connect(settings) as bus:
-        await bus.apply(core(settings.changelog))
-        channel = await bus.connection.channel(publisher_confirms=True)
-        body = changelog.Entry.new(author="agent:other", summary="a change").model_dump_json()
-        for start in range(0, behind, 1000):  # setup, not timed: batches of confirms
-            await asyncio.gather(
-                *(
-                    channel.default_exchange.publish(
-                        aio_pika.Message(body.encode(), type=changelog.ENTRY_TYPE),
-                        CHANGELOG_STREAM,
-                    )
-                    for _ in range(min(1000, behind - start))
-                )
-            )
-        await changelog.advance(bus.connection, "reader", 0)
-        config = DigestConfig(max_entries=budget, max_chars=1_000_000)
-        head = await stream.head(bus.connection, CHANGELOG_STREAM)
-        assert head is not None
-
-        async def covey() -> float:
-            started = time.perf_counter()
-            news = await digest.build(bus.connection, "reader", config, "agent:reader")
-            took = time.perf_counter() - started
-            assert len(news.entries) == budget, len(news.entries)
-            return took
-
-        async def raw() -> float:
-            # The same 50 newest entries, read with aio-pika from a known offset.
-            started = time.perf_counter()
-            raw_channel = await bus.connection.channel()
-            await raw_channel.set_qos(prefetch_count=500)
-            queue = await raw_channel.declare_queue(CHANGELOG_STREAM, passive=True)
-            got: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
-            await queue.consume(got.put, arguments={"x-stream-offset": head - budget + 1})
-            seen = 0
-            while seen < budget:
-                message = await got.get()
-                await message.ack()
-                if int(message.headers["x-stream-offset"]) >= head - budget + 1:  # type: ignore[arg-type]
-                    seen += 1
-            await raw_channel.close()
-            return time.perf_counter() - started
-
-        covey_s, raw_s = await interleaved(covey, raw, repeats=5)
-    return Figure(
-        f"digest, cursor {behind} behind, budget {budget}",
-        "s",
-        covey_s,
-        raw_s,
-        "≤ 1 s and ≤ 3 × raw",
-        "raw is told the head offset; covey finds it (attach at `last`, read one chunk)",
-    )
-
-
-# -- 7: topology for a large roster; 8: the supervisor idle with it ----------------------
-
-
-def write_roster(home: Path, agents: int) -> None:
-    (home / "agents").mkdir(parents=True)
-    (home / "covey.toml").write_text('identity = "human:ada"\n[humans.ada]\n')
-    for n in range(agents):
-        folder = home / "agents" / f"agent{n:04d}"
-        folder.mkdir()
-        (folder / "agent.toml").write_text(
-            f'teams = ["team{n % 10}", "guild{n % 7}"]\ncommand = "true"\n'
-        )
-
-
-def covey_env(home: Path, url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVEY_")}
-    env.update(COVEY_HOME=str(home), COVEY_AMQP_URL=url, COVEY_STATE_DIR=str(home / "state"))
-    return env
-
-
-async def bench_topology(url: str, quick: bool) -> Figure:
-    agents = 100 if quick else 1000
-    admin = ManagementAdmin("http://127.0.0.1:15672", "guest", "guest")
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        write_roster(home, agents)
-        started = time.perf_counter()
-        subprocess.run(
-            [COVEY, "topology", "apply"], env=covey_env(home, url), check=True, capture_output=True
-        )
-        covey_s = time.perf_counter() - started
-    # The raw side in a fresh vhost too: declaring what exists already would be cheaper.
-    vhost = f"covey-bench-{uuid.uuid4().hex[:8]}"
-    admin.add_vhost(vhost, "guest")
+def _cpu_model() -> str | None:
     try:
-        connection = await aio_pika.connect(BROKER + vhost)
-        async with connection:
-            channel = await connection.channel()
-            exchange = await channel.declare_exchange("covey", "topic", durable=True)
-            started = time.perf_counter()
-            for n in range(agents):
-                queue = await channel.declare_queue(
-                    f"agent.agent{n:04d}", durable=True, arguments={"x-queue-type": "quorum"}
-                )
-                for key in (f"agent.agent{n:04d}", f"team.team{n % 10}", f"team.guild{n % 7}"):
-                    await queue.bind(exchange, key)
-                await queue.bind(exchange, "broadcast")
-            raw_s = time.perf_counter() - started
-    finally:
-        admin.delete_vhost(vhost)
-    return Figure(
-        f"topology apply, {agents} agents x 2 teams",
-        "s",
-        covey_s,
-        raw_s,
-        "≤ 0.5 × raw",
-        "covey: the real command, parallel channels; raw: one sequential loop, one channel",
-    )
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
-async def bench_supervisor(url: str, quick: bool) -> Figure:
-    agents, idle = (100, 10) if quick else (1000, 60)
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        write_roster(home, agents)
-        env = covey_env(home, url)
-        subprocess.run([COVEY, "topology", "apply"], env=env, check=True, capture_output=True)
-        port = free_port()
-        daemon = subprocess.Popen(
-            [COVEY, "supervise", "--metrics-port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+def table(figures: list[Figure]) -> str:
+    lines = [
+        f"{'#':<4}{'figure':<46}{'unit':>6}{'covey':>11}{'raw':>11}{'ratio':>7}  {'target':<22}met?"
+    ]
+    for f in figures:
+        raw = _num(f.raw) if f.raw is not None else "-"
+        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
+        met = {True: "yes", False: "NO", None: "-"}[f.met]
+        lines.append(
+            f"{f.id:<4}{f.name[:45]:<46}{f.unit:>6}{_num(f.covey):>11}{raw:>11}{ratio:>7}  "
+            f"{f.target:<22}{met}"
         )
-        try:
-            metrics = f"http://127.0.0.1:{port}/metrics"
-            while not answers("127.0.0.1", port):  # noqa: ASYNC110 (another process)
-                await asyncio.sleep(0.2)
-            while "covey_mailbox_pending{" not in _get(metrics):  # noqa: ASYNC110 (another process)
-                await asyncio.sleep(0.5)  # until the first broker snapshot
-            cpu_before = _cpu_seconds(daemon.pid)
-            await asyncio.sleep(idle)
-            cpu_per_minute = (_cpu_seconds(daemon.pid) - cpu_before) * 60 / idle
-            rss_mb = _rss_mb(daemon.pid)
-            scrapes = []
-            for _ in range(10):
-                started = time.perf_counter()
-                _get(metrics)
-                scrapes.append(time.perf_counter() - started)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-    return Figure(
-        f"supervisor idle, {agents} agents: /metrics scrape",
-        "s",
-        statistics.median(scrapes),
-        None,
-        "RSS ≤ 150 MB; scrape ≤ 1 s",
-        f"RSS {rss_mb:.0f} MB; CPU {cpu_per_minute:.2f} s per minute idle "
-        "(broker figures refreshed every 5 s)",
+        if f.note:
+            lines.append(f"{'':<8}{f.note}")
+        if f.error:
+            lines.append(f"{'':<8}FAILED: {f.error}")
+    return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+async def measure(
+    args: argparse.Namespace, base_url: str, admin: Admin, workdir: Path
+) -> dict[str, Any]:
+    names = [name for name in FIGURES if name in (args.only or FIGURES)]
+    started = time.perf_counter()
+    bench = Bench(
+        base_url=base_url,
+        admin=admin,
+        quick=args.quick,
+        workdir=workdir,
+        prefix=f"covey-bench-{uuid.uuid4().hex[:6]}",
     )
+    try:
+        if not args.url:  # the private node's default vhost serves the first figure
+            bench.default_vhost_free = True
+        bench.provision(vhosts_needed(names, bench) - bench.default_vhost_free)
+        facts = {**machine_facts(), **await broker_facts(base_url)}
+        if not args.quick:  # rabbitmqctl's Erlang start-up would weigh on the first figure
+            await bench.settled()
+        figures: list[Figure] = []
+        timings: dict[str, float] = {}
+        limit = 90 if args.quick else 300
+        for name in names:
+            began = time.perf_counter()
+            print(f"bench: {name} …", file=sys.stderr, flush=True)
+            try:
+                figures += await asyncio.wait_for(FIGURES[name](bench), limit)
+            except Exception as err:  # the other figures are still worth having
+                if isinstance(err, TimeoutError):
+                    err = TimeoutError(f"took over {limit} s")
+                traceback.print_exc()
+                figures.append(Figure.failed(name, err))
+            timings[name] = round(time.perf_counter() - began, 2)
+    finally:
+        await bench.settled()
+        if args.url:  # a throwaway node goes whole; a shared broker gets its vhosts back
+            admin.delete_vhosts(bench.created)
+    return {
+        "mode": "quick" if args.quick else "full",
+        "broker": "private throwaway node" if not args.url else "given --url",
+        "machine": facts | {"load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "seconds_per_figure": timings,
+        "figures": figures,
+        "measure_seconds": round(time.perf_counter() - started, 2),
+    }
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-FIGURES = {"digest": bench_digest, "topology": bench_topology, "supervisor": bench_supervisor}
-
-
-async def main() -> None:
+async def main() -> int:
+    """0 when every figure was measured (met or not), 1 when one could not be."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, under 30 s")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    parser.add_argument("--only", choices=sorted(FIGURES), action="append")
+    parser.add_argument("--only", choices=list(FIGURES), action="append", help="repeatable")
+    parser.add_argument(
+        "--url", help="run on this broker (vhosts of its own) instead of a private node"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile covey's side of every figure into this file"
+    )
     args = parser.parse_args()
-    admin = ManagementAdmin("http://127.0.0.1:15672", "guest", "guest")
-    figures = []
-    for name in args.only or FIGURES:
-        vhost = f"covey-bench-{uuid.uuid4().hex[:8]}"
-        admin.add_vhost(vhost, "guest")
-        try:
-            figures.append(await FIGURES[name](BROKER + vhost, args.quick))
-        finally:
-            admin.delete_vhost(vhost)
-    print(f"{'figure':<44} {'covey':>10} {'raw':>10} {'ratio':>7}  target")
-    for f in figures:
-        raw = f"{f.raw:.4f}" if f.raw is not None else "-"
-        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
-        print(f"{f.name:<44} {f.covey:>10.4f} {raw:>10} {ratio:>7}  {f.target}  [{f.unit}]")
-        if f.note:
-            print(f"{'':<44} {f.note}")
+    if args.profile:
+        benchlib.PROFILER = benchlib.Profiler()
+    wall_started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="covey-bench-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        dont_write = benchlib.cache_bytecode(workdir / "pycache")
+        warming = asyncio.create_task(benchlib.warm_bytecode())  # while the node starts
+        admin: Admin
+        if args.url:
+            base_url, admin = args.url, admin_for_url(args.url)
+        else:
+            if not LocalBroker.available():
+                raise SystemExit(
+                    "bench: no rabbitmq-server here for a private node: apt-get install "
+                    "rabbitmq-server, or run on a broker of yours with --url"
+                )
+            node = LocalBroker()
+            stack.callback(node.remove)
+            await asyncio.to_thread(node.start)
+            base_url, admin = node.url, CtlAdmin(node.ctl)
+        await warming
+        result = await measure(args, base_url, admin, workdir)
+    result["bytecode"] = (
+        "cached under a private PYTHONPYCACHEPREFIX for the processes the bench starts"
+        + (f" (the environment had PYTHONDONTWRITEBYTECODE={dont_write})" if dont_write else "")
+    )
+    result["wall_seconds"] = round(time.perf_counter() - wall_started, 2)
+    figures: list[Figure] = result["figures"]
+    print(table(figures))
+    met = [f for f in figures if f.met is not None]
+    print(
+        f"\n{sum(bool(f.met) for f in met)} of {len(met)} targets met; "
+        f"{result['mode']} run, {result['wall_seconds']:.0f} s in all "
+        f"({result['machine']['cpu_count']} CPUs, RabbitMQ {result['machine']['rabbitmq']}, "
+        f"Python {result['machine']['python']})"
+    )
     if args.out:
-        args.out.write_text(json.dumps([asdict(f) | {"ratio": f.ratio} for f in figures], indent=2))
+        result["figures"] = [f.to_dict() for f in figures]
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if benchlib.PROFILER is not None:
+        benchlib.PROFILER.profile.dump_stats(args.profile)
+        pstats.Stats(str(args.profile)).sort_stats("cumulative").print_stats(25)
+    return 1 if any(f.error for f in figures) else 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,471 @@
+"""What every figure shares: the Figure record, interleaved repetitions, namespaces (vhosts)
+on the broker under test, covey homes, and reading a process's CPU and memory."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import cProfile
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from yarl import URL
+
+COVEY = str(Path(sys.executable).parent / "covey")
+# The environment the bench was started in, before `cache_bytecode` changed it.
+ORIGINAL_ENV = dict(os.environ)
+PYTHON = sys.executable
+BODY_512 = ("covey bench " * 43)[:512]  # 512 bytes of UTF-8 text
+
+
+# -- figures ----------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """One row of the table: covey's median against raw aio-pika's, and the target.
+
+    The target is met when every limit given holds: `max_value` (covey's figure,
+    in `unit`), `min_ratio` / `max_ratio` (covey/raw)."""
+
+    id: str
+    name: str
+    unit: str
+    covey: float
+    raw: float | None
+    target: str
+    max_value: float | None = None
+    min_ratio: float | None = None
+    max_ratio: float | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the figure could not be measured: why
+
+    @classmethod
+    def failed(cls, group: str, error: BaseException) -> Figure:
+        return cls(
+            group,
+            f"{group}: not measured",
+            "-",
+            float("nan"),
+            None,
+            "-",
+            error=f"{type(error).__name__}: {error}".strip(),
+        )
+
+    @property
+    def ratio(self) -> float | None:
+        return self.covey / self.raw if self.raw else None
+
+    @property
+    def met(self) -> bool | None:
+        if self.error is not None:
+            return False
+        checks = []
+        if self.max_value is not None:
+            checks.append(self.covey <= self.max_value)
+        ratio = self.ratio
+        if self.min_ratio is not None:
+            checks.append(ratio is not None and ratio >= self.min_ratio)
+        if self.max_ratio is not None:
+            checks.append(ratio is not None and ratio <= self.max_ratio)
+        return all(checks) if checks else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "unit": self.unit,
+            "covey": None if self.error else self.covey,
+            "raw": self.raw,
+            "ratio": self.ratio,
+            "target": self.target,
+            "met": self.met,
+            "note": self.note,
+            **({"extra": self.extra} if self.extra else {}),
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+class Profiler:
+    """cProfile switched on only while covey's side of a figure runs (`--profile`)."""
+
+    def __init__(self) -> None:
+        self.profile = cProfile.Profile()
+
+    async def around(self, action: Awaitable[float]) -> float:
+        self.profile.enable()
+        try:
+            return await action
+        finally:
+            self.profile.disable()
+
+
+PROFILER: Profiler | None = None
+
+
+async def covey_side(action: Awaitable[float]) -> float:
+    """Await covey's side of a figure, under the profiler when there is one."""
+    return await (PROFILER.around(action) if PROFILER else action)
+
+
+async def interleaved(
+    covey: Callable[[], Awaitable[float]],
+    raw: Callable[[], Awaitable[float]],
+    repeats: int,
+    runs: dict[str, Any] | None = None,
+    raw_first: bool = False,
+) -> tuple[float, float]:
+    """Medians of `repeats` runs of each, taken covey, raw, covey, raw, … (raw, covey, …
+    with `raw_first`); every run is kept in `runs` (for the JSON) when given."""
+    covey_runs: list[float] = []
+    raw_runs: list[float] = []
+    for _ in range(repeats):
+        if raw_first:
+            raw_runs.append(await raw())
+        covey_runs.append(await covey_side(covey()))
+        if not raw_first:
+            raw_runs.append(await raw())
+    if runs is not None:
+        runs["covey_runs"] = [round(x, 6) for x in covey_runs]
+        runs["raw_runs"] = [round(x, 6) for x in raw_runs]
+    return statistics.median(covey_runs), statistics.median(raw_runs)
+
+
+async def timed(action: Awaitable[object]) -> float:
+    started = time.perf_counter()
+    await action
+    return time.perf_counter() - started
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (0-100), nearest rank."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(p / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+# -- the broker under test and its namespaces ---------------------------------------------
+
+
+class Admin:
+    """Creates and removes vhosts, many at a time (each call to rabbitmqctl costs a second
+    of Erlang start-up, so a batch is one `eval`)."""
+
+    def add_vhosts(self, names: list[str], user: str) -> None:
+        raise NotImplementedError
+
+    def delete_vhosts(self, names: list[str]) -> None:
+        raise NotImplementedError
+
+
+class CtlAdmin(Admin):
+    def __init__(self, ctl: Callable[..., str]) -> None:
+        self._ctl = ctl
+
+    def add_vhosts(self, names: list[str], user: str) -> None:
+        if not names:
+            return
+        binaries = ",".join(f'<<"{name}">>' for name in names)
+        self._ctl(
+            "eval",
+            f'[begin rabbit_vhost:add(V, <<"covey-bench">>), '
+            f'rabbit_auth_backend_internal:set_permissions(<<"{user}">>, V, <<".*">>, '
+            f'<<".*">>, <<".*">>, <<"covey-bench">>) end || V <- [{binaries}]], ok.',
+        )
+
+    def delete_vhosts(self, names: list[str]) -> None:
+        for name in names:
+            self._ctl("delete_vhost", name, timeout=600)
+
+
+class HttpAdmin(Admin):
+    """Through the management API, for `--url` brokers that have it."""
+
+    def __init__(self, base: str, user: str, password: str) -> None:
+        self.base = base.rstrip("/")
+        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
+        request = urllib.request.Request(
+            self.base + path,
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": self._auth, "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read()
+        return json.loads(data) if data else None
+
+    def answers(self) -> bool:
+        try:
+            self._call("GET", "/api/overview", timeout=5)
+            return True
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def add_vhosts(self, names: list[str], user: str) -> None:
+        for name in names:
+            self._call("PUT", f"/api/vhosts/{quote(name, safe='')}", {})
+            self._call(
+                "PUT",
+                f"/api/permissions/{quote(name, safe='')}/{quote(user, safe='')}",
+                {"configure": ".*", "write": ".*", "read": ".*"},
+            )
+
+    def delete_vhosts(self, names: list[str]) -> None:
+        for name in names:
+            self._call("DELETE", f"/api/vhosts/{quote(name, safe='')}")
+
+
+def admin_for_url(url: str) -> Admin:
+    """The management API on the broker's host if it answers, else this machine's
+    rabbitmqctl; else a one-line error."""
+    parsed = URL(url)
+    http = HttpAdmin(
+        f"http://{parsed.host}:15672", parsed.user or "guest", parsed.password or "guest"
+    )
+    if http.answers():
+        return http
+    if shutil.which("rabbitmqctl"):
+
+        def ctl(*args: str, timeout: float = 60) -> str:
+            done = subprocess.run(
+                ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=True
+            )
+            return done.stdout
+
+        return CtlAdmin(ctl)
+    raise SystemExit(f"bench: cannot create vhosts on {parsed.host}: enable rabbitmq_management")
+
+
+@dataclass
+class Bench:
+    """What a figure gets: the sizes to use and fresh namespaces on the broker under test."""
+
+    base_url: str  # the default vhost's URL
+    admin: Admin
+    quick: bool
+    workdir: Path
+    prefix: str
+    default_vhost_free: bool = False  # a private node's "/": the first figure may have it
+    created: list[str] = field(default_factory=list)
+    shared: dict[str, Any] = field(default_factory=dict)  # handed from one figure to the next
+    _pool: list[str] = field(default_factory=list)
+    _provisioning: asyncio.Future[None] | None = None
+
+    def provision(self, count: int) -> None:
+        """Start creating `count` vhosts in the background (one rabbitmqctl call costs a
+        second of Erlang start-up), for `vhost()` to hand out."""
+        names = [f"{self.prefix}-{len(self.created) + i}" for i in range(count)]
+        self.created += names
+        user = URL(self.base_url).user or "guest"
+
+        async def create() -> None:
+            await asyncio.to_thread(self.admin.add_vhosts, names, user)
+            self._pool += names
+
+        previous = self._provisioning
+
+        async def after_previous() -> None:
+            if previous is not None:
+                await previous
+            await create()
+
+        self._provisioning = asyncio.ensure_future(after_previous())
+
+    async def vhost(self) -> str:
+        """The URL of a vhost nobody has used yet."""
+        if self.default_vhost_free:
+            self.default_vhost_free = False
+            return self.base_url
+        while not self._pool:
+            if self._provisioning is None or self._provisioning.done():
+                self.provision(1)
+            assert self._provisioning is not None
+            await self._provisioning
+        return self.url_of(self._pool.pop(0))
+
+    async def settled(self) -> None:
+        """Wait for vhosts still being created (before they are deleted)."""
+        if self._provisioning is not None:
+            await self._provisioning
+
+    def url_of(self, vhost: str) -> str:
+        return str(URL(self.base_url).with_path("/" + vhost, encoded=False))
+
+    def folder(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True)
+        return path
+
+
+def cache_bytecode(folder: Path) -> str | None:
+    """Let the processes the bench starts cache their bytecode under `folder`, as an
+    installed covey would have it. Returns what PYTHONDONTWRITEBYTECODE was: with it set
+    (as here) and covey installed editable, every `covey` command compiled covey's own
+    modules from source again."""
+    before = os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
+    return before
+
+
+async def warm_bytecode() -> None:
+    """Import every covey module once in a child process, so that bytecode is cached
+    before anything is timed."""
+    await wall_time(
+        [
+            PYTHON,
+            "-c",
+            "import importlib, pkgutil, coordinator\n"
+            "for m in pkgutil.iter_modules(coordinator.__path__):\n"
+            "    importlib.import_module('coordinator.' + m.name)",
+        ],
+        dict(os.environ),
+    )
+
+
+# -- covey homes --------------------------------------------------------------------------
+
+
+def write_home(home: Path, agents: dict[str, list[str]]) -> Path:
+    """A covey home with these agents (name -> teams) and the person human:ada."""
+    (home / "agents").mkdir(parents=True, exist_ok=True)
+    (home / "covey.toml").write_text('identity = "human:ada"\n[humans.ada]\n')
+    for name, teams in agents.items():
+        folder = home / "agents" / name
+        folder.mkdir()
+        (folder / "agent.toml").write_text(f'teams = {json.dumps(teams)}\ncommand = "true"\n')
+    return home
+
+
+def write_roster(home: Path, agents: int) -> Path:
+    """`agents` agents, each in 2 teams (10 `team*` and 7 `guild*` teams in all)."""
+    return write_home(
+        home, {f"agent{n:04d}": [f"team{n % 10}", f"guild{n % 7}"] for n in range(agents)}
+    )
+
+
+def covey_env(home: Path, url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVEY_")}
+    env.update(COVEY_HOME=str(home), COVEY_AMQP_URL=url, COVEY_STATE_DIR=str(home / "state"))
+    return env
+
+
+# -- loading a queue fast ------------------------------------------------------------------
+
+
+async def bulk_publish(
+    url: str, queue: str, messages: list[tuple[bytes, dict[str, Any]]], copies: int = 1
+) -> None:
+    """Publish each (body, AMQP properties) `copies` times to `queue` through the default
+    exchange, persistent and confirmed, as fast as the broker takes them: pre-built frames
+    on a bare socket. aio-pika spends a few hundred microseconds of Python per message,
+    which makes 100,000 changelog entries a minute of set-up; this takes seconds. For
+    set-up only, never measured."""
+    from pamqp import body as content
+    from pamqp import commands, frame, header
+    from pamqp.exceptions import UnmarshalingException
+
+    parsed = URL(url)
+    reader, writer = await asyncio.open_connection(parsed.host, parsed.port or 5672)
+    buffer = b""
+
+    async def receive() -> object:
+        nonlocal buffer
+        while True:
+            try:
+                used, _, value = frame.unmarshal(buffer)
+                break
+            except UnmarshalingException:  # an incomplete frame: read more
+                pass
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise ConnectionError("the broker closed the bulk loader's connection")
+            buffer += chunk
+        buffer = buffer[used:]
+        if isinstance(value, commands.Connection.Close | commands.Channel.Close):
+            raise ConnectionError(f"the broker refused the bulk load: {value.reply_text}")
+        return value
+
+    async def expect(kind: type) -> Any:
+        while not isinstance(value := await receive(), kind):
+            pass
+        return value
+
+    try:
+        writer.write(frame.marshal(header.ProtocolHeader(), 0))
+        await expect(commands.Connection.Start)
+        login = f"\0{parsed.user or 'guest'}\0{parsed.password or 'guest'}"
+        writer.write(frame.marshal(commands.Connection.StartOk(response=login), 0))
+        tune = await expect(commands.Connection.Tune)
+        writer.write(frame.marshal(commands.Connection.TuneOk(tune.channel_max, tune.frame_max), 0))
+        vhost = parsed.path[1:] or "/"
+        writer.write(frame.marshal(commands.Connection.Open(virtual_host=vhost), 0))
+        await expect(commands.Connection.OpenOk)
+        writer.write(frame.marshal(commands.Channel.Open(), 1))
+        await expect(commands.Channel.OpenOk)
+        writer.write(frame.marshal(commands.Confirm.Select(), 1))
+        await expect(commands.Confirm.SelectOk)
+        publish = frame.marshal(commands.Basic.Publish(routing_key=queue), 1)
+        for body, properties in messages:
+            one = (
+                publish
+                + frame.marshal(
+                    header.ContentHeader(
+                        0, len(body), commands.Basic.Properties(delivery_mode=2, **properties)
+                    ),
+                    1,
+                )
+                + frame.marshal(content.ContentBody(body), 1)
+            )
+            for start in range(0, copies, 1000):
+                writer.write(one * min(1000, copies - start))
+                await writer.drain()
+        count = len(messages) * copies
+        while (await expect(commands.Basic.Ack)).delivery_tag < count:
+            pass
+        writer.write(frame.marshal(commands.Connection.Close(200, "done", 0, 0), 0))
+        await expect(commands.Connection.CloseOk)
+    finally:
+        writer.close()
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def wall_time(argv: list[str], env: dict[str, str], check: bool = True) -> float:
+    """Seconds from spawning `argv` to its exit."""
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await process.communicate()
+    took = time.perf_counter() - started
+    if check and process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])}… exited {process.returncode}: {err.decode()}")
+    return took
