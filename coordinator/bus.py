@@ -189,15 +189,27 @@ class Bus:
 
         One AMQP channel runs one method at a time, so a large roster declares
         much faster over several channels than down one; a small topology is not
-        worth the extra channels.
+        worth the extra channels. Each queue is bound as soon as it is declared,
+        so that binding overlaps the broker's (slow) creation of other queues.
         """
         count = max(1, min(parallelism, len(topology.bindings) // 16))
         channels = await asyncio.gather(*(self._connection.channel() for _ in range(count)))
+        bindings: dict[str, list[BindingSpec]] = {}
+        for binding in topology.bindings:
+            bindings.setdefault(binding.queue, []).append(binding)
+
+        async def declare_and_bind(channel: AbstractChannel, spec: QueueSpec | StreamSpec) -> None:
+            await _declare_queue(channel, spec)
+            for binding in bindings.get(spec.name, ()):
+                await _declare_binding(channel, binding)
+
+        declared = {spec.name for spec in topology.queues}
+        elsewhere = [b for b in topology.bindings if b.queue not in declared]
         try:
-            # Exchanges and queues first: a binding needs both ends to exist.
+            # Exchanges first: a binding needs both ends to exist.
             await _spread(channels, topology.exchanges, _declare_exchange)
-            await _spread(channels, topology.queues, _declare_queue)
-            await _spread(channels, topology.bindings, _declare_binding)
+            await _spread(channels, topology.queues, declare_and_bind)
+            await _spread(channels, elsewhere, _declare_binding)
         except ExceptionGroup as group:  # the TaskGroup in _spread: report the first
             raise _declare_error(group.exceptions[0]) from None
         finally:
@@ -322,13 +334,14 @@ class Bus:
 
     # -- consuming -----------------------------------------------------------
 
-    async def queue(self, name: str) -> AbstractQueue:
-        """An existing queue, on a channel of its own (the caller closes `queue.channel`).
+    async def queue(self, name: str, channel: AbstractChannel | None = None) -> AbstractQueue:
+        """An existing queue, on `channel` or on a channel of its own (the caller closes
+        `queue.channel`).
 
         Its `declaration_result.message_count` says how many messages are ready.
         Raises TopologyMissing when the queue does not exist.
         """
-        channel = await self._connection.channel()
+        channel = channel or await self._connection.channel()
         try:
             return await channel.declare_queue(name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:

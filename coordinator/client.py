@@ -12,6 +12,7 @@ the first time something needs it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -25,7 +26,15 @@ from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
 from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound, TopologyMissing
 from coordinator.identity import SenderCheck, provisioned_as
 from coordinator.logs import get_logger
-from coordinator.mailbox import Admission, Mail, MailStore, Status, drain, store_path
+from coordinator.mailbox import (
+    Admission,
+    Mail,
+    MailStore,
+    Status,
+    Subscription,
+    drain,
+    store_path,
+)
 from coordinator.names import Address
 from coordinator.roster import Roster
 from coordinator.settings import Settings
@@ -49,7 +58,9 @@ class Covey:
         self._me: Address | None = None
         self._bus: Bus | None = None
         self._store: MailStore | None = None
+        self._subscription: Subscription | None = None  # kept while `wait` is used
         self._declared: set[Address] = set()  # participants whose topology this handle applied
+        self._declaring = asyncio.Lock()
 
     @classmethod
     def open(
@@ -72,6 +83,10 @@ class Covey:
         await self.close()
 
     async def close(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(CoveyError):  # the broker went: it redelivers the rest
+                await self._subscription.close()
+            self._subscription = None
         if self._bus is not None:
             await self._bus.close()
             self._bus = None
@@ -128,21 +143,21 @@ class Covey:
         """Declare the core topology and every participant in the roster."""
         plan = topology.for_roster(self.roster, self.settings)
         await (await self.bus()).apply(plan)
+        self._declared.update(self.roster.participants())
         return plan
 
     async def ensure_participants(self, participants: list[Address]) -> None:
         """Declare the core and these participants' queues and bindings, once per handle."""
-        todo = [p for p in participants if p not in self._declared]
-        if not todo or provisioned_as(self.settings) is not None:
+        if provisioned_as(self.settings) is not None:
             return  # a provisioned participant may not declare: `covey provision` did
-        plan = topology.Topology.combine(
-            [
-                topology.core(self.settings.changelog),
-                *(topology.participant(p, self.roster.teams_of(p), self.settings) for p in todo),
-            ]
-        )
-        await (await self.bus()).apply(plan)
-        self._declared.update(todo)
+        async with self._declaring:  # concurrent sends to one recipient declare it once
+            todo = [p for p in participants if p not in self._declared]
+            if not todo:
+                return
+            parts = [topology.participant(p, self.roster.teams_of(p), self.settings) for p in todo]
+            plan = topology.Topology.combine([topology.core(self.settings.changelog), *parts])
+            await (await self.bus()).apply(plan)
+            self._declared.update(todo)
 
     # -- sending --------------------------------------------------------------
 
@@ -220,9 +235,9 @@ class Covey:
 
     async def drain(self, wait: float | None = None) -> list[Envelope]:
         """Move waiting mail from the broker into the mailbox; return what is new."""
-        bus = await self.bus()
-        queue = self.me.queue
-        limits = Admission(self.settings.max_body_bytes, SenderCheck.for_settings(self.settings))
+        if self._subscription is not None and (filed := await self._subscription.next(0)):
+            return filed
+        bus, queue, limits = await self.bus(), self.me.queue, self._admission()
         try:
             new = await drain(bus, self.store, queue, limits, wait)
         except TopologyMissing:  # first use of this participant: its queue exists from now on
@@ -239,12 +254,30 @@ class Covey:
     async def wait(self, timeout: float) -> list[Mail]:
         """Block until new mail arrives (at most `timeout` seconds); return it, or []."""
         deadline = time.monotonic() + timeout
+        subscription = await self._subscribe()
         while (left := deadline - time.monotonic()) > 0:
-            new = await self.drain(wait=left)
+            try:
+                new = await subscription.next(left)  # [] too when a delivery was dead-lettered
+            except CoveyError:
+                self._subscription = None  # a new one next time
+                raise
             if new:
-                new += await self.drain()  # the rest of a burst that woke us
                 return self.store.messages(include_done=True, ids=[e.id for e in new])
         return []
+
+    async def _subscribe(self) -> Subscription:
+        if self._subscription is not None and self._subscription.active:
+            return self._subscription
+        bus, limits = await self.bus(), self._admission()
+        try:
+            self._subscription = await Subscription.start(bus, self.store, self.me.queue, limits)
+        except TopologyMissing:  # first use of this participant: its queue exists from now on
+            await self.ensure_participants([self.me])
+            self._subscription = await Subscription.start(bus, self.store, self.me.queue, limits)
+        return self._subscription
+
+    def _admission(self) -> Admission:
+        return Admission(self.settings.max_body_bytes, SenderCheck.for_settings(self.settings))
 
     def read(self, message_id: str) -> Mail:
         """One message, marked read."""

@@ -31,6 +31,7 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,  # its processors are fixed here: no need to re-bind
     )
     return logger
 

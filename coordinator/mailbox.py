@@ -14,6 +14,7 @@ stops the drain, and is never lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from coordinator.envelope import Envelope
-from coordinator.errors import BadInput, BrokerUnavailable, ConfigError, InvalidEnvelope, NotFound
+from coordinator.errors import (
+    BadInput,
+    BrokerUnavailable,
+    ConfigError,
+    CoveyError,
+    InvalidEnvelope,
+    NotFound,
+)
 from coordinator.logs import get_logger
 
 if TYPE_CHECKING:  # the store works without the broker; only `drain` needs it
@@ -257,6 +265,7 @@ def _mail(row: tuple[Any, ...]) -> Mail:
 
 MAX_PREFETCH = 500
 IDLE_SECONDS = 2.0  # how long a drain waits for deliveries it expects before giving up
+CALLBACK_SECONDS = 0.05  # for the callbacks of deliveries that came before a cancel-ok
 
 
 async def drain(
@@ -270,8 +279,9 @@ async def drain(
     What `limits` does not admit goes to `covey.dead` instead, with the reason.
 
     With `wait`, block up to that many seconds for a first message when the queue
-    is empty. A drain takes what was waiting when it began, not mail that keeps
-    arriving meanwhile (the next drain gets that).
+    is empty, then take what is waiting by the time it came (the rest of a
+    burst). A drain takes what was waiting, not mail that keeps arriving
+    meanwhile (the next drain gets that).
 
     It works in rounds with a full window, because a consumer cancelled while the
     broker still has deliveries in flight to it gets them put back, and every
@@ -283,30 +293,33 @@ async def drain(
     from aiormq.exceptions import AMQPError  # the broker is only needed here
 
     filing = _Filing(bus, store, queue_name, limits)
-    budget: int | None = None  # what was waiting when the drain began
+    target: int | None = None  # how many this drain takes in all: what was waiting
     first_wait = wait
+    channel = None
     try:
-        while budget is None or filing.taken < budget:
-            queue = await bus.queue(queue_name)
-            try:
-                ready = queue.declaration_result.message_count or 0
-                if budget is None:
-                    budget = ready if wait is None else max(ready, 1)
+        channel = await bus.connection.channel()  # one for every round
+        while target is None or filing.taken < target:
+            queue = await bus.queue(queue_name, channel)
+            ready = queue.declaration_result.message_count or 0
+            if target is None:
                 if ready == 0 and first_wait is None:
                     break
-                window = min(max(ready, 1), MAX_PREFETCH)
-                batch = await _take(queue, window, first_wait if ready == 0 else IDLE_SECONDS)
-                await filing.file(batch)
-            finally:
-                if not queue.channel.is_closed:
-                    await queue.channel.close()
+                target = filing.taken + max(ready, 1)
+            window = min(max(ready, 1), MAX_PREFETCH)
+            batch = await _take(queue, window, first_wait if ready == 0 else IDLE_SECONDS)
+            await filing.file(batch)
             if len(batch) < window:
                 break  # waited long enough, or another consumer took some
+            if first_wait is not None and ready == 0:
+                target = None  # mail came while we waited: take what is waiting now, too
             first_wait = None
     except (AMQPError, RuntimeError, ConnectionError) as err:
         raise BrokerUnavailable(
             f"lost RabbitMQ while fetching mail from {queue_name} ({err})"
         ) from None
+    finally:
+        if channel is not None and not channel.is_closed:
+            await channel.close()
     return filing.added
 
 
@@ -316,8 +329,12 @@ async def _take(
     """Consume up to `window` deliveries: wait `first_timeout` for the first, then
     IDLE_SECONDS for each next one."""
     deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+
     # A closed channel (broker gone, connection cut) ends the wait at once.
-    queue.channel.close_callbacks.add(lambda *_: deliveries.put_nowait(None))
+    def on_close(*_: object) -> None:
+        deliveries.put_nowait(None)
+
+    queue.channel.close_callbacks.add(on_close)
     await queue.channel.set_qos(prefetch_count=window)
     consumer_tag = await queue.consume(deliveries.put, no_ack=False)
     batch: list[AbstractIncomingMessage] = []
@@ -333,12 +350,13 @@ async def _take(
             batch.append(delivery)
             timeout = IDLE_SECONDS
     finally:
+        queue.channel.close_callbacks.discard(on_close)  # the channel serves more rounds
         if not queue.channel.is_closed:
             await queue.cancel(consumer_tag)
     if len(batch) < window:
         # A partial window: deliveries sent before the cancel may still be in their
         # callbacks; take them now rather than hand them back.
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(CALLBACK_SECONDS)
         while not deliveries.empty():
             if (delivery := deliveries.get_nowait()) is not None:
                 batch.append(delivery)
@@ -351,6 +369,94 @@ class Admission:
 
     max_body_bytes: int
     senders: SenderCheck
+
+
+class Subscription:
+    """A consumer kept on a participant's queue while its handle waits for mail.
+
+    Each delivery is filed as it arrives (committed, then acked), so a wait
+    returns as soon as mail is in the mailbox, rather than setting a consumer up
+    and tearing it down per wait. Deliveries are filed one batch at a time, in
+    order; `close` cancels the consumer and files what was still on its way, so
+    nothing goes back to the queue (which would count towards the delivery limit).
+    """
+
+    def __init__(self, filing: _Filing, queue: AbstractQueue) -> None:
+        self._filing, self._queue = filing, queue
+        self._consumer_tag: str | None = None
+        self._waiting: list[AbstractIncomingMessage] = []  # delivered, not yet filed
+        self._filing_one_batch = asyncio.Lock()
+        self._news = asyncio.Event()  # filed something, or failed
+        self._failure: CoveyError | None = None
+
+    @classmethod
+    async def start(
+        cls, bus: Bus, store: MailStore, queue_name: str, limits: Admission
+    ) -> Subscription:
+        """Subscribe; raises TopologyMissing when the queue does not exist."""
+        from aiormq.exceptions import AMQPError
+
+        channel = await bus.connection.channel()
+        try:
+            queue = await bus.queue(queue_name, channel)
+            subscription = cls(_Filing(bus, store, queue_name, limits), queue)
+            channel.close_callbacks.add(subscription._on_close)
+            await channel.set_qos(prefetch_count=MAX_PREFETCH)
+            subscription._consumer_tag = await queue.consume(subscription._on_delivery)
+        except (AMQPError, RuntimeError, ConnectionError) as err:
+            raise BrokerUnavailable(f"lost RabbitMQ subscribing to {queue_name} ({err})") from None
+        return subscription
+
+    @property
+    def active(self) -> bool:
+        return self._failure is None and not self._queue.channel.is_closed
+
+    async def next(self, timeout: float) -> list[Envelope]:
+        """What was filed since the last call, waiting up to `timeout` s for something."""
+        if not self._filing.added and self._failure is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), timeout)
+        self._news.clear()
+        new, self._filing.added = self._filing.added, []
+        if not new and self._failure is not None:
+            raise self._failure  # what was filed before it is returned first
+        return new
+
+    async def close(self) -> None:
+        """Cancel, file what was delivered meanwhile, and close the channel."""
+        channel = self._queue.channel
+        try:
+            if self._consumer_tag is not None and not channel.is_closed:
+                await self._queue.cancel(self._consumer_tag)
+                await asyncio.sleep(CALLBACK_SECONDS)  # deliveries before the cancel-ok
+                await self._file_waiting()
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _on_delivery(self, delivery: AbstractIncomingMessage) -> None:
+        self._waiting.append(delivery)
+        await self._file_waiting()
+
+    async def _file_waiting(self) -> None:
+        from aiormq.exceptions import AMQPError
+
+        async with self._filing_one_batch:
+            batch, self._waiting = self._waiting, []
+            if not batch or self._failure is not None:
+                return  # after a failure the channel goes: the broker redelivers
+            try:
+                await self._filing.file(batch)
+            except CoveyError as err:
+                self._failure = err
+            except (AMQPError, RuntimeError, ConnectionError) as err:
+                self._failure = BrokerUnavailable(f"lost RabbitMQ while filing mail ({err})")
+            self._news.set()
+
+    def _on_close(self, *_: object) -> None:
+        if self._failure is None:
+            self._failure = BrokerUnavailable("lost RabbitMQ while waiting for mail")
+        self._news.set()
 
 
 class _Filing:

@@ -194,6 +194,37 @@ async def test_draining_while_mail_pours_in_hands_nothing_back(
     ][:5]
 
 
+async def test_waiting_while_mail_pours_in_hands_nothing_back(
+    applied: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`wait` keeps a consumer between calls and files as mail arrives; closing the
+    handle mid-stream must not hand deliveries back either."""
+    seen: list[tuple[bool, object]] = []
+    parse = Envelope.from_delivery.__func__  # type: ignore[attr-defined]
+
+    def watching(cls: type[Envelope], message: aio_pika.abc.AbstractIncomingMessage) -> Envelope:
+        seen.append((message.redelivered, (message.headers or {}).get("x-delivery-count")))
+        return parse(cls, message)
+
+    monkeypatch.setattr(Envelope, "from_delivery", classmethod(watching))
+    total, got = 400, set()
+    async with applied.open("human:ada") as ada:
+        async with applied.open("agent:scout") as scout:
+            for n in range(total):
+                await ada.send("scout", f"m{n}")
+                if n % 50 == 0:  # waits interleaved with the stream
+                    got |= {m.envelope.id for m in await scout.wait(timeout=5)}
+        # Closed mid-stream; a new handle finds the rest, each once.
+        async with applied.open("agent:scout") as scout:
+            while len(scout.store.messages()) < total:
+                assert await scout.wait(timeout=10), "mail went missing"
+    assert len(got) >= 1
+    assert len(seen) == total
+    assert all(not redelivered and count is None for redelivered, count in seen), [
+        s for s in seen if s[0] or s[1] is not None
+    ][:5]
+
+
 def test_read_and_done_work_without_a_broker_and_without_importing_aio_pika(
     applied: World,
 ) -> None:
