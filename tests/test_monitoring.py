@@ -149,6 +149,34 @@ def test_prometheus_sees_what_the_supervisor_did(
         holding.wait(30)
 
 
+def test_changelog_lag_falls_to_zero_once_a_run_has_seen_the_news(applied: World) -> None:
+    applied.add_agent("reader", 'command = "true"\nlock = "none"\n')
+    for n in range(3):
+        applied.ok("log", "add", f"change {n}")
+    port = free_port()
+    daemon = start(applied, "supervise", "--metrics-port", str(port))
+
+    def lag(agent: str) -> float | None:
+        scrape = fetch(f"http://127.0.0.1:{port}/metrics")
+        found = re.search(rf'^covey_changelog_lag_entries{{agent="{agent}"}} (\S+)$', scrape, re.M)
+        return float(found.group(1)) if found else None
+
+    try:
+        wait_for(lambda: answers("127.0.0.1", port), timeout=30)
+        wait_for(lambda: lag("reader") == 3, timeout=30)  # never run: all three are news
+        deadline = time.monotonic() + 30
+        while applied.covey("run", "reader", "--via-supervisor").returncode != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        # Its run ended well, so its cursor moved; the supervisor reads it again at once
+        # (not at the next full sweep of cursors, a minute away).
+        wait_for(lambda: lag("reader") == 0, timeout=30)
+        assert lag("writer") == 3
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=60)
+
+
 def test_promtool_finds_nothing_wrong_in_a_scrape(supervised: tuple[World, int]) -> None:
     _, port = supervised
     scrape = fetch(f"http://127.0.0.1:{port}/metrics")

@@ -243,8 +243,8 @@ async def bench_supervisor(bench: Bench) -> list[Figure]:
             cpu_per_minute,
             None,
             "(reported)",
-            note="broker figures refreshed every 5 s: a passive declare per queue, a cursor "
-            "read per agent",
+            note="broker figures refreshed every 5 s (or twice as long as the last refresh "
+            "took): a passive declare per queue; cursors every 60 s",
         ),
         Figure(
             "8c",
