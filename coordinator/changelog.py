@@ -134,9 +134,10 @@ async def newest(
     keep: Callable[[Logged], bool],
 ) -> list[Logged]:
     """Up to `limit` kept entries in [floor, head], newest first. Reads back from the
-    head in windows, so it costs what `limit` needs, not the whole range."""
+    head in windows, so it costs what `limit` needs, not the whole range: the first
+    is `limit` entries, and each next one twice the last (for when `keep` drops some)."""
     found: list[Logged] = []
-    window = max(2 * limit, 64)
+    window = max(limit, 1)
     end = head
     while end >= floor and len(found) < limit:
         start = max(floor, end - window + 1)
@@ -154,7 +155,7 @@ async def newest(
                 found.append(logged)
                 if len(found) == limit:
                     break
-        end = start - 1
+        end, window = start - 1, 2 * window
     return found
 
 
