@@ -148,6 +148,8 @@ class Covey:
 
     async def ensure_participants(self, participants: list[Address]) -> None:
         """Declare the core and these participants' queues and bindings, once per handle."""
+        if all(p in self._declared for p in participants):
+            return
         if provisioned_as(self.settings) is not None:
             return  # a provisioned participant may not declare: `covey provision` did
         async with self._declaring:  # concurrent sends to one recipient declare it once

@@ -8,6 +8,7 @@ queue is named after its own routing key.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -56,6 +57,10 @@ class Address:
     @classmethod
     def parse(cls, text: str) -> Address:
         """Parse `agent:NAME`, bare `NAME` (an agent), `team:NAME`, `human:NAME` or `all`."""
+        return _parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Address:
         text = text.strip()
         if text == "all":
             return cls("all")
@@ -93,3 +98,8 @@ class Address:
 
     def __str__(self) -> str:
         return "all" if self.kind == "all" else f"{self.kind}:{self.name}"
+
+
+# Every message names a sender and a recipient, parsed at each step; there are few
+# distinct addresses, so each is parsed once. (Errors are raised, not cached.)
+_parse = functools.lru_cache(maxsize=4096)(Address._parse)
