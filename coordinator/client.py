@@ -61,6 +61,7 @@ class Covey:
         self._subscription: Subscription | None = None  # kept while `wait` is used
         self._declared: set[Address] = set()  # participants whose topology this handle applied
         self._declaring = asyncio.Lock()
+        self._connecting = asyncio.Lock()
 
     @classmethod
     def open(
@@ -120,13 +121,14 @@ class Covey:
             return "(no identity)"
 
     async def bus(self) -> Bus:
-        if self._bus is not None and self._bus.connection.is_closed:
-            self._bus = None  # it died (a broker restart, a cut): open a new one
-        if self._bus is None:
-            from coordinator.bus import Bus
+        async with self._connecting:  # concurrent first uses share one connection
+            if self._bus is not None and self._bus.connection.is_closed:
+                self._bus = None  # it died (a broker restart, a cut): open a new one
+            if self._bus is None:
+                from coordinator.bus import Bus
 
-            self._bus = await Bus.connect(self.settings, name=f"covey {self._who()}")
-        return self._bus
+                self._bus = await Bus.connect(self.settings, name=f"covey {self._who()}")
+            return self._bus
 
     @property
     def store(self) -> MailStore:

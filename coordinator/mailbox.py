@@ -284,11 +284,15 @@ async def drain(
     meanwhile (the next drain gets that).
 
     It works in rounds with a full window, because a consumer cancelled while the
-    broker still has deliveries in flight to it gets them put back, and every
-    return counts towards the delivery limit: innocent mail would creep towards
+    broker still has deliveries in flight to it gets them put back (on quorum
+    queues some can even follow the cancel-ok), and every return counts towards
+    the delivery limit (RabbitMQ before 4.3): innocent mail would creep towards
     `covey.dead`. So a round asks for exactly as many messages as are ready (at
-    most MAX_PREFETCH), acks none until it has them all, and cancels only when
-    the window is full and nothing can be in flight.
+    most MAX_PREFETCH) and cancels only when the window is full and nothing can
+    be in flight. Within the round each delivery is committed to the store as it
+    comes, and the acks go at the end: a drain killed mid-round hands back
+    deliveries the store already holds (they come back once, recognised), and
+    mail that no store holds is exposed only for the moment it takes to commit.
     """
     from aiormq.exceptions import AMQPError  # the broker is only needed here
 
@@ -306,8 +310,8 @@ async def drain(
                     break
                 target = filing.taken + max(ready, 1)
             window = min(max(ready, 1), MAX_PREFETCH)
-            batch = await _take(queue, window, first_wait if ready == 0 else IDLE_SECONDS)
-            await filing.file(batch)
+            batch = await _take(queue, window, first_wait if ready == 0 else IDLE_SECONDS, filing)
+            await filing.settle(batch)
             if len(batch) < window:
                 break  # waited long enough, or another consumer took some
             if first_wait is not None and ready == 0:
@@ -324,10 +328,11 @@ async def drain(
 
 
 async def _take(
-    queue: AbstractQueue, window: int, first_timeout: float
+    queue: AbstractQueue, window: int, first_timeout: float, filing: _Filing
 ) -> list[AbstractIncomingMessage]:
     """Consume up to `window` deliveries: wait `first_timeout` for the first, then
-    IDLE_SECONDS for each next one."""
+    IDLE_SECONDS for each next one. Each is committed as it comes (see
+    `_Filing.commit`); none is acked yet, so the window stays full."""
     deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
 
     # A closed channel (broker gone, connection cut) ends the wait at once.
@@ -347,7 +352,13 @@ async def _take(
                 break
             if delivery is None:
                 raise ConnectionError("the channel closed")
-            batch.append(delivery)
+            arrived = [delivery]
+            while not deliveries.empty() and len(batch) + len(arrived) < window:
+                if (delivery := deliveries.get_nowait()) is None:
+                    raise ConnectionError("the channel closed")
+                arrived.append(delivery)
+            filing.commit(arrived)
+            batch += arrived
             timeout = IDLE_SECONDS
     finally:
         queue.channel.close_callbacks.discard(on_close)  # the channel serves more rounds
@@ -357,9 +368,12 @@ async def _take(
         # A partial window: deliveries sent before the cancel may still be in their
         # callbacks; take them now rather than hand them back.
         await asyncio.sleep(CALLBACK_SECONDS)
+        late: list[AbstractIncomingMessage] = []
         while not deliveries.empty():
             if (delivery := deliveries.get_nowait()) is not None:
-                batch.append(delivery)
+                late.append(delivery)
+        filing.commit(late)
+        batch += late
     return batch
 
 
@@ -467,12 +481,20 @@ class _Filing:
         self.limits = limits
         self.taken = 0
         self.added: list[Envelope] = []
+        self._rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
 
     async def file(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+        """Commit, dead-letter what is not fit, then ack: the whole of filing a batch."""
+        self.commit(batch)
+        await self.settle(batch)
+
+    def commit(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+        """Commit the valid envelopes to the store; keep the rest for `settle`.
+        From here on, a crash costs a redelivery that the store recognises."""
         if not batch:
             return
         valid: list[Envelope] = []
-        rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
+        rejected = self._rejected
         parsed: list[tuple[AbstractIncomingMessage, Envelope]] = []
         for delivery in batch:
             try:
@@ -485,7 +507,13 @@ class _Filing:
                 valid.append(self._check(delivery, envelope, stored.get(envelope.id)))
             except InvalidEnvelope as invalid:
                 rejected.append((delivery, invalid))
-        self.added += self.store.add(valid)  # committed: from here on a crash is harmless
+        self.added += self.store.add(valid)
+
+    async def settle(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+        """Dead-letter what `commit` refused (confirmed), then ack the whole batch."""
+        if not batch:
+            return
+        rejected, self._rejected = self._rejected, []
         for delivery, problem in rejected:
             await self.bus.dead_letter(delivery, self.queue_name, problem.reason, problem.detail)
             log.warning(
