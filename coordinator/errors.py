@@ -57,6 +57,10 @@ class NoRecipient(CoveyError):
     exit_code = ExitCode.NO_RECIPIENT
 
 
+class MailboxBusy(CoveyError):
+    """Another process held the mailbox's write lock for longer than SQLite waits."""
+
+
 class BrokerUnavailable(CoveyError):
     """RabbitMQ could not be reached or refused the connection."""
 

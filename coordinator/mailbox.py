@@ -31,6 +31,7 @@ from coordinator.errors import (
     ConfigError,
     CoveyError,
     InvalidEnvelope,
+    MailboxBusy,
     NotFound,
 )
 from coordinator.logs import get_logger
@@ -136,8 +137,24 @@ class MailStore:
         self._db.close()
 
     def _transaction(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:  # locked past the busy timeout
+            raise MailboxBusy(
+                f"the mailbox {self.path} stayed locked by another process ({err}): "
+                "another covey command may be writing to it; try again"
+            ) from None
         return self._db
+
+    def check_writable(self) -> None:
+        """Return once a write could commit now (waiting as SQLite does); else MailboxBusy.
+
+        A drain checks before it takes deliveries, so that a mailbox it cannot write
+        to leaves the mail with the broker, rather than in the hands of a drain that
+        may die before it commits (each such hand-back counts towards the delivery
+        limit)."""
+        with self._transaction():
+            pass
 
     def add(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
         """Store envelopes in one transaction; return those not already present."""
@@ -296,6 +313,7 @@ async def drain(
     """
     from aiormq.exceptions import AMQPError  # the broker is only needed here
 
+    store.check_writable()
     filing = _Filing(bus, store, queue_name, limits)
     target: int | None = None  # how many this drain takes in all: what was waiting
     first_wait = wait
@@ -410,6 +428,7 @@ class Subscription:
         """Subscribe; raises TopologyMissing when the queue does not exist."""
         from aiormq.exceptions import AMQPError
 
+        store.check_writable()  # see there
         channel = await bus.connection.channel()
         try:
             queue = await bus.queue(queue_name, channel)

@@ -1,8 +1,10 @@
 """The inbox pattern under stress: junk, crashes between commit and ack, poison, expiry."""
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from yarl import URL
 
 from coordinator.envelope import Envelope
 from coordinator.errors import BadInput
-from coordinator.mailbox import MailStore
+from coordinator.mailbox import MailStore, store_path
 
 CRASH_AFTER_COMMIT = """
 import os, signal, sys
@@ -80,6 +82,23 @@ async def test_a_crash_between_commit_and_ack_leaves_no_duplicate(applied: World
     assert [m["id"] for m in inbox] == sent
     assert await raw.count("agent.scout") == 0
     assert [m["id"] for m in applied.json("inbox", "--as", "scout")] == sent
+
+
+async def test_a_mailbox_locked_by_another_process_leaves_mail_with_the_broker(
+    applied: World, raw: Raw
+) -> None:
+    applied.ok("send", "scout", "waits")
+    path = store_path(applied.state_dir, applied.amqp_url, "agent:scout")
+    MailStore(path).close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # injected: another writer holds the lock
+        result = applied.covey("inbox", "--as", "scout", timeout=60)
+        other.execute("ROLLBACK")
+    assert result.returncode == 1, result.stderr
+    assert "stayed locked by another process" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert await raw.count("agent.scout") == 1  # not taken, so not handed back either
+    assert [m["subject"] for m in applied.json("inbox", "--as", "scout")] == ["waits"]
 
 
 async def test_a_message_that_keeps_failing_is_dead_lettered_at_the_delivery_limit(
