@@ -230,9 +230,13 @@ def provision(
         path = credentials_file(settings, grant.user)
         exists = api.user_exists(grant.user)
         if exists and holder != rotate:
-            kept = "kept" if print_only or path.is_file() else "kept-without-credentials"
             api.grant(vhost, grant)
-            done.append(Provisioned(grant.user, holder, kept, file=None if print_only else path))
+            if print_only:
+                done.append(Provisioned(grant.user, holder, "kept"))
+            elif path.is_file():
+                done.append(Provisioned(grant.user, holder, "kept", file=path))
+            else:  # its password is not known here: only --rotate makes new credentials
+                done.append(Provisioned(grant.user, holder, "kept-without-credentials"))
             continue
         password = secrets.token_urlsafe(PASSWORD_BYTES)
         api.set_password(grant.user, password)

@@ -152,7 +152,7 @@ async def bench_drain(bench: Bench) -> list[Figure]:
             for _ in range(count)
         ]
         properties = {
-            "message_type": MESSAGE_TYPE,
+            "type": MESSAGE_TYPE,
             "content_type": "application/json",
             "user_id": URL(url).user or "guest",  # signed, as covey's send signs
         }

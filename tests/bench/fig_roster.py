@@ -50,7 +50,7 @@ async def bench_digest(bench: Bench) -> list[Figure]:
         await bulk_publish(
             settings.amqp_url,
             CHANGELOG_STREAM,
-            [(body.encode(), {"message_type": changelog.ENTRY_TYPE})],
+            [(body.encode(), {"type": changelog.ENTRY_TYPE})],
             copies=behind - RECENT,
         )
         channel = await bus.connection.channel(publisher_confirms=True)

@@ -1,0 +1,31 @@
+"""The benchmark suite still runs: `tests/bench/run.py --quick` measures every figure.
+
+Its figures are not judged here (a shared machine is too noisy for that): only
+that each was measured, for covey and, where there is one, for raw aio-pika."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_the_quick_benchmark_measures_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "bench" / "run.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = {f["id"]: f for f in json.loads(out.read_text())["figures"]}
+    assert {"1", "2", "3a", "4a", "4b", "5a", "5b", "6", "7", "8a", "8c"} <= set(figures)
+    for figure in figures.values():
+        assert figure["covey"] is not None and figure["covey"] > 0, figure
+    assert all(figures[i]["raw"] for i in ("1", "2", "3a", "5a", "6", "7"))
