@@ -283,6 +283,8 @@ def _mail(row: tuple[Any, ...]) -> Mail:
 MAX_PREFETCH = 500
 IDLE_SECONDS = 2.0  # how long a drain waits for deliveries it expects before giving up
 CALLBACK_SECONDS = 0.05  # for the callbacks of deliveries that came before a cancel-ok
+COMMIT_BATCH = 100  # a drain commits this many at once (one fsync) ...
+COMMIT_SECONDS = 0.02  # ... or what came before a pause this long
 
 
 async def drain(
@@ -349,8 +351,9 @@ async def _take(
     queue: AbstractQueue, window: int, first_timeout: float, filing: _Filing
 ) -> list[AbstractIncomingMessage]:
     """Consume up to `window` deliveries: wait `first_timeout` for the first, then
-    IDLE_SECONDS for each next one. Each is committed as it comes (see
-    `_Filing.commit`); none is acked yet, so the window stays full."""
+    IDLE_SECONDS for each next one. They are committed as they come, COMMIT_BATCH
+    at a time or after COMMIT_SECONDS without more (see `_Filing.commit`); none is
+    acked yet, so the window stays full."""
     deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
 
     # A closed channel (broker gone, connection cut) ends the wait at once.
@@ -361,23 +364,28 @@ async def _take(
     await queue.channel.set_qos(prefetch_count=window)
     consumer_tag = await queue.consume(deliveries.put, no_ack=False)
     batch: list[AbstractIncomingMessage] = []
+    arrived: list[AbstractIncomingMessage] = []  # not committed yet
     timeout = first_timeout
     try:
-        while len(batch) < window:
+        while len(batch) + len(arrived) < window:
             try:
-                delivery = await asyncio.wait_for(deliveries.get(), timeout)
+                delivery = await asyncio.wait_for(
+                    deliveries.get(), COMMIT_SECONDS if arrived else timeout
+                )
             except TimeoutError:
-                break
-            if delivery is None:
-                raise ConnectionError("the channel closed")
-            arrived = [delivery]
-            while not deliveries.empty() and len(batch) + len(arrived) < window:
-                if (delivery := deliveries.get_nowait()) is None:
+                if not arrived:
+                    break
+                delivery = None  # a pause: commit what came
+            else:
+                if delivery is None:
                     raise ConnectionError("the channel closed")
                 arrived.append(delivery)
-            filing.commit(arrived)
-            batch += arrived
-            timeout = IDLE_SECONDS
+                timeout = IDLE_SECONDS
+            if delivery is None or len(arrived) >= COMMIT_BATCH:
+                filing.commit(arrived)
+                batch, arrived = batch + arrived, []
+        filing.commit(arrived)
+        batch += arrived
     finally:
         queue.channel.close_callbacks.discard(on_close)  # the channel serves more rounds
         if not queue.channel.is_closed:
