@@ -239,8 +239,13 @@ class Covey:
 
     async def drain(self, wait: float | None = None) -> list[Envelope]:
         """Move waiting mail from the broker into the mailbox; return what is new."""
-        if self._subscription is not None and (filed := await self._subscription.next(0)):
-            return filed
+        subscription = self._subscription
+        if (
+            subscription is not None
+            and subscription.active
+            and (filed := await subscription.next(0))
+        ):
+            return filed  # what `wait`'s consumer filed since
         bus, queue, limits = await self.bus(), self.me.queue, self._admission()
         try:
             new = await drain(bus, self.store, queue, limits, wait)

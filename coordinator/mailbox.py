@@ -417,8 +417,9 @@ class Subscription:
     Each delivery is filed as it arrives (committed, then acked), so a wait
     returns as soon as mail is in the mailbox, rather than setting a consumer up
     and tearing it down per wait. Deliveries are filed one batch at a time, in
-    order; `close` cancels the consumer and files what was still on its way, so
-    nothing goes back to the queue (which would count towards the delivery limit).
+    order; `close` cancels the consumer and files what was still on its way.
+    A quorum queue may still send a delivery after the cancel-ok; that one goes
+    back to the queue (one count towards its delivery limit) and comes again.
     """
 
     def __init__(self, filing: _Filing, queue: AbstractQueue) -> None:
