@@ -34,8 +34,15 @@ def user_of(address: Address, prefix: str) -> str:
     return f"{prefix}{address.routing_key}"
 
 
+SUPERVISOR = "supervisor."
+
+
 def supervisor_user(host: str, prefix: str) -> str:
-    return f"{prefix}supervisor.{host}"
+    return f"{prefix}{SUPERVISOR}{host}"
+
+
+def is_supervisor_user(user: str, prefix: str) -> bool:
+    return user.startswith(prefix + SUPERVISOR)
 
 
 def participant_of(user: str | None, prefix: str) -> Address | None:
@@ -76,7 +83,7 @@ def url_for(settings: Settings, address: Address) -> str:
         pass
     except OSError as err:
         raise ConfigError(f"cannot read {address}'s credentials in {path} ({err})") from None
-    if url_user(settings.amqp_url).startswith(supervisor_user("", settings.user_prefix)):
+    if is_supervisor_user(url_user(settings.amqp_url), settings.user_prefix):
         raise ConfigError(
             f"no credentials for {address} in {path}: run `covey provision` (as the operator)"
         )

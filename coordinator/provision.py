@@ -163,13 +163,12 @@ class Management:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            f"{self.base}/api/{path}", data=data, method=method, headers=self._headers
-        )
         try:
+            request = urllib.request.Request(
+                f"{self.base}/api/{path}", data=data, method=method, headers=self._headers
+            )
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 text = response.read()
-                return json.loads(text) if text else None
         except urllib.error.HTTPError as err:
             if err.code == 404 and method == "GET":
                 return None
@@ -186,6 +185,17 @@ class Management:
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ's management API at {self.base} ({err}): enable it "
                 "(rabbitmq-plugins enable rabbitmq_management) or set management_url"
+            ) from None
+        except ValueError as err:  # urllib: not a URL it can use
+            raise ConfigError(
+                f"management_url {self.base!r}: {err}; use http(s)://HOST:PORT"
+            ) from None
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            raise BrokerUnavailable(
+                f"{self.base} answered {method} /api/{path} with something other than JSON: "
+                "point management_url at RabbitMQ's management API"
             ) from None
 
     def user_exists(self, user: str) -> bool:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -130,6 +137,12 @@ class Settings(BaseSettings):
             raise ValueError("use amqp://USER:PASSWORD@HOST:PORT/VHOST (or amqps://)")
         return url
 
+    @model_validator(mode="after")
+    def _client_certificate_whole(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both, or neither")
+        return self
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, zone: str) -> str:
@@ -191,4 +204,4 @@ def _describe(err: ValidationError, home: Path | None) -> str:
         where = str(home / CONFIG_FILE)
     else:
         where = "covey settings"
-    return f"{where}: {field}: {problem}"
+    return f"{where}: {field}: {problem}" if field else f"{where}: {problem}"

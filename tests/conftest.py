@@ -9,14 +9,11 @@ with one line saying how to get one.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -30,7 +27,9 @@ import pytest
 from yarl import URL
 
 from coordinator.client import Covey
+from coordinator.errors import BrokerUnavailable
 from coordinator.localbroker import LocalBroker, answers, throwaway_broker
+from coordinator.provision import Management
 
 REPO = Path(__file__).resolve().parent.parent
 NO_BROKER = (
@@ -49,49 +48,42 @@ class Admin(Protocol):
 
 
 class ManagementAdmin:
-    """Vhosts through the management HTTP API: fast enough to give every test its own."""
+    """Vhosts through the management HTTP API (covey's own client for it, from
+    `covey provision`): fast enough to give every test its own."""
 
     def __init__(self, base: str, user: str, password: str) -> None:
-        self.base = base.rstrip("/")
-        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-    def _call(
-        self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 30
-    ) -> Any:
-        request = urllib.request.Request(
-            self.base + path,
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": self._auth, "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read()
-        return json.loads(data) if data else None
+        # Deleting a vhost deletes its queues; a thousand quorum queues take a while.
+        self.api = Management(base, user, password, timeout=600)
 
     def answers(self) -> bool:
         try:
-            self._call("GET", "/api/overview")
+            self.api.call("GET", "overview")
             return True
-        except (OSError, urllib.error.URLError):
+        except BrokerUnavailable:
             return False
 
     def add_vhost(self, name: str, user: str) -> None:
-        self._call("PUT", f"/api/vhosts/{quote(name, safe='')}", {}, timeout=600)
-        self._call(
+        self.api.call("PUT", f"vhosts/{quote(name, safe='')}", {})
+        self.api.call(
             "PUT",
-            f"/api/permissions/{quote(name, safe='')}/{quote(user, safe='')}",
+            f"permissions/{quote(name, safe='')}/{quote(user, safe='')}",
             {"configure": ".*", "write": ".*", "read": ".*"},
         )
 
     def delete_vhost(self, name: str) -> None:
-        # Deleting a vhost deletes its queues; a thousand quorum queues take a while.
-        self._call("DELETE", f"/api/vhosts/{quote(name, safe='')}", timeout=600)
+        self.api.call("DELETE", f"vhosts/{quote(name, safe='')}")
+
+    def delete_users(self, prefix: str) -> None:
+        """Remove every user whose name starts with `prefix` (a test's own)."""
+        for user in self.api.call("GET", "users"):
+            if user["name"].startswith(prefix):
+                self.api.call("DELETE", f"users/{quote(user['name'], safe='')}")
 
     def close_connections(self, vhost: str) -> int:
         """Cut every client connection to `vhost`, as a network failure would."""
-        connections = self._call("GET", f"/api/vhosts/{quote(vhost, safe='')}/connections")
+        connections = self.api.call("GET", f"vhosts/{quote(vhost, safe='')}/connections")
         for connection in connections:
-            self._call("DELETE", f"/api/connections/{quote(connection['name'], safe='')}")
+            self.api.call("DELETE", f"connections/{quote(connection['name'], safe='')}")
         return len(connections)
 
 

@@ -45,6 +45,13 @@ def test_a_misspelt_setting_is_refused(world: World) -> None:
     assert "amqp_ulr: unknown key" in one_line(result.stderr)
 
 
+def test_half_a_client_certificate_is_refused(world: World) -> None:
+    (world.home / "covey.toml").write_text('tls_key = "/etc/covey/client.key"\n[humans.ada]\n')
+    result = world.covey("inbox")
+    assert result.returncode == 2
+    assert "covey.toml: tls_cert and tls_key go together" in one_line(result.stderr)
+
+
 def test_an_environment_variable_wins_over_covey_toml_and_is_named_when_wrong(
     world: World,
 ) -> None:

@@ -24,10 +24,11 @@ from typing import Any
 
 import aio_pika
 import pytest
-from conftest import Raw, World, covey_command
+from conftest import Raw, World
 from faultkit import (
     PATIENT_AGENT,
     Tally,
+    background,
     connections,
     copies,
     cut,
@@ -187,14 +188,7 @@ async def test_a_broker_restart_under_a_sender_loses_no_confirmed_message(
 
 
 def _start_supervisor(world: World) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*covey_command(), "supervise", "--metrics-port", str(free_port())],
-        env=world.env,
-        cwd=world.home,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return background(world, "supervise", "--metrics-port", str(free_port()))
 
 
 def _patient_agent(world: World, name: str) -> Path:
@@ -358,14 +352,8 @@ async def test_a_drain_killed_100_times_at_random_points_loses_and_repeats_nothi
     sent: list[str] = []
     junk: list[str] = []
 
-    def drain_process() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [*covey_command(), "inbox", "--as", "scout", "--json"],
-            env=applied.env,
-            cwd=applied.home,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+    def drain_process() -> subprocess.Popen[str]:
+        return background(applied, "inbox", "--as", "scout", "--json")
 
     def timed(identity: str) -> float:
         begun = time.monotonic()
@@ -377,7 +365,7 @@ async def test_a_drain_killed_100_times_at_random_points_loses_and_repeats_nothi
     hits = unsettled = 0
     errors: list[str] = []
     began = time.monotonic()
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[str] | None = None
     try:
         channel = await connection.channel()
         exchange = await (await connection.channel(publisher_confirms=True)).get_exchange(
@@ -416,7 +404,7 @@ async def test_a_drain_killed_100_times_at_random_points_loses_and_repeats_nothi
                     process.wait(rng.uniform(low, high))
                     kinds["finished"] += 1
                     if process.returncode != 0:
-                        errors.append(process.stderr.read().decode() if process.stderr else "")
+                        errors.append(process.stderr.read() if process.stderr else "")
                     high = max(low + 0.1, high * 0.9)
                 except subprocess.TimeoutExpired:
                     process.send_signal(signal.SIGKILL)  # injected
@@ -498,17 +486,11 @@ async def test_drains_that_cannot_write_their_mailbox_leave_the_mail_with_the_br
     async with applied.open("human:ada") as ada:
         sent = await send_all(ada, "scout", [f"m{n}" for n in range(50)])
     left_with_broker = 0
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[str] | None = None
     try:
         for _ in range(limit + 1):
             with mailbox_locked(applied.state_dir, applied.amqp_url, "scout"):
-                process = subprocess.Popen(
-                    [*covey_command(), "inbox", "--as", "scout", "--json"],
-                    env=applied.env,
-                    cwd=applied.home,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+                process = background(applied, "inbox", "--as", "scout", "--json")
                 await asyncio.sleep(1.5)  # started, connected, and waiting for the lock
                 left_with_broker += await raw.count("agent.scout") == len(sent)
                 process.send_signal(signal.SIGKILL)  # injected
@@ -599,14 +581,7 @@ async def test_a_connection_cut_mid_drain_loses_and_repeats_nothing(
     raw = Raw(url)
     async with on_node.open("human:ada") as ada:
         sent = await send_all(ada, "scout", [f"m{n}" for n in range(total)], body)
-    draining = subprocess.Popen(
-        [*covey_command(), "inbox", "--as", "scout", "--json"],
-        env=on_node.env,
-        cwd=on_node.home,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    draining = background(on_node, "inbox", "--as", "scout", "--json")
     cuts, filed_at_cut = 0, 0
     try:
         deadline = time.monotonic() + 30

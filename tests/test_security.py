@@ -4,16 +4,17 @@ users named after the vhost so tests never share one; they are removed afterward
 
 from __future__ import annotations
 
+import contextlib
 import json
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import aio_pika
 import aiormq
 import pytest
+from aio_pika.abc import AbstractConnection, AbstractExchange
 from conftest import Broker, ManagementAdmin, World
 
 from coordinator.bus import write_note
@@ -33,18 +34,11 @@ def secured(world: World, broker: Broker, vhost: str) -> Iterator[World]:
         world.ok("provision", "--host", "testhost")
         yield world
     finally:
-        remove_users(broker.admin, prefix)
-
-
-def remove_users(admin: ManagementAdmin, prefix: str) -> None:
-    for user in admin._call("GET", "/api/users"):
-        if user["name"].startswith(prefix):
-            admin._call("DELETE", f"/api/users/{quote(user['name'], safe='')}")
+        broker.admin.delete_users(prefix)
 
 
 def credentials(world: World, user: str) -> str:
-    prefix = world.extra_env["COVEY_USER_PREFIX"]
-    return (world.state_dir / "credentials" / f"{prefix}{user}.url").read_text().strip()
+    return (world.state_dir / "credentials" / f"{user_named(world, user)}.url").read_text().strip()
 
 
 def as_user(world: World, user: str) -> dict[str, str]:
@@ -52,18 +46,37 @@ def as_user(world: World, user: str) -> dict[str, str]:
     return {**world.env, "COVEY_AMQP_URL": credentials(world, user)}
 
 
-def letter(sender: str, recipient: str, subject: str) -> aio_pika.Message:
+def user_named(world: World, name: str) -> str:
+    """The broker user `covey provision` made for NAME (`agent.scout`) in this test."""
+    return f"{world.extra_env['COVEY_USER_PREFIX']}{name}"
+
+
+def letter(
+    sender: str, recipient: str, subject: str, signed_by: str | None = None
+) -> aio_pika.Message:
     envelope = Envelope.new(sender=sender, recipient=recipient, subject=subject)
-    return aio_pika.Message(envelope.to_json(), type=MESSAGE_TYPE, message_id=envelope.id)
+    return aio_pika.Message(
+        envelope.to_json(), type=MESSAGE_TYPE, message_id=envelope.id, user_id=signed_by
+    )
+
+
+@contextlib.asynccontextmanager
+async def mail_exchange_as(
+    world: World, name: str
+) -> AsyncIterator[tuple[AbstractConnection, AbstractExchange]]:
+    """A raw connection with NAME's credentials, and the mail exchange on it (confirmed)."""
+    connection = await aio_pika.connect(credentials(world, name))
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        yield connection, await channel.get_exchange("covey", ensure=False)
 
 
 def test_provision_writes_one_private_credentials_file_per_participant(secured: World) -> None:
     world = secured
     folder = world.state_dir / "credentials"
     files = sorted(p.name for p in folder.iterdir())
-    prefix = world.extra_env["COVEY_USER_PREFIX"]
     expected = ["agent.loner", "agent.scout", "agent.writer", "human.ada", "supervisor.testhost"]
-    assert files == [f"{prefix}{name}.url" for name in expected]
+    assert files == [f"{user_named(world, name)}.url" for name in expected]
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert {stat.S_IMODE((folder / f).stat().st_mode) for f in files} == {0o600}
     # Each URL works as it is: the agent can read its own mail with it.
@@ -108,7 +121,7 @@ def test_provision_print_shows_new_credentials_once_and_writes_nothing(
         assert all("url" not in x for x in again)  # a password is shown once only
     finally:
         assert isinstance(broker.admin, ManagementAdmin)
-        remove_users(broker.admin, prefix)
+        broker.admin.delete_users(prefix)
 
 
 async def test_an_agent_cannot_read_another_agents_queue(secured: World) -> None:
@@ -125,13 +138,10 @@ async def test_an_agent_cannot_read_another_agents_queue(secured: World) -> None
 
 
 async def test_an_agent_cannot_publish_as_another_user(secured: World) -> None:
-    writer_user = f"{secured.extra_env['COVEY_USER_PREFIX']}agent.writer"
-    connection = await aio_pika.connect(credentials(secured, "agent.scout"))
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        mail = await channel.get_exchange("covey", ensure=False)
-        forged = letter("agent:writer", "agent:loner", "forged")
-        forged.user_id = writer_user
+    async with mail_exchange_as(secured, "agent.scout") as (connection, mail):
+        forged = letter(
+            "agent:writer", "agent:loner", "forged", signed_by=user_named(secured, "agent.writer")
+        )
         with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="user_id"):
             await mail.publish(forged, "agent.loner")
         # Nor around the mail exchange, through the default exchange into a queue.
@@ -143,18 +153,14 @@ async def test_an_agent_cannot_publish_as_another_user(secured: World) -> None:
 
 
 async def test_a_forged_sender_is_dead_lettered_as_spoofed(secured: World) -> None:
-    scout_user = f"{secured.extra_env['COVEY_USER_PREFIX']}agent.scout"
-    connection = await aio_pika.connect(credentials(secured, "agent.scout"))
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        mail = await channel.get_exchange("covey", ensure=False)
-        signed = letter("agent:writer", "agent:loner", "signed by scout, claims writer")
-        signed.user_id = scout_user
-        await mail.publish(signed, "agent.loner")
-        await mail.publish(letter("agent:writer", "agent:loner", "unsigned"), "agent.loner")
-        genuine = letter("agent:scout", "agent:loner", "genuine")
-        genuine.user_id = scout_user
-        await mail.publish(genuine, "agent.loner")
+    scout_user = user_named(secured, "agent.scout")
+    async with mail_exchange_as(secured, "agent.scout") as (_, mail):
+        for sender, subject, signer in (
+            ("agent:writer", "signed by scout, claims writer", scout_user),
+            ("agent:writer", "unsigned", None),
+            ("agent:scout", "genuine", scout_user),
+        ):
+            await mail.publish(letter(sender, "agent:loner", subject, signer), "agent.loner")
     inbox = secured.ok("inbox", "--as", "loner", "--json", env=as_user(secured, "agent.loner"))
     assert [m["subject"] for m in json.loads(inbox)] == ["genuine"]
     dead = secured.json("dead", "list")

@@ -4,7 +4,6 @@ on the broker under test, covey homes, and reading a process's CPU and memory.""
 from __future__ import annotations
 
 import asyncio
-import base64
 import cProfile
 import json
 import os
@@ -13,15 +12,13 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
+from conftest import ManagementAdmin
 from yarl import URL
 
 COVEY = str(Path(sys.executable).parent / "covey")
@@ -193,53 +190,29 @@ class CtlAdmin(Admin):
 
 
 class HttpAdmin(Admin):
-    """Through the management API, for `--url` brokers that have it."""
+    """Through the management API (the tests' admin), for `--url` brokers that have it."""
 
-    def __init__(self, base: str, user: str, password: str) -> None:
-        self.base = base.rstrip("/")
-        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-    def _call(self, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
-        request = urllib.request.Request(
-            self.base + path,
-            method=method,
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": self._auth, "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read()
-        return json.loads(data) if data else None
-
-    def answers(self) -> bool:
-        try:
-            self._call("GET", "/api/overview", timeout=5)
-            return True
-        except (OSError, urllib.error.URLError):
-            return False
+    def __init__(self, management: ManagementAdmin) -> None:
+        self.management = management
 
     def add_vhosts(self, names: list[str], user: str) -> None:
         for name in names:
-            self._call("PUT", f"/api/vhosts/{quote(name, safe='')}", {})
-            self._call(
-                "PUT",
-                f"/api/permissions/{quote(name, safe='')}/{quote(user, safe='')}",
-                {"configure": ".*", "write": ".*", "read": ".*"},
-            )
+            self.management.add_vhost(name, user)
 
     def delete_vhosts(self, names: list[str]) -> None:
         for name in names:
-            self._call("DELETE", f"/api/vhosts/{quote(name, safe='')}")
+            self.management.delete_vhost(name)
 
 
 def admin_for_url(url: str) -> Admin:
     """The management API on the broker's host if it answers, else this machine's
     rabbitmqctl; else a one-line error."""
     parsed = URL(url)
-    http = HttpAdmin(
+    management = ManagementAdmin(
         f"http://{parsed.host}:15672", parsed.user or "guest", parsed.password or "guest"
     )
-    if http.answers():
-        return http
+    if management.answers():
+        return HttpAdmin(management)
     if shutil.which("rabbitmqctl"):
 
         def ctl(*args: str, timeout: float = 60) -> str:

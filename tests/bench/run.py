@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the figure modules beside this one
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # conftest: the tests' admin
 
 import aio_pika
 import benchlib
