@@ -242,6 +242,19 @@ class World:
         return folder
 
 
+def start(world: World, *args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """Start the real `covey ARGS` in `world` in the background (errors kept to read;
+    `stdout=subprocess.DEVNULL` for commands whose output nobody reads)."""
+    return subprocess.Popen(
+        [*covey_command(), *args],
+        env=world.env,
+        cwd=world.home,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def covey_command() -> list[str]:
     script = Path(sys.executable).parent / "covey"
     return [str(script)] if script.exists() else [sys.executable, "-m", "coordinator.cli"]

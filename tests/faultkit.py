@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import World, covey_command
 from yarl import URL
 
 from coordinator.client import Covey
@@ -211,18 +210,6 @@ def group_members(pgid: int) -> list[int]:
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def background(world: World, *args: str) -> subprocess.Popen[str]:
-    """Start the real `covey ARGS` in `world`, output discarded, errors kept to read."""
-    return subprocess.Popen(
-        [*covey_command(), *args],
-        env=world.env,
-        cwd=world.home,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def stop(process: subprocess.Popen[Any] | None) -> None:

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from conftest import World
-from test_run import start, wait_for
+from conftest import World, start
+from test_run import wait_for
 
 from coordinator.localbroker import free_port
 

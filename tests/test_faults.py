@@ -24,11 +24,10 @@ from typing import Any
 
 import aio_pika
 import pytest
-from conftest import Raw, World
+from conftest import Raw, World, start
 from faultkit import (
     PATIENT_AGENT,
     Tally,
-    background,
     connections,
     copies,
     cut,
@@ -187,8 +186,13 @@ async def test_a_broker_restart_under_a_sender_loses_no_confirmed_message(
 # -- 2. kill -9 of a supervisor mid-run ---------------------------------------------------
 
 
+def scout_drain(world: World) -> subprocess.Popen[str]:
+    """`covey inbox --as scout --json` in the background, its (long) output discarded."""
+    return start(world, "inbox", "--as", "scout", "--json", stdout=subprocess.DEVNULL)
+
+
 def _start_supervisor(world: World) -> subprocess.Popen[str]:
-    return background(world, "supervise", "--metrics-port", str(free_port()))
+    return start(world, "supervise", "--metrics-port", str(free_port()), stdout=subprocess.DEVNULL)
 
 
 def _patient_agent(world: World, name: str) -> Path:
@@ -352,9 +356,6 @@ async def test_a_drain_killed_100_times_at_random_points_loses_and_repeats_nothi
     sent: list[str] = []
     junk: list[str] = []
 
-    def drain_process() -> subprocess.Popen[str]:
-        return background(applied, "inbox", "--as", "scout", "--json")
-
     def timed(identity: str) -> float:
         begun = time.monotonic()
         applied.ok("inbox", "--as", identity, "--json")
@@ -399,7 +400,7 @@ async def test_a_drain_killed_100_times_at_random_points_loses_and_repeats_nothi
                 # As an agent would: what it has read is done, so `inbox` lists the new.
                 mark_all_done(applied.state_dir, applied.amqp_url, "scout")
                 before = mailbox_size(applied.state_dir, applied.amqp_url, "scout")
-                process = drain_process()
+                process = scout_drain(applied)
                 try:
                     process.wait(rng.uniform(low, high))
                     kinds["finished"] += 1
@@ -490,7 +491,7 @@ async def test_drains_that_cannot_write_their_mailbox_leave_the_mail_with_the_br
     try:
         for _ in range(limit + 1):
             with mailbox_locked(applied.state_dir, applied.amqp_url, "scout"):
-                process = background(applied, "inbox", "--as", "scout", "--json")
+                process = scout_drain(applied)
                 await asyncio.sleep(1.5)  # started, connected, and waiting for the lock
                 left_with_broker += await raw.count("agent.scout") == len(sent)
                 process.send_signal(signal.SIGKILL)  # injected
@@ -581,7 +582,7 @@ async def test_a_connection_cut_mid_drain_loses_and_repeats_nothing(
     raw = Raw(url)
     async with on_node.open("human:ada") as ada:
         sent = await send_all(ada, "scout", [f"m{n}" for n in range(total)], body)
-    draining = background(on_node, "inbox", "--as", "scout", "--json")
+    draining = scout_drain(on_node)
     cuts, filed_at_cut = 0, 0
     try:
         deadline = time.monotonic() + 30

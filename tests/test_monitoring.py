@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, World
-from test_run import stamping_agent, start, wait_for
+from conftest import REPO, World, start
+from test_run import stamping_agent, wait_for
 
 from coordinator.localbroker import answers, free_port
 

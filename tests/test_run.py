@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, World, covey_command
+from conftest import Broker, World, start
 
 STAMP = """
 import os, sys, time
@@ -50,17 +50,6 @@ def most_at_once(spans: list[tuple[float, float]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
-
-
-def start(world: World, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*covey_command(), *args],
-        env=world.env,
-        cwd=world.home,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]

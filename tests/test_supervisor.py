@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import World
-from test_run import intervals, most_at_once, stamping_agent, start, wait_for
+from conftest import World, start
+from test_run import intervals, most_at_once, stamping_agent, wait_for
 
 from coordinator.localbroker import free_port
 
