@@ -325,12 +325,16 @@ async def drain(
         while target is None or filing.taken < target:
             queue = await bus.queue(queue_name, channel)
             ready = queue.declaration_result.message_count or 0
+            if ready == 0 and first_wait is None:
+                # Nothing waiting: none came, or another drain of this mailbox took what
+                # was (it files it). Only a first round may wait for mail to come, and
+                # only as long as `wait`: a consumer waiting for nothing never returns.
+                break
             if target is None:
-                if ready == 0 and first_wait is None:
-                    break
                 target = filing.taken + max(ready, 1)
             window = min(max(ready, 1), MAX_PREFETCH)
-            batch = await _take(queue, window, first_wait if ready == 0 else IDLE_SECONDS, filing)
+            first_timeout = first_wait if ready == 0 and first_wait is not None else IDLE_SECONDS
+            batch = await _take(queue, window, first_timeout, filing)
             await filing.settle(batch)
             if len(batch) < window:
                 break  # waited long enough, or another consumer took some
