@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -64,6 +65,7 @@ FOOTPRINT_PER_BODY_BYTE = 8
 FOOTPRINT_EXTRA = 16 * 1024
 RESERVE_BYTES = 1024 * 1024  # left free for SQLite itself (its -shm, a checkpoint)
 KEEPS_MAIL = "the broker keeps your mail until then"
+BUSY_SECONDS = 10.0  # how long a writer waits for another one's lock (SQLite's busy timeout)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -136,14 +138,15 @@ class MailStore:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+            self._into_wal()
             # FULL: a commit is on disk before the broker hears the ack, even if the
             # machine, not just the process, goes down right after.
             self._db.execute("PRAGMA synchronous=FULL")
             if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                # IMMEDIATE: a second process creating it too waits, then finds it made.
                 self._db.executescript(
-                    f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
         except (OSError, sqlite3.Error) as err:
             if isinstance(err, sqlite3.Error) and (unusable := self._unusable(err)):
@@ -154,6 +157,21 @@ class MailStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def _into_wal(self) -> None:
+        """Put the file in WAL mode (it stays so). Turning a new file to WAL needs it to
+        itself, and SQLite says "locked" at once to a second process opening it at the
+        same moment (two drains on first use), without its busy wait: wait here."""
+        deadline = time.monotonic() + BUSY_SECONDS
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                busy = getattr(err, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextlib.contextmanager
     def _sql(self) -> Iterator[None]:
