@@ -83,3 +83,9 @@ def first_problem(err: ValidationError) -> tuple[str, str]:
     if first["type"] == "extra_forbidden":
         return field, "unknown key; check its spelling against the README"
     return field, first["msg"].removeprefix("Value error, ")
+
+
+class MailboxUnusable(ConfigError):
+    """The mailbox file cannot take mail: read-only, corrupt, or its disk full. Exit 2,
+    as for a broken config: the fix is on this machine (the line says which), and the
+    mail waits with the broker meanwhile."""
