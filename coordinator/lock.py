@@ -53,17 +53,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
 
-from coordinator.bus import open_connection, read_note, write_note
+from coordinator.bus import open_connection, read_note, signer, write_note
 from coordinator.envelope import now
 from coordinator.errors import CoveyError, ExitCode
 from coordinator.guard import GRACE_SECONDS
 from coordinator.logs import get_logger
 from coordinator.settings import Settings
-from coordinator.topology import EVENTS_EXCHANGE
+from coordinator.topology import EVENTS_EXCHANGE, NOTES_EXCHANGE
 
 log = get_logger(__name__)
 
@@ -185,6 +186,7 @@ class LockSession:
         self.on_renew: list[Renewed] = []  # told each new `valid_until` (the agent's guard)
         self._closing = False
         self._renewing: asyncio.Task[None] | None = None
+        self._notes: AbstractChannel | None = None
         connection.close_callbacks.add(self._on_close)
 
     @classmethod
@@ -235,8 +237,7 @@ class LockSession:
 
     async def _mark_released(self) -> None:
         for held in self.held:
-            note = held.holder.model_copy(update={"released": True})
-            await self._note_holder(held.queue, note)
+            await self._note_holder(held.queue, held.holder.model_copy(update={"released": True}))
 
     async def acquire(
         self, spec: LockSpec, wait: float = 0.0, stop: asyncio.Event | None = None
@@ -269,7 +270,7 @@ class LockSession:
             # The exclusive declare was itself a round trip that proved ownership.
             self.valid_until = asked + LEASE_SECONDS
             self._renewing = asyncio.create_task(self._renew(queue))
-        previous = await _previous_holder(self._connection, queue + ".holder")
+        previous = await self._previous_holder(queue + ".holder")
         token = (previous.token if previous else 0) + 1
         takeover = previous is not None and not previous.released
         holder = self.holder.model_copy(update={"since": now(), "token": token})
@@ -289,36 +290,31 @@ class LockSession:
         """Every RENEW_SECONDS, prove on the lock connection that `queue` (the first lock
         taken; they all live and die with the connection) is still ours; each proof
         extends the lease to LEASE_SECONDS from when it was sent."""
-        channel: AbstractChannel | None = None
-        try:
-            while not self.lost.is_set():
-                await asyncio.sleep(RENEW_SECONDS)
-                if not self.valid():
-                    return
-                sent = time.monotonic()
-                try:
-                    if channel is None or channel.is_closed:
-                        channel = await asyncio.wait_for(
-                            self._connection.channel(), self.valid_until - sent
-                        )
-                    await asyncio.wait_for(
-                        channel.declare_queue(queue, passive=True),
-                        self.valid_until - sent,
+        channel: AbstractChannel | None = None  # kept; it goes with the connection
+        while not self.lost.is_set():
+            await asyncio.sleep(RENEW_SECONDS)
+            if not self.valid():
+                return
+            sent = time.monotonic()
+            try:
+                if channel is None or channel.is_closed:
+                    channel = await asyncio.wait_for(
+                        self._connection.channel(), self.valid_until - sent
                     )
-                except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
-                    if not self._closing:
-                        log.warning("lock lease not renewed; the locks are lost", exc_info=True)
-                        self.lost.set()
-                    return
-                if not self.valid():  # the answer came, but too late to count
-                    return
-                self.valid_until = sent + LEASE_SECONDS
-                for listener in self.on_renew:
-                    listener(self.valid_until)
-        finally:
-            if channel is not None and not channel.is_closed and not self._connection.is_closed:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await asyncio.wait_for(
+                    channel.declare_queue(queue, passive=True),
+                    self.valid_until - sent,
+                )
+            except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
+                if not self._closing:
+                    log.warning("lock lease not renewed; the locks are lost", exc_info=True)
+                    self.lost.set()
+                return
+            if not self.valid():  # the answer came, but too late to count
+                return
+            self.valid_until = sent + LEASE_SECONDS
+            for listener in self.on_renew:
+                listener(self.valid_until)
 
     async def _try(self, queue: str) -> bool:
         channel = await self._connection.channel()
@@ -331,8 +327,41 @@ class LockSession:
                 await channel.close()
         return True
 
+    # Holder notes are read and written on one kept channel (a read and a confirmed write
+    # are then a round trip each); what it cannot do goes through bus.read_note/write_note.
+
+    async def _note_channel(self) -> AbstractChannel:
+        if self._notes is None or self._notes.is_closed:
+            self._notes = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        return self._notes
+
+    async def _previous_holder(self, note_queue: str) -> Holder | None:
+        """The slot's note as its last holder left it (read under the slot's lock, so
+        nobody writes it meanwhile); None when it was never written."""
+        channel = await self._note_channel()
+        try:
+            notes = await channel.get_queue(note_queue, ensure=False)
+            note = await notes.get(no_ack=False, fail=False)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None  # no note queue: the slot was never taken (the channel reopens)
+        if note is None:  # a reader has it out for a peek, or it was never written
+            return await _patient_previous_holder(self._connection, note_queue)
+        await note.reject(requeue=True)  # back at the head, for the next write to drop
+        return _holder_from(note.body, note_queue)
+
     async def _note_holder(self, queue: str, holder: Holder) -> None:
-        await write_note(self._connection, queue + ".holder", holder.model_dump_json().encode())
+        body = holder.model_dump_json().encode()
+        note = aio_pika.Message(
+            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=signer(self._connection)
+        )
+        try:
+            notes = await (await self._note_channel()).get_exchange(NOTES_EXCHANGE, ensure=False)
+            await notes.publish(note, queue + ".holder", mandatory=True)
+        except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity):
+            # No note queue bound yet, or no notes exchange in a new namespace: make them.
+            await write_note(self._connection, queue + ".holder", body)
 
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
@@ -374,28 +403,30 @@ async def _read_note(connection: AbstractConnection, note_queue: str) -> Holder 
         return None
 
 
-async def _previous_holder(connection: AbstractConnection, note_queue: str) -> Holder | None:
-    """The slot's holder note as its last holder left it; None when it was never written.
-
-    Called under the slot's lock, so nobody writes the note meanwhile, but a reader
-    (`covey status`, a waiter naming the holder) may have it out for a peek, and then
-    the queue looks empty: that is waited out, since answering "never written" would
-    start the fencing tokens again from 1. Only a note queue that does not exist, or
-    stays empty for NOTE_PATIENCE (its first writer died between declaring and
-    writing it), counts as never written.
+async def _patient_previous_holder(
+    connection: AbstractConnection, note_queue: str
+) -> Holder | None:
+    """The slot's note, when its queue looked empty: that is waited out, since answering
+    "never written" would start the fencing tokens again from 1. Only a note queue that
+    does not exist, or stays empty for NOTE_PATIENCE (its first writer died between
+    declaring and writing it), counts as never written.
     """
     deadline = time.monotonic() + NOTE_PATIENCE
     while True:
         note = await read_note(connection, note_queue)
         if note is not None:
-            try:
-                return Holder.model_validate_json(note)
-            except ValidationError:
-                log.warning("unreadable holder note; counted as unreleased", queue=note_queue)
-                return Holder(agent="unknown", run_id="unknown", host="?", pid=0, since=now())
+            return _holder_from(note, note_queue)
         if not await _exists(connection, note_queue) or time.monotonic() > deadline:
             return None
         await asyncio.sleep(0.05)
+
+
+def _holder_from(note: bytes, note_queue: str) -> Holder:
+    try:
+        return Holder.model_validate_json(note)
+    except ValidationError:
+        log.warning("unreadable holder note; counted as unreleased", queue=note_queue)
+        return Holder(agent="unknown", run_id="unknown", host="?", pid=0, since=now())
 
 
 async def _exists(connection: AbstractConnection, queue: str) -> bool:
