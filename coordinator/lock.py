@@ -194,6 +194,11 @@ class LockSession:
         name = f"covey lock {holder.agent} {holder.run_id}"
         return cls(await open_connection(settings, name, heartbeat=HEARTBEAT_SECONDS), holder)
 
+    @property
+    def connection(self) -> AbstractConnection:
+        """The lock connection: what is written on it is fenced by the locks themselves."""
+        return self._connection
+
     def _on_close(self, *_: object) -> None:
         if not self._closing:
             self.lost.set()

@@ -244,7 +244,7 @@ async def _lifecycle(
             outcome, code, reason = Outcome.FAILED, None, f"could not run it: {err}"
         if outcome is Outcome.OK and news.upto is not None and locks.valid():
             # Still under the agent's lock: nobody else moves this cursor meanwhile.
-            await _advance(covey, agent, news.upto)
+            await _advance(locks, agent, news.upto)
     await record.locks_released(held)
     log.info("finished", outcome=str(outcome), exit_code=code)
     return await record.finished(outcome, exit_code=code, reason=reason, log_path=log_path)
@@ -297,9 +297,11 @@ def _inject(launch: Launch, agent: Agent, text: str) -> bytes | None:
     return text.encode() if agent.config.inject == "stdin" else None
 
 
-async def _advance(covey: Covey, agent: Agent, offset: int) -> None:
+async def _advance(locks: LockSession, agent: Agent, offset: int) -> None:
+    """Written over the lock connection, so fenced by the broker itself: once it has
+    freed the lock (and so closed that connection), a stalled run can write nothing."""
     try:
-        await changelog.advance((await covey.bus()).connection, agent.name, offset)
+        await changelog.advance(locks.connection, agent.name, offset)
     except (CoveyError, AMQPError, RuntimeError, ConnectionError) as err:
         log.warning("cursor not advanced; the next run repeats this news", error=str(err))
 
