@@ -19,7 +19,8 @@ Protocol on the guard's stdin, one line each:
 * ``P <pgid>`` — the agent's process group; written by the agent itself, between
   fork and exec, so the guard knows it before the agent runs a line of its own.
 * ``R <deadline>`` — the lease now lasts until this monotonic time.
-* ``D`` — the run ended well; exit without touching anything.
+* ``D`` — the run is over and has ended its agent itself (or the agent exited):
+  exit without touching anything.
 
 End of input without ``D`` means `covey run` died: the group is stopped at once
 (this also covers grandchildren that the kernel's parent-death signal misses).
@@ -32,14 +33,15 @@ inside, so that both ends of the protocol are in one place.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
 
+# Not `typing.TYPE_CHECKING`: importing typing (or contextlib) would double the guard's
+# start-up time. Type checkers treat any name TYPE_CHECKING the same way.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
 
@@ -60,8 +62,10 @@ def _kill_group(pgid: int, why: str, label: str) -> None:
         except ProcessLookupError:
             return
         time.sleep(POLL_SECONDS)
-    with contextlib.suppress(ProcessLookupError):
+    try:  # noqa: SIM105 (contextlib is not imported here, for a quick start)
         os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def serve(deadline: float, label: str, stdin: int = 0) -> int:
@@ -145,8 +149,10 @@ class Guard:
             pass  # the guard is gone; the runner notices its exit
 
     async def finish(self) -> None:
-        """Tell the guard the run ended well, and let it go."""
+        """Tell the guard the run is over (its agent ended, or the run stopped it), and
+        let it go."""
         import asyncio
+        import contextlib
 
         if self._pipe >= 0:
             self._send(b"D\n")
