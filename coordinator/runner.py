@@ -229,7 +229,11 @@ async def _lifecycle(
             await locks.close()
             await record.locks_released(held)
             outcome = Outcome.LOCK_LOST if lost else Outcome.STOPPED
-            reason = "lost the lock before the agent started" if lost else "told to stop first"
+            reason = (
+                "lost the lock before the agent started"
+                if lost
+                else "told to stop before it started"
+            )
             return await record.finished(outcome, reason=reason)
         await record.started()
         log_path = launch.run_dir / f"{run_id}.log"

@@ -11,6 +11,7 @@ ran at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import pytest
-from conftest import World, start
+from conftest import Raw, World, run, start
 from test_run import running, wait_for
 
 from coordinator.lock import TAKEOVER_SECONDS
@@ -179,18 +181,36 @@ def test_a_stalled_supervisor_never_runs_beside_the_next_holder(applied: World) 
         assert supervisor.returncode == 0, err
 
 
-def test_a_clean_release_lets_the_next_holder_start_at_once(applied: World) -> None:
+async def listen(url: str, queue: str, key: str) -> None:
+    """A queue of our own that keeps the control events matching `key`."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True)
+        await declared.bind("covey.events", key)
+
+
+def test_a_clean_release_lets_the_next_holder_start_at_once(applied: World, raw: Raw) -> None:
     log, seconds = worker(applied)
     seconds.write_text("0")
+    run(listen(applied.amqp_url, "test.acquired", "lock.acquired.#"))
     applied.ok("run", "worker")
     asked = time.time()
     applied.ok("run", "worker")
     first, second = spans(log)
     assert second.start - asked < TAKEOVER_SECONDS - 2  # no lease was waited out
-    assert second.token == first.token + 1
+    assert (first.token, second.token) == (1, 2)  # a fresh namespace counts from 1
     runs = applied.json("runs", "worker")
     assert [r["lease_wait_seconds"] for r in runs] == [None, None]
     assert [r["fencing_token"] for r in runs] == [first.token, second.token]
+    acquired = [json.loads(m.body) for m in run(raw.take_all("test.acquired"))]
+    assert [(e["lock"], e["fencing_token"]) for e in acquired] == [
+        ("agent.worker", first.token),
+        ("global", first.token),
+        ("agent.worker", second.token),
+        ("global", second.token),
+    ]
+    assert not any(e.get("takeover") for e in acquired)
 
 
 @pytest.mark.slow
