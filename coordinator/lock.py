@@ -31,8 +31,15 @@ queue, which only the owning connection may make); the lease lasts
 its lease past due (it just woke up) counts its locks as lost, and the agent's
 guard (coordinator/guard.py) has stopped the agent by then. The bound a new
 holder relies on, `TAKEOVER_SECONDS`, is that lease plus the guard's kill grace
-plus a margin; it assumes that the two hosts' clocks run at similar rates (each
-side measures only its own intervals), not that they agree.
+plus a margin, counted by the new holder from when it took the lock: the old
+holder's last renewal reached the broker before the broker freed the lock, so
+its guard stopped the agent at most that long after. It assumes that the two
+hosts' clocks run at similar rates (each side measures only its own intervals),
+not that they agree; it does not rest on the lease being shorter than the
+broker's detection (that only spares a briefly stalled holder its run). When a
+whole host pauses (a VM), the guard pauses too, and on waking the agent may get
+a few instructions in before its guard stops it: that is what fencing tokens
+are for.
 
 Each acquisition carries a fencing token, one more than the slot's previous
 one, kept in the holder note and written over the lock connection itself: once
