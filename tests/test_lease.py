@@ -109,9 +109,14 @@ def worker_runs(world: World) -> list[dict[str, Any]]:
     return [r for r in runs if r["outcome"] != "skipped:busy"]
 
 
-def no_overlap(log: Path) -> tuple[Span, Span]:
-    """The first agent did nothing after the second started; returns both."""
+def no_overlap(log: Path, frozen: float) -> tuple[Span, Span]:
+    """The first agent did nothing after the second started; returns both. (`frozen`:
+    time.time() of the freeze, for the figures `pytest -s` shows.)"""
     first, second, *_ = spans(log)
+    print(
+        f"after the freeze: first agent last seen at {first.last - frozen:.1f} s, "
+        f"second agent started at {second.start - frozen:.1f} s"
+    )
     assert first.last < second.start, (
         f"the stalled holder's agent worked {first.last - second.start:.2f} s into the next run"
     )
@@ -146,10 +151,10 @@ def test_a_stalled_covey_run_never_runs_beside_the_next_holder(applied: World) -
         wait_for(lambda: started(log, 1))
         seconds.write_text("0.5")
         os.kill(first.pid, signal.SIGSTOP)
-        frozen_at = time.monotonic()
+        frozen_at, frozen = time.monotonic(), time.time()
         second = take_over(applied, frozen_at)
         assert second.returncode == 0, second.stdout + second.stderr
-        earlier, later = no_overlap(log)
+        earlier, later = no_overlap(log, frozen)
         assert later.end is not None
         # The stalled run, woken, knows it lost the lock, and says so.
         os.kill(first.pid, signal.SIGCONT)
@@ -174,10 +179,10 @@ def test_a_stalled_supervisor_never_runs_beside_the_next_holder(applied: World) 
         wait_for(lambda: started(log, 1))
         seconds.write_text("0.5")
         os.kill(supervisor.pid, signal.SIGSTOP)
-        frozen_at = time.monotonic()
+        frozen_at, frozen = time.monotonic(), time.time()
         second = take_over(applied, frozen_at)
         assert second.returncode == 0, second.stdout + second.stderr
-        earlier, _ = no_overlap(log)
+        earlier, _ = no_overlap(log, frozen)
         os.kill(supervisor.pid, signal.SIGCONT)
         wait_for(lambda: worker_runs(applied)[0]["outcome"] != "running", timeout=30)
         assert worker_runs(applied)[0]["outcome"] == "lock-lost"
