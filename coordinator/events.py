@@ -48,6 +48,12 @@ class Event(BaseModel):
     wait_seconds: float | None = None  # lock.acquired: how long it took to get
     held_seconds: float | None = None  # lock.released: how long it was held
     requested_by: str | None = None  # run.requested
+    # lock.acquired: this acquisition's; run.*: that of the agent's own lock. One more than
+    # the slot's previous holder's, so a resource can refuse a holder older than one it saw.
+    fencing_token: int | None = None
+    fencing_tokens: dict[str, int] | None = None  # run.*: every lock of the run, by name
+    takeover: bool | None = None  # lock.acquired: its previous holder did not release it
+    lease_wait_seconds: float | None = None  # run.*: spent waiting out that holder's lease
 
     @property
     def routing_key(self) -> str:

@@ -20,30 +20,70 @@ Rules that keep it honest:
   since T"; the exclusive queue, not that note, is the lock.
 * Waiters retry as soon as a `lock.released.NAME` event arrives on
   `covey.events`, and on a short timer for holders that died without saying.
+
+A lock is also a lease. The broker frees a lock only when it stops hearing from
+the holder's connection (two missed heartbeats, ~10–15 s), and a holder that is
+merely stalled (SIGSTOP, a VM pause, a long GC) cannot know when that happened.
+So while a session holds locks it renews a lease every `RENEW_SECONDS` with a
+round trip that also proves ownership (a passive declare of its own exclusive
+queue, which only the owning connection may make); the lease lasts
+`LEASE_SECONDS` from the moment that round trip was *sent*. A session that finds
+its lease past due (it just woke up) counts its locks as lost, and the agent's
+guard (coordinator/guard.py) has stopped the agent by then. The bound a new
+holder relies on, `TAKEOVER_SECONDS`, is that lease plus the guard's kill grace
+plus a margin, counted by the new holder from when it took the lock: the old
+holder's last renewal reached the broker before the broker freed the lock, so
+its guard stopped the agent at most that long after. It assumes that the two
+hosts' clocks run at similar rates (each side measures only its own intervals),
+not that they agree; it does not rest on the lease being shorter than the
+broker's detection (that only spares a briefly stalled holder its run). When a
+whole host pauses (a VM), the guard pauses too, and on waking the agent may get
+a few instructions in before its guard stops it: that is what fencing tokens
+are for.
+
+Each acquisition carries a fencing token, one more than the slot's previous
+one, kept in the holder note and written over the lock connection itself: once
+the broker frees a lock it has closed that connection, so a stale holder can
+never write a note after the next holder did. A clean release marks the note
+`released` before closing the connection; a holder that finds the previous note
+not so marked waits out `TAKEOVER_SECONDS` before starting its agent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
 
-from coordinator.bus import open_connection, read_note, write_note
+from coordinator.bus import open_connection, read_note, signer, write_note
 from coordinator.envelope import now
 from coordinator.errors import CoveyError, ExitCode
+from coordinator.guard import GRACE_SECONDS
+from coordinator.logs import get_logger
 from coordinator.settings import Settings
-from coordinator.topology import EVENTS_EXCHANGE
+from coordinator.topology import EVENTS_EXCHANGE, NOTES_EXCHANGE
+
+log = get_logger(__name__)
 
 LOCK_PREFIX = "covey.lock."
 HEARTBEAT_SECONDS = 5  # a silent holder is declared dead after about two of these
 RETRY_SECONDS = 1.0  # for holders that died without publishing lock.released
+RENEW_SECONDS = 1.0  # how often a holder proves it still owns its locks
+LEASE_SECONDS = 5.0  # how long one proof lasts: well under the broker's ~10-15 s detection
+TAKEOVER_MARGIN = 1.0  # for scheduling delays in the guard and the holder
+TAKEOVER_SECONDS = LEASE_SECONDS + GRACE_SECONDS + TAKEOVER_MARGIN
+NOTE_PATIENCE = 30.0  # how long a hidden holder note (a reader has it out) is waited for
+NOTE_RELEASE_TIMEOUT = 5.0  # marking a note released is worth this much of a release
 
 
 class Holder(BaseModel):
@@ -54,6 +94,8 @@ class Holder(BaseModel):
     host: str
     pid: int
     since: datetime
+    token: int = 0  # the fencing token of this acquisition; 0: written before tokens existed
+    released: bool = False  # set by a clean release, before the lock connection closes
 
     @classmethod
     def me(cls, agent: str, run_id: str) -> Holder:
@@ -120,18 +162,38 @@ async def _first_of(one: asyncio.Event, other: asyncio.Event, timeout: float) ->
 class HeldLock:
     spec: LockSpec
     queue: str
-    holder: Holder
+    holder: Holder  # as written in the slot's note, with this acquisition's fencing token
+    taken_at: float  # monotonic, when the broker gave it to us
+    takeover: bool  # the previous holder did not release it cleanly: wait out its lease
+
+    @property
+    def token(self) -> int:
+        return self.holder.token
+
+    def takeover_wait(self) -> float:
+        """Seconds still to wait before the previous holder's agent is surely stopped."""
+        if not self.takeover:
+            return 0.0
+        return max(0.0, self.taken_at + TAKEOVER_SECONDS - time.monotonic())
+
+
+Renewed = Callable[[float], None]
 
 
 class LockSession:
-    """A connection kept only for locks. When it drops, every lock on it is lost."""
+    """A connection kept only for locks, and the lease on them. When the connection drops
+    or the lease lapses unrenewed, every lock on it is lost."""
 
     def __init__(self, connection: AbstractConnection, holder: Holder) -> None:
         self._connection = connection
         self.holder = holder
         self.held: list[HeldLock] = []
         self.lost = asyncio.Event()
+        self.valid_until = 0.0  # monotonic; the lease, once something is held
+        self.on_renew: list[Renewed] = []  # told each new `valid_until` (the agent's guard)
         self._closing = False
+        self._renewing: asyncio.Task[None] | None = None
+        self._notes: AbstractChannel | None = None
         connection.close_callbacks.add(self._on_close)
 
     @classmethod
@@ -139,9 +201,27 @@ class LockSession:
         name = f"covey lock {holder.agent} {holder.run_id}"
         return cls(await open_connection(settings, name, heartbeat=HEARTBEAT_SECONDS), holder)
 
+    @property
+    def connection(self) -> AbstractConnection:
+        """The lock connection: what is written on it is fenced by the locks themselves."""
+        return self._connection
+
     def _on_close(self, *_: object) -> None:
         if not self._closing:
             self.lost.set()
+
+    def valid(self) -> bool:
+        """Whether the locks are still ours: the connection is up and the lease unexpired.
+
+        A session that was frozen past its lease finds out here, before its renewal
+        task has run again, and counts its locks as lost from then on."""
+        if self.lost.is_set():
+            return False
+        if self._renewing is not None and time.monotonic() > self.valid_until:
+            log.warning("lock lease lapsed", locks=[h.spec.name for h in self.held])
+            self.lost.set()
+            return False
+        return True
 
     async def __aenter__(self) -> LockSession:
         return self
@@ -150,11 +230,26 @@ class LockSession:
         await self.close()
 
     async def close(self) -> None:
-        """Release everything: closing the connection deletes its exclusive queues."""
+        """Release everything: mark each note released (while the locks are surely still
+        ours), then close the connection, which deletes its exclusive queues."""
         self._closing = True
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+        if self.held and self.valid() and not self._connection.is_closed:
+            try:
+                await asyncio.wait_for(self._mark_released(), NOTE_RELEASE_TIMEOUT)
+            except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
+                # The next holder then waits out the lease: slower, never unsafe.
+                log.warning("could not mark the locks released", exc_info=True)
         if not self._connection.is_closed:
             await self._connection.close()
         self.held.clear()
+
+    async def _mark_released(self) -> None:
+        for held in self.held:
+            await self._note_holder(held.queue, held.holder.model_copy(update={"released": True}))
 
     async def acquire(
         self, spec: LockSpec, wait: float = 0.0, stop: asyncio.Event | None = None
@@ -166,12 +261,9 @@ class LockSession:
         try:
             while True:
                 for queue in spec.queues:
+                    asked = time.monotonic()
                     if await self._try(queue):
-                        holder = self.holder.model_copy(update={"since": now()})
-                        await self._note_holder(queue, holder)
-                        held = HeldLock(spec, queue, holder)
-                        self.held.append(held)
-                        return held
+                        return await self._took(spec, queue, asked)
                 left = deadline - time.monotonic()
                 if left <= 0 or released is None:
                     states = [await slot_state(self._connection, q) for q in spec.queues]
@@ -184,6 +276,58 @@ class LockSession:
             if watcher is not None and not watcher.is_closed:
                 await watcher.close()
 
+    async def _took(self, spec: LockSpec, queue: str, asked: float) -> HeldLock:
+        """The slot is ours: give it the next fencing token and start the lease."""
+        if self._renewing is None:
+            # The exclusive declare was itself a round trip that proved ownership.
+            self.valid_until = asked + LEASE_SECONDS
+            self._renewing = asyncio.create_task(self._renew(queue))
+        previous = await self._previous_holder(queue + ".holder")
+        token = (previous.token if previous else 0) + 1
+        takeover = previous is not None and not previous.released
+        holder = self.holder.model_copy(update={"since": now(), "token": token})
+        await self._note_holder(queue, holder)
+        held = HeldLock(spec, queue, holder, asked, takeover)
+        self.held.append(held)
+        if takeover:
+            log.info(
+                "took a lock its previous holder did not release; its lease is waited out",
+                lock=spec.name,
+                previous=previous.describe() if previous else None,
+                wait_seconds=TAKEOVER_SECONDS,
+            )
+        return held
+
+    async def _renew(self, queue: str) -> None:
+        """Every RENEW_SECONDS, prove on the lock connection that `queue` (the first lock
+        taken; they all live and die with the connection) is still ours; each proof
+        extends the lease to LEASE_SECONDS from when it was sent."""
+        channel: AbstractChannel | None = None  # kept; it goes with the connection
+        while not self.lost.is_set():
+            await asyncio.sleep(RENEW_SECONDS)
+            if not self.valid():
+                return
+            sent = time.monotonic()
+            try:
+                if channel is None or channel.is_closed:
+                    channel = await asyncio.wait_for(
+                        self._connection.channel(), self.valid_until - sent
+                    )
+                await asyncio.wait_for(
+                    channel.declare_queue(queue, passive=True),
+                    self.valid_until - sent,
+                )
+            except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
+                if not self._closing:
+                    log.warning("lock lease not renewed; the locks are lost", exc_info=True)
+                    self.lost.set()
+                return
+            if not self.valid():  # the answer came, but too late to count
+                return
+            self.valid_until = sent + LEASE_SECONDS
+            for listener in self.on_renew:
+                listener(self.valid_until)
+
     async def _try(self, queue: str) -> bool:
         channel = await self._connection.channel()
         try:
@@ -195,8 +339,41 @@ class LockSession:
                 await channel.close()
         return True
 
+    # Holder notes are read and written on one kept channel (a read and a confirmed write
+    # are then a round trip each); what it cannot do goes through bus.read_note/write_note.
+
+    async def _note_channel(self) -> AbstractChannel:
+        if self._notes is None or self._notes.is_closed:
+            self._notes = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        return self._notes
+
+    async def _previous_holder(self, note_queue: str) -> Holder | None:
+        """The slot's note as its last holder left it (read under the slot's lock, so
+        nobody writes it meanwhile); None when it was never written."""
+        channel = await self._note_channel()
+        try:
+            notes = await channel.get_queue(note_queue, ensure=False)
+            note = await notes.get(no_ack=False, fail=False)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None  # no note queue: the slot was never taken (the channel reopens)
+        if note is None:  # a reader has it out for a peek, or it was never written
+            return await _patient_previous_holder(self._connection, note_queue)
+        await note.reject(requeue=True)  # back at the head, for the next write to drop
+        return _holder_from(note.body, note_queue)
+
     async def _note_holder(self, queue: str, holder: Holder) -> None:
-        await write_note(self._connection, queue + ".holder", holder.model_dump_json().encode())
+        body = holder.model_dump_json().encode()
+        note = aio_pika.Message(
+            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=signer(self._connection)
+        )
+        try:
+            notes = await (await self._note_channel()).get_exchange(NOTES_EXCHANGE, ensure=False)
+            await notes.publish(note, queue + ".holder", mandatory=True)
+        except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity):
+            # No note queue bound yet, or no notes exchange in a new namespace: make them.
+            await write_note(self._connection, queue + ".holder", body)
 
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
@@ -236,3 +413,41 @@ async def _read_note(connection: AbstractConnection, note_queue: str) -> Holder 
         return Holder.model_validate_json(note) if note is not None else None
     except ValidationError:
         return None
+
+
+async def _patient_previous_holder(
+    connection: AbstractConnection, note_queue: str
+) -> Holder | None:
+    """The slot's note, when its queue looked empty: that is waited out, since answering
+    "never written" would start the fencing tokens again from 1. Only a note queue that
+    does not exist, or stays empty for NOTE_PATIENCE (its first writer died between
+    declaring and writing it), counts as never written.
+    """
+    deadline = time.monotonic() + NOTE_PATIENCE
+    while True:
+        note = await read_note(connection, note_queue)
+        if note is not None:
+            return _holder_from(note, note_queue)
+        if not await _exists(connection, note_queue) or time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(0.05)
+
+
+def _holder_from(note: bytes, note_queue: str) -> Holder:
+    try:
+        return Holder.model_validate_json(note)
+    except ValidationError:
+        log.warning("unreadable holder note; counted as unreleased", queue=note_queue)
+        return Holder(agent="unknown", run_id="unknown", host="?", pid=0, since=now())
+
+
+async def _exists(connection: AbstractConnection, queue: str) -> bool:
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True

@@ -37,6 +37,9 @@ class RunRecord:
     exit_code: int | None = None
     duration_seconds: float | None = None
     reason: str | None = None
+    fencing_token: int | None = None  # of the agent's own lock
+    fencing_tokens: dict[str, int] | None = None  # of every lock the run held
+    lease_wait_seconds: float | None = None  # waited for a previous holder's lease to lapse
 
     @property
     def at(self) -> datetime:
@@ -56,6 +59,9 @@ class RunRecord:
             "exit_code": self.exit_code,
             "duration_seconds": self.duration_seconds,
             "reason": self.reason,
+            "fencing_token": self.fencing_token,
+            "fencing_tokens": self.fencing_tokens,
+            "lease_wait_seconds": self.lease_wait_seconds,
         }
 
 
@@ -75,6 +81,10 @@ async def recent_runs(
         record = records.setdefault(
             event.run_id, RunRecord(event.agent, event.run_id, event.trigger, event.host)
         )
+        if event.kind in ("run.started", "run.finished") and event.fencing_token is not None:
+            record.fencing_token = event.fencing_token
+            record.fencing_tokens = event.fencing_tokens
+            record.lease_wait_seconds = event.lease_wait_seconds
         if event.kind == "run.started":
             record.started_at = event.at
         elif event.kind == "run.finished":

@@ -33,6 +33,7 @@ from coordinator import changelog, digest, preflight
 from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
+from coordinator.guard import Guard
 from coordinator.identity import url_for
 from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
@@ -192,8 +193,8 @@ async def _lifecycle(
                 waits.append(agent.config.wait_lock if wait_lock is None else wait_lock)
             for spec, wait in zip(specs, waits, strict=True):
                 asked = time.monotonic()
-                await locks.acquire(spec, wait=wait, stop=stop)
-                await record.lock_acquired(spec.name, time.monotonic() - asked)
+                taken = await locks.acquire(spec, wait=wait, stop=stop)
+                await record.lock_acquired(taken, time.monotonic() - asked)
         except (LockBusy, Interrupted) as not_now:
             held = list(locks.held)
             await locks.close()  # free what was taken before announcing it
@@ -217,6 +218,23 @@ async def _lifecycle(
             return await record.finished(Outcome.STOPPED, reason="told to stop before it started")
 
         news = await _digest(covey, agent)
+        tokens = {lock.spec.name: lock.token for lock in held}
+        launch.env["COVEY_FENCING_TOKEN"] = str(tokens[specs[0].name])  # the agent's own lock
+        launch.env["COVEY_FENCING_TOKENS"] = ",".join(f"{k}={v}" for k, v in tokens.items())
+        record.tokens = tokens
+        if waited := await _outwait_previous_holders(held, locks, stop):
+            record.lease_wait = waited
+        if not locks.valid() or (stop is not None and stop.is_set()):
+            lost = not locks.valid()
+            await locks.close()
+            await record.locks_released(held)
+            outcome = Outcome.LOCK_LOST if lost else Outcome.STOPPED
+            reason = (
+                "lost the lock before the agent started"
+                if lost
+                else "told to stop before it started"
+            )
+            return await record.finished(outcome, reason=reason)
         await record.started()
         log_path = launch.run_dir / f"{run_id}.log"
         log.info("started", command=launch.argv, log=str(log_path))
@@ -224,16 +242,42 @@ async def _lifecycle(
             stdin = _inject(launch, agent, news.text)
             with log_path.open("a", encoding="utf-8") as output:
                 outcome, code, reason = await _execute(
-                    launch, agent, locks.lost, stop or asyncio.Event(), output, echo, stdin
+                    launch, agent, locks, stop or asyncio.Event(), output, echo, stdin
                 )
         except OSError as err:  # a full disk, an unreadable AGENT.md, an exec that fails
             outcome, code, reason = Outcome.FAILED, None, f"could not run it: {err}"
-        if outcome is Outcome.OK and news.upto is not None and not locks.lost.is_set():
+        if outcome is Outcome.OK and news.upto is not None and locks.valid():
             # Still under the agent's lock: nobody else moves this cursor meanwhile.
-            await _advance(covey, agent, news.upto)
+            await _advance(locks, agent, news.upto)
     await record.locks_released(held)
     log.info("finished", outcome=str(outcome), exit_code=code)
     return await record.finished(outcome, exit_code=code, reason=reason, log_path=log_path)
+
+
+async def _outwait_previous_holders(
+    held: list[HeldLock], locks: LockSession, stop: asyncio.Event | None
+) -> float | None:
+    """Where a lock's previous holder did not release it cleanly, its agent may still be
+    running until its guard stops it: wait out that bound (the lease, the guard's kill
+    grace and a margin) before starting ours. Returns how long that was, if at all."""
+    wait = max((lock.takeover_wait() for lock in held), default=0.0)
+    if wait <= 0:
+        return None
+    names = ", ".join(lock.spec.name for lock in held if lock.takeover)
+    log.info(
+        "waiting out the lease of a previous holder that did not release",
+        locks=names,
+        wait_seconds=round(wait, 2),
+    )
+    started = time.monotonic()
+    lost = asyncio.create_task(locks.lost.wait())
+    stopped = asyncio.create_task((stop or asyncio.Event()).wait())
+    try:
+        await asyncio.wait({lost, stopped}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost.cancel()
+        stopped.cancel()
+    return round(time.monotonic() - started, 3)
 
 
 async def _digest(covey: Covey, agent: Agent) -> digest.Digest:
@@ -257,9 +301,11 @@ def _inject(launch: Launch, agent: Agent, text: str) -> bytes | None:
     return text.encode() if agent.config.inject == "stdin" else None
 
 
-async def _advance(covey: Covey, agent: Agent, offset: int) -> None:
+async def _advance(locks: LockSession, agent: Agent, offset: int) -> None:
+    """Written over the lock connection, so fenced by the broker itself: once it has
+    freed the lock (and so closed that connection), a stalled run can write nothing."""
     try:
-        await changelog.advance((await covey.bus()).connection, agent.name, offset)
+        await changelog.advance(locks.connection, agent.name, offset)
     except (CoveyError, AMQPError, RuntimeError, ConnectionError) as err:
         log.warning("cursor not advanced; the next run repeats this news", error=str(err))
 
@@ -289,6 +335,8 @@ class _Recorder:
         self.started_at = started
         self.observe = observe
         self._acquired: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}  # fencing tokens, by lock, once all are taken
+        self.lease_wait: float | None = None  # spent waiting out a previous holder's lease
 
     async def _publish(self, event: Event) -> None:
         if self.observe is not None:
@@ -298,15 +346,22 @@ class _Recorder:
         except CoveyError as err:
             log.warning("could not publish event", kind=event.kind, error=str(err))
 
-    async def lock_acquired(self, lock: str, waited: float) -> None:
-        self._acquired[lock] = time.monotonic()
+    @property
+    def token(self) -> int | None:
+        """The fencing token of the agent's own lock (taken first)."""
+        return next(iter(self.tokens.values()), None)
+
+    async def lock_acquired(self, lock: HeldLock, waited: float) -> None:
+        self._acquired[lock.spec.name] = time.monotonic()
         await self._publish(
             Event(
                 kind="lock.acquired",
-                lock=lock,
+                lock=lock.spec.name,
                 agent=self.agent,
                 run_id=self.run_id,
                 wait_seconds=round(waited, 4),
+                fencing_token=lock.token,
+                takeover=lock.takeover or None,
             )
         )
 
@@ -325,7 +380,15 @@ class _Recorder:
 
     async def started(self) -> None:
         await self._publish(
-            Event(kind="run.started", agent=self.agent, run_id=self.run_id, trigger=self.trigger)
+            Event(
+                kind="run.started",
+                agent=self.agent,
+                run_id=self.run_id,
+                trigger=self.trigger,
+                fencing_token=self.token,
+                fencing_tokens=self.tokens or None,
+                lease_wait_seconds=self.lease_wait,
+            )
         )
 
     async def finished(
@@ -349,6 +412,9 @@ class _Recorder:
                 duration_seconds=round(duration, 3),
                 reason=reason,
                 hook=hook,
+                fencing_token=self.token,
+                fencing_tokens=self.tokens or None,
+                lease_wait_seconds=self.lease_wait,
             )
         )
         return RunResult(
@@ -359,48 +425,73 @@ class _Recorder:
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _dies_with(parent: int) -> Callable[[], None] | None:
-    """On Linux, have the kernel SIGKILL the agent when its run dies, even by kill -9.
+def _before_exec(parent: int, guard: Guard) -> Callable[[], None]:
+    """What the agent's process does between fork and exec.
 
-    A dead run's lock is free at once, so an agent that outlived it would run
-    beside the next run of itself. This covers the process started (a shell
-    command that is one simple command is exec'd by sh, so that too); what the
-    agent starts of its own it must end itself, or run in its process group.
+    It tells its guard which process group to stop (before the agent runs a line of
+    its own, so no stall of `covey run` can leave it unguarded). And on Linux it has
+    the kernel SIGKILL it when its run dies, even by kill -9: a dead run's lock is free
+    at once, so an agent that outlived it would run beside the next run of itself.
+    (The guard then stops the rest of its process group.)
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
+    arm_pdeathsig: Callable[[], None] | None = None
+    if sys.platform.startswith("linux"):
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not between fork and exec
 
-    def arm() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the run died before the line above took effect
-            os._exit(1)
+        def arm_pdeathsig() -> None:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
-    return arm
+    def before_exec() -> None:
+        guard.announce_from_child()
+        if arm_pdeathsig is not None:
+            arm_pdeathsig()
+            if os.getppid() != parent:  # the run died before the line above took effect
+                os._exit(1)
+
+    return before_exec
 
 
 async def _execute(
     launch: Launch,
     agent: Agent,
-    lock_lost: asyncio.Event,
+    locks: LockSession,
     stop: asyncio.Event,
     output: IO[str],
     echo: Echo | None,
     stdin: bytes | None,
 ) -> tuple[Outcome, int | None, str | None]:
-    """Run the process to its end, its timeout, a lost lock or a stop; say which."""
-    process = await asyncio.create_subprocess_exec(
-        *launch.argv,
-        cwd=launch.cwd,
-        env=launch.env,
-        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,  # its own process group: a timeout ends its children too
-        preexec_fn=_dies_with(os.getpid()),
-    )
+    """Run the process, guarded, to its end, its timeout, a lost lock or a stop; say which."""
+    guard = await Guard.start(locks.valid_until, f"{agent.name} run {launch.env['COVEY_RUN_ID']}")
+    locks.on_renew.append(guard.renew)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *launch.argv,
+            cwd=launch.cwd,
+            env=launch.env,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a timeout ends its children too
+            preexec_fn=_before_exec(os.getpid(), guard),
+        )
+        return await _supervise(process, agent, locks, guard, stop, output, echo, stdin)
+    finally:
+        locks.on_renew.remove(guard.renew)
+        await guard.finish()
+
+
+async def _supervise(
+    process: asyncio.subprocess.Process,
+    agent: Agent,
+    locks: LockSession,
+    guard: Guard,
+    stop: asyncio.Event,
+    output: IO[str],
+    echo: Echo | None,
+    stdin: bytes | None,
+) -> tuple[Outcome, int | None, str | None]:
     assert process.stdout is not None
     pump = asyncio.create_task(_pump(process.stdout, output, echo))
     feeding = None
@@ -408,25 +499,31 @@ async def _execute(
         assert process.stdin is not None
         feeding = asyncio.create_task(_feed(process.stdin, stdin))
     exited = asyncio.create_task(process.wait())
-    lost = asyncio.create_task(lock_lost.wait())
+    lost = asyncio.create_task(locks.lost.wait())
     stopped = asyncio.create_task(stop.wait())
+    unguarded = asyncio.create_task(guard.process.wait())
     try:
         done, _ = await asyncio.wait(
-            {exited, lost, stopped},
+            {exited, lost, stopped, unguarded},
             timeout=agent.config.timeout,
             return_when=asyncio.FIRST_COMPLETED,
         )
+        # A run that wakes from a stall past its lease has lost its locks, whatever
+        # else it finds done (its guard has stopped the agent meanwhile).
+        if not locks.valid():
+            await _terminate(process, agent.config.grace)
+            return Outcome.LOCK_LOST, None, LOCK_LOST_REASON
         if exited in done:
             code = exited.result()
             return (Outcome.OK if code == 0 else Outcome.FAILED), code, None
         await _terminate(process, agent.config.grace)
-        if lost in done:
-            return Outcome.LOCK_LOST, None, "the lock connection dropped; the agent was stopped"
         if stopped in done:
             return Outcome.STOPPED, None, "told to stop; the agent was stopped"
+        if unguarded in done:
+            return Outcome.FAILED, None, "its guard process died; the agent was stopped"
         return Outcome.TIMEOUT, None, f"ran past its {agent.config.timeout:g} s timeout"
     finally:
-        for task in (exited, lost, stopped, feeding):
+        for task in (exited, lost, stopped, unguarded, feeding):
             if task is not None:
                 task.cancel()
         # Output still buffered is worth keeping; a child that holds the pipe open is not
@@ -434,6 +531,9 @@ async def _execute(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pump), 2.0)
         pump.cancel()
+
+
+LOCK_LOST_REASON = "the lock connection dropped or its lease lapsed; the agent was stopped"
 
 
 async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
