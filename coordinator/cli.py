@@ -223,7 +223,7 @@ async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
         entry = logged.entry
         tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
         lines.append(
-            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {entry.author:<20} "
+            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {printable(logged.byline):<20} "
             f"{printable(entry.summary)}{tags}"
         )
         lines.extend(f"         > {line}" for line in printable(entry.body, True).splitlines())
