@@ -247,6 +247,33 @@ async def test_a_real_dead_letter_keeps_its_signer(secured: World) -> None:
     assert letter["reported_by"] == user_named(world, "agent.writer")
 
 
+async def test_covey_headers_smuggled_in_mail_do_not_survive_dead_lettering(
+    secured: World, operator: dict[str, str]
+) -> None:
+    """Unsigned mail 'from ada' to writer, whose own headers say ada signed it: writer's
+    mailbox refuses it, and its report names no signer, whatever the headers said."""
+    world = secured
+    envelope = Envelope.new(sender="human:ada", recipient="agent:writer", subject="smuggled")
+    headers = {"x-covey-user-id": user_named(world, "human.ada"), "x-covey-queue": "agent.writer"}
+    async with connected_as(world, "agent.scout") as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        mail = await channel.get_exchange("covey", ensure=False)
+        message = aio_pika.Message(
+            envelope.to_json(),
+            type=MESSAGE_TYPE,
+            message_id=envelope.id,
+            headers=headers,  # type: ignore[arg-type]
+        )
+        await mail.publish(message, "agent.writer")
+    assert subjects(world, "writer") == []
+    letter = shown(world, envelope.id)
+    assert letter["reason"] == "spoofed" and letter["signed_by"] is None
+    assert letter["claimed_signer"] is None
+    world.ok("dead", "replay", envelope.id[:12], env=operator)
+    assert subjects(world, "writer") == []
+    assert shown(world, envelope.id)["reason"] == "spoofed"
+
+
 # -- squatting locks and notes ---------------------------------------------------------
 
 
