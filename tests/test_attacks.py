@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +21,8 @@ from test_security import as_user, credentials, secured, user_named
 from yarl import URL
 
 from coordinator.envelope import MESSAGE_TYPE, Envelope
+from coordinator.names import Address
+from coordinator.provision import participant_grant
 
 __all__ = ["secured"]  # the fixture, used here by name
 
@@ -327,3 +330,43 @@ def gpu_lock(request: pytest.FixtureRequest) -> None:
         world: World = request.getfixturevalue("world")
         toml = world.home / "covey.toml"
         toml.write_text(toml.read_text() + "\n[locks.gpu]\nslots = 2\n")
+
+
+@pytest.mark.parametrize(
+    ("queue", "allowed"),
+    [
+        ("covey.lock.agent.a", True),
+        ("covey.lock.agent.a.holder", True),  # its notes
+        ("covey.lock.global", True),
+        ("covey.lock.global.holder", True),
+        ("covey.lock.gpu.0", True),
+        ("covey.lock.gpu.1.holder", True),
+        ("covey.cursor.a", True),
+        ("covey.lock.agent.b", False),  # another agent's lock
+        ("covey.lock.agent.b.holder", False),
+        ("covey.lock.agent.ab", False),  # a name that starts like its own
+        ("covey.lock.agent.a-b", False),
+        ("covey.lock.gpu", False),  # a semaphore's slots only
+        ("covey.lock.gpu.2", False),
+        ("covey.lock.other", False),  # not in covey.toml
+        ("covey.cursor.b", False),
+        ("covey.cursor.a.x", False),
+        ("covey-lock-agent-a", False),  # the dots are dots, not any character
+        ("xcovey.lock.agent.a", False),  # anchored at both ends
+        ("agent.b", False),
+    ],
+)
+def test_an_agents_grant_names_only_its_own_locks_and_notes(queue: str, allowed: bool) -> None:
+    grant = participant_grant(Address("agent", "a"), "p.", {"global": 1, "gpu": 2})
+    # RabbitMQ searches with each regex (it does not add anchors of its own).
+    for regex in (grant.configure, grant.topics["covey.notes"].write):
+        assert bool(re.search(regex, queue)) is allowed, regex
+
+
+def test_a_shared_lock_named_agent_is_refused_by_provision(secured: World) -> None:
+    """`covey.lock.agent[.N]` would be every agent's own lock (agent `0` has `.0`)."""
+    toml = secured.home / "covey.toml"
+    toml.write_text(toml.read_text() + "\n[locks.agent]\nslots = 2\n")
+    result = secured.covey("provision", "--host", "testhost")
+    assert result.returncode == 2, result.stderr
+    assert "[locks.agent]" in result.stderr and len(result.stderr.splitlines()) == 1
