@@ -5,13 +5,15 @@ plugin), as the operator in `COVEY_AMQP_URL` (or `management_url`), who must be
 a RabbitMQ administrator. Each user may do in this vhost only what its holder
 needs (RabbitMQ checks every operation against these regular expressions):
 
-* an agent reads only its own queue; publishes mail to anyone through `covey`,
-  and to `covey.dead` what it dead-letters from its own queue;
+* an agent reads only its own queue, and binds nothing to `covey` (so it cannot
+  route anyone's mail to a queue of its own); publishes mail to anyone through
+  `covey`, and to `covey.dead` what it dead-letters from its own queue;
   appends to the changelog through the `covey.changelog` exchange and reads the
-  stream; takes lock slots (exclusive `covey.lock.*` queues) and writes their
-  holder notes; keeps its own changelog cursor. Topic permissions narrow which
-  notes (`covey.notes`) and events (`covey.events`) it may touch by routing key;
-* a human likewise, without locks or cursor;
+  stream; takes its own agent lock and the shared locks (`global`, covey.toml's
+  `[locks.*]`) and writes their holder notes, never another agent's lock or
+  notes; keeps its own changelog cursor. Topic permissions narrow which notes
+  (`covey.notes`) and events (`covey.events`) it may touch by routing key;
+* a human likewise, without locks, notes or cursor;
 * a supervisor host declares the topology, takes every agent's lock, moves
   cursors and records runs, but may not read anyone's mailbox queue.
 
