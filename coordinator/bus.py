@@ -46,11 +46,14 @@ from coordinator.topology import (
 
 T = TypeVar("T")
 
+# The headers of covey's copy of a dead letter. They are the dead-letterer's word, not
+# the broker's: dead.py says when `x-covey-user-id` is believed, and why.
 REASON_HEADER = "x-covey-reason"
 DETAIL_HEADER = "x-covey-detail"
 QUEUE_HEADER = "x-covey-queue"
 DEAD_AT_HEADER = "x-covey-dead-at"
 USER_HEADER = "x-covey-user-id"  # who published a letter covey dead-lettered (replay keeps it)
+COVEY_HEADERS = (REASON_HEADER, DETAIL_HEADER, QUEUE_HEADER, DEAD_AT_HEADER, USER_HEADER)
 NOTE_ATTEMPTS = 20
 NOTE_RETRY_SECONDS = 0.01
 
@@ -288,7 +291,9 @@ class Bus:
         The caller acks the original only after this returns, so the delivery is
         never lost; a crash between the two leaves a duplicate dead letter, never none.
         """
-        headers = dict(message.headers or {})
+        # Whatever covey headers the sender wrote go: a letter "signed by ada" in its
+        # own headers must not come out of here as ada's.
+        headers = {k: v for k, v in (message.headers or {}).items() if k not in COVEY_HEADERS}
         headers.update(
             {
                 REASON_HEADER: reason,

@@ -7,6 +7,14 @@ queue (newest wins), so it survives a supervisor restart and a move to another
 host. The cursor moves only under the agent's own lock, so two supervisors
 racing cannot move it backwards or past what the agent saw; and only when a
 run ends `ok`, so a failed run sees the same news again next time.
+
+An entry's `author` is what its writer typed; who wrote it is the stream
+message's `user_id`, which RabbitMQ validated on append. A reader checks the one
+against the other with the same rule as mail (identity.SenderCheck), and an
+entry that fails is still shown — it is news all the same — but as unverified,
+with who really wrote it (`Logged.byline`, `verified: false` in JSON), never
+silently under the author it claims. Appending through covey cannot fail the
+check; a participant that bypasses covey can, so the check is on the read side.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from coordinator import stream
 from coordinator.bus import read_note, signer, write_note
 from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant
 from coordinator.errors import BadInput, BrokerUnavailable, TopologyMissing, first_problem
+from coordinator.identity import SenderCheck
 from coordinator.names import valid_names
 from coordinator.topology import CHANGELOG_EXCHANGE, CHANGELOG_STREAM
 
@@ -66,13 +75,32 @@ class Entry(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Logged:
-    """An entry as read back, with its place in the stream."""
+    """An entry as read back, with its place in the stream and who wrote it."""
 
     offset: int
     entry: Entry
+    signed_by: str | None = None  # the broker-validated user_id of the append
+    problem: str | None = None  # why `signed_by` may not speak for the author; None: it may
+
+    @property
+    def verified(self) -> bool:
+        return self.problem is None
+
+    @property
+    def byline(self) -> str:
+        """The author, and when the entry's writer is not the author's own user, who is."""
+        if self.verified:
+            return self.entry.author
+        written = f"written by {self.signed_by}" if self.signed_by else "unsigned"
+        return f"{self.entry.author} (unverified: {written})"
 
     def to_dict(self) -> dict[str, object]:
-        return {"offset": self.offset, **self.entry.model_dump(mode="json")}
+        return {
+            "offset": self.offset,
+            **self.entry.model_dump(mode="json"),
+            "signed_by": self.signed_by,
+            "verified": self.verified,
+        }
 
 
 async def append(connection: AbstractConnection, entry: Entry, timeout: float) -> None:
@@ -103,20 +131,23 @@ async def append(connection: AbstractConnection, entry: Entry, timeout: float) -
             await channel.close()
 
 
-def parse(item: stream.Item) -> Logged | None:
-    """The entry in a stream item; None for anything that is not one (skipped, not fatal)."""
+def parse(item: stream.Item, senders: SenderCheck) -> Logged | None:
+    """The entry in a stream item, judged by `senders`; None for anything that is not
+    one (skipped, not fatal)."""
     try:
-        return Logged(item.offset, Entry.model_validate_json(item.body))
+        entry = Entry.model_validate_json(item.body)
     except ValidationError:
         return None
+    user_id = item.message.user_id
+    return Logged(item.offset, entry, user_id, senders.problem(entry.author, user_id))
 
 
 async def read(
-    connection: AbstractConnection, start: int | datetime, stop_at: int
+    connection: AbstractConnection, start: int | datetime, stop_at: int, senders: SenderCheck
 ) -> AsyncIterator[Logged]:
     """Entries from `start` (an offset, or a time) up to offset `stop_at`, oldest first."""
     async for item in stream.read(connection, CHANGELOG_STREAM, start, stop_at):
-        logged = parse(item)
+        logged = parse(item, senders)
         if logged is None:
             continue
         if isinstance(start, int) and logged.offset < start:
@@ -132,6 +163,7 @@ async def newest(
     head: int,
     limit: int,
     keep: Callable[[Logged], bool],
+    senders: SenderCheck,
 ) -> list[Logged]:
     """Up to `limit` kept entries in [floor, head], newest first. Reads back from the
     head in windows, so it costs what `limit` needs, not the whole range: the first
@@ -144,7 +176,7 @@ async def newest(
         batch, seen = [], -1
         async for item in stream.read(connection, CHANGELOG_STREAM, start, end):
             seen = max(seen, item.offset)
-            if item.offset >= start and (logged := parse(item)) is not None:
+            if item.offset >= start and (logged := parse(item, senders)) is not None:
                 batch.append(logged)
         if seen < end:
             # The read stopped short (a slow broker): better no digest, and no cursor

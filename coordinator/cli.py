@@ -223,7 +223,7 @@ async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
         entry = logged.entry
         tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
         lines.append(
-            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {entry.author:<20} "
+            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {printable(logged.byline):<20} "
             f"{printable(entry.summary)}{tags}"
         )
         lines.extend(f"         > {line}" for line in printable(entry.body, True).splitlines())
@@ -265,17 +265,18 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
 
     action = args.action or "list"
     connection = (await covey.bus()).connection
+    prefix = covey.settings.user_prefix
     if action == "purge":
         cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
-        _, gone = await dead.handle(connection, dead.older_than(cutoff))
+        _, gone = await dead.handle(connection, prefix, dead.older_than(cutoff))
         _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
         return 0
     if action == "replay":
-        _, sent = await dead.handle(connection, dead.by_ids(args.ids), replay=True)
-        text = "\n".join(f"replayed {x.id} to {x.routing_key}" for x in sent)
+        _, sent = await dead.handle(connection, prefix, dead.by_ids(args.ids), replay=True)
+        text = "\n".join(f"replayed {x.id} to {x.replay_key}" for x in sent)
         _emit(args, {"replayed": [x.id for x in sent]}, text)
         return 0
-    letters, _ = await dead.handle(connection)
+    letters, _ = await dead.handle(connection, prefix)
     if action == "show":
         # A crash while dead-lettering can leave two copies of one letter: show one.
         letter = dead.by_ids([args.id])(letters)[0]
@@ -286,6 +287,7 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
     lines = [
         f"{x.id[:12]}  {x.reason:<15} {x.routing_key:<24} "
         f"{age(x.dead_at) + ' ago' if x.dead_at else '?':>8}  {printable(x.detail)[:80]}"
+        + (f"  [unverified: claims {printable(str(x.claimed_signer))}]" if not x.verified else "")
         for x in letters
     ]
     _emit(args, [x.to_dict() for x in letters], "\n".join(lines) or "No dead letters.")

@@ -351,10 +351,11 @@ class Covey:
             return []
         if head is None:
             return []
+        senders = SenderCheck.for_settings(self.settings)  # is each writer its author?
         if since is None:
-            return list(reversed(await changelog.newest(connection, 0, head, limit, keep)))
+            return list(reversed(await changelog.newest(connection, 0, head, limit, keep, senders)))
         found: list[Logged] = []
-        async with contextlib.aclosing(changelog.read(connection, since, head)) as entries:
+        async with contextlib.aclosing(changelog.read(connection, since, head, senders)) as entries:
             async for logged in entries:
                 if keep(logged):
                     found.append(logged)
@@ -368,11 +369,12 @@ class Covey:
 
         config = self.roster.agent(agent)
         connection = (await self.bus()).connection
+        me, senders = str(config.address), SenderCheck.for_settings(self.settings)
         try:
-            return await build_digest(connection, agent, config.config.digest, str(config.address))
+            return await build_digest(connection, agent, config.config.digest, me, senders)
         except TopologyMissing:
             await self.apply_topology()
-            return await build_digest(connection, agent, config.config.digest, str(config.address))
+            return await build_digest(connection, agent, config.config.digest, me, senders)
 
     async def advance(self, agent: str, offset: int, wait: float = 30.0) -> None:
         """Move `agent`'s cursor to `offset`, under its lock (waiting up to `wait` s for

@@ -7,6 +7,23 @@ dead-lettered (`delivery-limit`, `expired`, `rejected`, from `x-death`);
 queue, so reading takes every message without acking it and gives back all
 that is not being replayed or purged; those are acked only after their replay
 was confirmed, so none is lost on the way.
+
+Who signed a dead letter (see identity.py: only the broker-validated `user_id`
+is a signature):
+
+* RabbitMQ dead-letters (and routes to `covey.unrouted`) the message itself, so
+  its own `user_id` is its signer.
+* covey's copy is published by whoever dead-lettered it — the reporter, its
+  `user_id` — and its `x-covey-user-id` header claims who signed the original.
+  Anyone who may publish to `covey.dead` can write that header, so the claim is
+  believed only from a reporter whose word can hurt nobody else: a participant
+  speaking of its own queue (`x-covey-queue`), or a user that is no participant
+  (a supervisor, the operator). Otherwise the letter's signer is the reporter,
+  and the claim is shown as unverified.
+* A replay goes where the letter died, not where its routing key points: a
+  participant's report goes back to that participant's own queue only, so that
+  a lie in it can fool nobody but its author; and it is signed by the signer
+  above, so the recipient's sender check judges it as it would have at first.
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
 
 from coordinator.bus import (
+    COVEY_HEADERS,
     DEAD_AT_HEADER,
     DETAIL_HEADER,
     QUEUE_HEADER,
@@ -30,10 +48,11 @@ from coordinator.bus import (
     copy_of,
 )
 from coordinator.errors import BadInput, BrokerUnavailable, NotFound, TopologyMissing
+from coordinator.identity import participant_of
+from coordinator.names import Address
 from coordinator.topology import DEAD, MAIL_EXCHANGE, UNROUTED
 
 _BROKER_REASONS = {"delivery_limit": "delivery-limit", "expired": "expired", "rejected": "rejected"}
-_COVEY_HEADERS = {REASON_HEADER, DETAIL_HEADER, QUEUE_HEADER, DEAD_AT_HEADER, USER_HEADER}
 
 
 @dataclass
@@ -42,12 +61,13 @@ class DeadLetter:
     held_in: str  # covey.dead or covey.unrouted
     reason: str
     detail: str
-    routing_key: str  # where it was going: replay sends it there again
+    routing_key: str  # where it was going
     dead_at: datetime | None
     message: AbstractIncomingMessage
+    prefix: str  # of the provisioned users' names (settings.user_prefix)
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage, held_in: str) -> DeadLetter:
+    def of(cls, message: AbstractIncomingMessage, held_in: str, prefix: str) -> DeadLetter:
         headers = dict(message.headers or {})
         if held_in == UNROUTED:
             reason, detail = "unroutable", "no queue is bound to its routing key"
@@ -65,17 +85,77 @@ class DeadLetter:
             routing_key=message.routing_key or "",
             dead_at=_dead_at(headers, message),
             message=message,
+            prefix=prefix,
         )
 
     @property
+    def _headers(self) -> dict[str, Any]:
+        return dict(self.message.headers or {})
+
+    @property
+    def covey_copy(self) -> bool:
+        """Whether covey dead-lettered it (a copy, with a reporter), not RabbitMQ."""
+        return self.held_in == DEAD and REASON_HEADER in self._headers
+
+    @property
+    def reported_by(self) -> str | None:
+        """Who put covey's copy in covey.dead, as the broker saw it; None for RabbitMQ's."""
+        return self.message.user_id if self.covey_copy else None
+
+    @property
+    def claimed_signer(self) -> str | None:
+        """Who covey's copy says signed the original (a header: a claim, not a signature)."""
+        claim = self._headers.get(USER_HEADER) if self.covey_copy else None
+        return str(claim) if claim else None
+
+    @property
+    def _reporter(self) -> Address | None:
+        return participant_of(self.reported_by, self.prefix)
+
+    @property
+    def claim_believed(self) -> bool:
+        """Whether the reporter may speak of the queue the letter died in (see above)."""
+        if not self.covey_copy or self.reported_by is None:
+            return False
+        reporter = self._reporter
+        return reporter is None or str(self._headers.get(QUEUE_HEADER)) == reporter.queue
+
+    @property
     def signed_by(self) -> str | None:
-        """The broker user that published the original (see identity.py)."""
-        headers = self.message.headers or {}
-        # covey's copy is signed by whoever dead-lettered it, and names the original's
-        # signer; RabbitMQ dead-letters (and routes to covey.unrouted) the message itself.
-        covey_copy = REASON_HEADER in headers
-        signer = headers.get(USER_HEADER) if covey_copy else self.message.user_id
-        return str(signer) if signer else None
+        """The broker user that signed the original, as far as can be told (see above)."""
+        if not self.covey_copy:
+            return self.message.user_id
+        return self.claimed_signer if self.claim_believed else self.reported_by
+
+    @property
+    def verified(self) -> bool:
+        """False when covey's copy claims a signer that is not believed."""
+        return self.claimed_signer is None or self.claim_believed
+
+    @property
+    def warning(self) -> str | None:
+        if self.verified:
+            return None
+        by = self.reported_by or "an unsigned publisher"
+        return (
+            f"unverified: claims {self.claimed_signer} signed it, but {by} put it here "
+            "and may speak only of its own mailbox"
+        )
+
+    @property
+    def replay_key(self) -> str:
+        """Where a replay sends it: back to the queue it died in (see above)."""
+        if not self.covey_copy:
+            return self.routing_key
+        if (reporter := self._reporter) is not None:
+            return reporter.routing_key
+        died_in = str(self._headers.get(QUEUE_HEADER, ""))
+        kind, _, name = died_in.partition(".")
+        try:
+            address = Address.participant(f"{kind}:{name}")
+        except BadInput:  # no participant's queue: where it was going, as before
+            return self.routing_key
+        return address.routing_key
 
     def to_dict(self, with_body: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -84,9 +164,16 @@ class DeadLetter:
             "reason": self.reason,
             "detail": self.detail,
             "routing_key": self.routing_key,
+            "replay_to": self.replay_key,
             "signed_by": self.signed_by,
+            "verified": self.verified,
             "dead_at": self.dead_at.isoformat() if self.dead_at else None,
         }
+        if self.covey_copy:
+            data["reported_by"] = self.reported_by
+            data["claimed_signer"] = self.claimed_signer
+        if self.warning:
+            data["warning"] = self.warning
         if with_body:
             data["body"] = self.message.body.decode(errors="replace")
         return data
@@ -111,11 +198,15 @@ Choose = Callable[[list[DeadLetter]], list[DeadLetter]]
 
 
 async def handle(
-    connection: AbstractConnection, choose: Choose | None = None, replay: bool = False
+    connection: AbstractConnection,
+    prefix: str,
+    choose: Choose | None = None,
+    replay: bool = False,
 ) -> tuple[list[DeadLetter], list[DeadLetter]]:
-    """Read every dead letter; those `choose` picks from them are replayed (or, without
-    `replay`, purged) and acked, the rest are given back. Returns (all, chosen).
-    If `choose` raises, everything is given back untouched."""
+    """Read every dead letter (`prefix`: of provisioned users' names); those `choose`
+    picks from them are replayed (or, without `replay`, purged) and acked, the rest are
+    given back. Returns (all, chosen). If `choose` raises, everything is given back
+    untouched."""
     everything: list[DeadLetter] = []
     channel = await connection.channel(publisher_confirms=True)
     try:
@@ -127,7 +218,7 @@ async def handle(
                     f"{held_in} does not exist here; run `covey topology apply`"
                 ) from None
             while (message := await queue.get(no_ack=False, fail=False)) is not None:
-                everything.append(DeadLetter.of(message, held_in))
+                everything.append(DeadLetter.of(message, held_in, prefix))
         chosen = choose(everything) if choose is not None else []
         picked = {id(letter) for letter in chosen}
         mail = await channel.get_exchange(MAIL_EXCHANGE, ensure=False)
@@ -145,12 +236,12 @@ async def handle(
 
 
 async def _replay(mail: AbstractExchange, letter: DeadLetter) -> None:
-    """Send the original again, signed by its original sender's user, so that the
-    recipient's sender check judges it as it would have the first time. Only that
+    """Send the original again where it died, signed by its signer (see above), so that
+    the recipient's sender check judges it as it would have the first time. Only that
     user, or one with RabbitMQ's `impersonator` tag, may do so."""
     signer = letter.signed_by
     try:
-        await mail.publish(_fresh_copy(letter.message, signer), letter.routing_key)
+        await mail.publish(_fresh_copy(letter.message, signer), letter.replay_key)
     except aiormq.exceptions.ChannelPreconditionFailed:
         raise BrokerUnavailable(
             f"RabbitMQ refused to replay {letter.id} as signed by {signer!r}: replay it as that "
@@ -164,7 +255,7 @@ def _fresh_copy(message: AbstractIncomingMessage, signer: str | None) -> aio_pik
     headers = {
         k: v
         for k, v in (message.headers or {}).items()
-        if k not in _COVEY_HEADERS
+        if k not in COVEY_HEADERS
         and not k.startswith("x-death")
         and not k.startswith("x-first")
         and not k.startswith("x-last")

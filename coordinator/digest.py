@@ -1,7 +1,9 @@
 """The digest: what changed since an agent's last good run, fitted to a budget for a model.
 
 Newest first, because that is what matters most; grouped by author (or tag);
-the agent's own entries left out unless it asks for them; cut to
+an entry whose writer is not its claimed author shown as such, apart from the
+author's own (`## human:ada (unverified: written by covey.agent.a)`, see
+changelog.py); the agent's own entries left out unless it asks for them; cut to
 `max_entries` and `max_chars`, with an honest last line saying how much older
 news was left out and how to read it. It reads the stream backwards from the
 head in windows, so a cursor 100,000 entries behind costs what the budget
@@ -18,6 +20,7 @@ from aio_pika.abc import AbstractConnection
 
 from coordinator import changelog, stream
 from coordinator.changelog import Cursor, Logged
+from coordinator.identity import SenderCheck
 from coordinator.render import age, printable
 from coordinator.roster import DigestConfig
 from coordinator.topology import CHANGELOG_STREAM
@@ -48,9 +51,14 @@ class Digest:
 
 
 async def build(
-    connection: AbstractConnection, agent: str, config: DigestConfig, me: str
+    connection: AbstractConnection,
+    agent: str,
+    config: DigestConfig,
+    me: str,
+    senders: SenderCheck,
 ) -> Digest:
-    """The digest `agent` (whose address is `me`) would get now."""
+    """The digest `agent` (whose address is `me`) would get now; `senders` judges
+    whether each entry's writer may speak for its author."""
     cursor = await changelog.cursor_of(connection, agent)
     head = await stream.head(connection, CHANGELOG_STREAM)
     # A good run moves the cursor to `upto`; with an empty changelog that is -1, so
@@ -65,9 +73,11 @@ async def build(
     scan_from = floor if cursor else max(0, head - config.first_run_entries + 1)
     limit = config.max_entries if cursor else min(config.max_entries, config.first_run_entries)
     own = config.include_own
-    wanted = await changelog.newest(
-        connection, scan_from, head, limit, lambda logged: own or logged.entry.author != me
-    )
+
+    def keep(logged: Logged) -> bool:  # an entry that only claims to be the agent's is news
+        return own or not (logged.verified and logged.entry.author == me)
+
+    wanted = await changelog.newest(connection, scan_from, head, limit, keep, senders)
     digest.entries, digest.text = _fit(wanted, config, cursor)
     digest.floor = floor
     cut = len(wanted) == limit or len(digest.entries) < len(wanted)
@@ -110,7 +120,7 @@ def _render(entries: list[Logged], config: DigestConfig, cursor: Cursor | None) 
         for logged in members:
             entry = logged.entry
             tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
-            who = "" if config.group_by == "author" else f" {entry.author}:"
+            who = "" if config.group_by == "author" else f" {printable(logged.byline)}:"
             lines.append(
                 f"- #{logged.offset} ({age(entry.created_at)} ago){who} "
                 f"{printable(entry.summary)}{tags}"
@@ -130,7 +140,7 @@ def _groups(entries: list[Logged], by: str) -> list[tuple[str, list[Logged]]]:
     groups: dict[str, list[Logged]] = defaultdict(list)
     for logged in entries:
         if by == "author":
-            groups[logged.entry.author].append(logged)
+            groups[printable(logged.byline)].append(logged)
         else:
             groups[", ".join(logged.entry.tags) or "untagged"].append(logged)
     return list(groups.items())

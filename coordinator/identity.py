@@ -13,11 +13,16 @@ one participant's user must name that participant as its sender. In the open
 set-up everyone shares one user (guest, say): with `trust_local` that user, or
 a message without `user_id`, may speak for any participant, which is what
 "everything on this machine trusts everything else" means. `trust_local` is on
-unless the mailbox's own connection is a provisioned participant's.
+unless the namespace is provisioned (`provisioned`): there a participant's user
+may publish without `user_id`, and that must not make it anyone it likes.
+
+The same check judges every record that names its author: mail (`sender`),
+changelog entries (`author`, see changelog.py), and dead letters (dead.py).
 """
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -72,6 +77,20 @@ def provisioned_as(settings: Settings) -> Address | None:
     return participant_of(url_user(settings.amqp_url), settings.user_prefix)
 
 
+def provisioned(settings: Settings) -> bool:
+    """Whether this is a provisioned namespace, as far as this process can tell: it
+    connects as a user `covey provision` made (a participant's or a supervisor's), or
+    `covey provision` wrote credentials into this home's state dir. There, no user
+    but a participant's own speaks for that participant (`trust_local` is off)."""
+    me, prefix = url_user(settings.amqp_url), settings.user_prefix
+    if participant_of(me, prefix) is not None or is_supervisor_user(me, prefix):
+        return True
+    try:
+        return any(settings.credentials_dir.glob(glob.escape(prefix) + "*.url"))
+    except OSError:  # an unreadable state dir says nothing either way
+        return False
+
+
 def url_for(settings: Settings, address: Address) -> str:
     """The AMQP URL to hand a participant: its own credentials once `covey provision`
     wrote them; the shared URL in the open set-up. A provisioned supervisor never
@@ -101,7 +120,7 @@ class SenderCheck:
     def for_settings(cls, settings: Settings) -> SenderCheck:
         trust = settings.trust_local
         if trust is None:
-            trust = participant_of(url_user(settings.amqp_url), settings.user_prefix) is None
+            trust = not provisioned(settings)
         return cls(settings.user_prefix, trust)
 
     def problem(self, sender: str, user_id: str | None) -> str | None:

@@ -5,13 +5,15 @@ plugin), as the operator in `COVEY_AMQP_URL` (or `management_url`), who must be
 a RabbitMQ administrator. Each user may do in this vhost only what its holder
 needs (RabbitMQ checks every operation against these regular expressions):
 
-* an agent reads only its own queue; publishes mail to anyone through `covey`,
-  and to `covey.dead` what it dead-letters from its own queue;
+* an agent reads only its own queue, and binds nothing to `covey` (so it cannot
+  route anyone's mail to a queue of its own); publishes mail to anyone through
+  `covey`, and to `covey.dead` what it dead-letters from its own queue;
   appends to the changelog through the `covey.changelog` exchange and reads the
-  stream; takes lock slots (exclusive `covey.lock.*` queues) and writes their
-  holder notes; keeps its own changelog cursor. Topic permissions narrow which
-  notes (`covey.notes`) and events (`covey.events`) it may touch by routing key;
-* a human likewise, without locks or cursor;
+  stream; takes its own agent lock and the shared locks (`global`, covey.toml's
+  `[locks.*]`) and writes their holder notes, never another agent's lock or
+  notes; keeps its own changelog cursor. Topic permissions narrow which notes
+  (`covey.notes`) and events (`covey.events`) it may touch by routing key;
+* a human likewise, without locks, notes or cursor;
 * a supervisor host declares the topology, takes every agent's lock, moves
   cursors and records runs, but may not read anyone's mailbox queue.
 
@@ -36,6 +38,7 @@ import secrets
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 from coordinator.errors import BadInput, BrokerUnavailable, ConfigError
 from coordinator.identity import credentials_file, supervisor_user, url_user, user_of
 from coordinator.names import Address
-from coordinator.roster import Roster
+from coordinator.roster import GLOBAL_LOCK, Roster
 from coordinator.settings import Settings
 from coordinator.topology import (
     CHANGELOG_EXCHANGE,
@@ -62,6 +65,15 @@ NOTHING = "^$"
 
 
 @dataclass(frozen=True, slots=True)
+class Topic:
+    """Routing keys one may publish with (write) and bind with (read), on one topic
+    exchange: RabbitMQ checks both in addition to the exchange's own permissions."""
+
+    write: str
+    read: str
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """What one user may do in the vhost: RabbitMQ's three regular expressions over
     exchange and queue names, and per topic exchange, over routing keys."""
@@ -70,7 +82,7 @@ class Grant:
     configure: str
     write: str
     read: str
-    topics: dict[str, str] = field(default_factory=dict)  # exchange -> routing-key regex
+    topics: dict[str, Topic] = field(default_factory=dict)  # per topic exchange
 
 
 def _any_of(*names: str) -> str:
@@ -78,31 +90,68 @@ def _any_of(*names: str) -> str:
 
 
 SERVER_NAMED = r"amq\.gen-.*"  # the private queues a consumer of events declares
-LOCKS = re.escape("covey.lock.") + ".*"
+LOCK_PREFIX = "covey.lock."  # lock.LOCK_PREFIX, without importing the AMQP client
+CURSOR_PREFIX = "covey.cursor."  # changelog.CURSOR_PREFIX, likewise
+# What lives beside a lock slot, named after it: its holder note (`.holder`), and any
+# other note lock.py keeps there. Covey names hold no dot, so `covey.lock.agent.a.X`
+# can only ever belong to agent a's own lock.
+SLOT_NOTES = r"(\.[a-z]+)?"
 
 
-def participant_grant(address: Address, prefix: str) -> Grant:
-    shared_exchanges = [
-        re.escape(x) for x in (MAIL_EXCHANGE, CHANGELOG_EXCHANGE, NOTES_EXCHANGE, EVENTS_EXCHANGE)
-    ]
+def lock_slots(locks: Mapping[str, int]) -> list[str]:
+    """The queues of the shared locks, `NAME` -> slots (`covey.lock.NAME[.N]`)."""
+    slots = []
+    for name, count in sorted(locks.items()):
+        base = LOCK_PREFIX + name
+        slots += [base] if count == 1 else [f"{base}.{slot}" for slot in range(count)]
+    return slots
+
+
+def participant_grant(address: Address, prefix: str, locks: Mapping[str, int]) -> Grant:
+    """Least privilege for a participant; `locks` are the shared locks (`global` and
+    covey.toml's `[locks.*]`, name -> slots) an agent may take.
+
+    Why each part is as it is (every regex anchored, every name escaped):
+    * No read on the `covey` mail exchange: binding a queue needs read on the exchange,
+      so without it no participant can bind a queue of its own (or the changelog
+      stream, which it may write to) to another's routing key. Mail reaches it only
+      through the queue the topology bound for it.
+    * An agent may declare (configure), write and read only its own agent lock, the
+      shared locks and what lives beside them, and its own cursor: never another
+      agent's lock (which would keep that agent from running) nor its notes (reading
+      a note can take it, purging needs read, deleting needs configure). The topic
+      permissions on `covey.notes` say the same for publishing and binding notes.
+    """
     # covey.dead: to dead-letter what its own queue held that was not fit to file.
-    publish_only = [re.escape(DEAD)]
-    readable = [re.escape(address.queue), re.escape(CHANGELOG_STREAM)]
+    publish_to = [re.escape(x) for x in (MAIL_EXCHANGE, CHANGELOG_EXCHANGE, EVENTS_EXCHANGE, DEAD)]
+    # covey.changelog names the stream it reads and the exchange it appends through;
+    # covey.events is bound to for lock releases (topic permissions narrow the keys).
+    readable = [re.escape(address.queue), re.escape(CHANGELOG_STREAM), re.escape(EVENTS_EXCHANGE)]
     waits = r"lock\.released\..*"  # to wait for a lock
     if address.kind == "agent":
-        cursor = re.escape(f"covey.cursor.{address.name}")
-        mine, notes, events = [SERVER_NAMED, LOCKS, cursor], _any_of(LOCKS, cursor), _any_of(waits)
+        own_lock = LOCK_PREFIX + f"agent.{address.name}"
+        slots = [re.escape(q) + SLOT_NOTES for q in (own_lock, *lock_slots(locks))]
+        cursor = re.escape(CURSOR_PREFIX + address.name)
+        mine, notes, events = [SERVER_NAMED, *slots, cursor], _any_of(*slots, cursor), [waits]
+        publish_to.append(re.escape(NOTES_EXCHANGE))
+        readable.append(re.escape(NOTES_EXCHANGE))  # to bind a note queue to it
     else:  # a person also asks for runs (`covey run NAME --via-supervisor`) and reads them
-        mine, notes, events = [SERVER_NAMED], NOTHING, _any_of(waits, r"run\.requested\..*")
+        mine, notes, events = [SERVER_NAMED], NOTHING, [waits, r"run\.requested\..*"]
         readable.append(re.escape(RUNS_STREAM))
     return Grant(
         user=user_of(address, prefix),
         configure=_any_of(*mine),
         # Writing to a queue is needed to bind it (a note to covey.notes, an event
         # listener to covey.events); publishing goes through the exchanges only.
-        write=_any_of(*shared_exchanges, *publish_only, *mine),
-        read=_any_of(*readable, *shared_exchanges, *mine),
-        topics={NOTES_EXCHANGE: notes, EVENTS_EXCHANGE: events},
+        write=_any_of(*publish_to, *mine),
+        read=_any_of(*readable, *mine),
+        topics={
+            NOTES_EXCHANGE: Topic(notes, notes),
+            EVENTS_EXCHANGE: Topic(_any_of(*events), _any_of(*events)),
+            # Mail to anyone; and belt and braces: even with read on `covey`, no key to
+            # bind with.
+            MAIL_EXCHANGE: Topic(write=".*", read=NOTHING),
+        },
     )
 
 
@@ -212,7 +261,7 @@ class Management:
             self.call(
                 "PUT",
                 f"topic-permissions/{where}",
-                {"exchange": exchange, "write": keys, "read": keys},
+                {"exchange": exchange, "write": keys.write, "read": keys.read},
             )
 
 
@@ -228,7 +277,13 @@ def provision(
     The caller applies the topology first: permissions name what it declares.
     """
     prefix = settings.user_prefix
-    grants = {str(p): participant_grant(p, prefix) for p in roster.participants()}
+    if "agent" in settings.locks:  # covey.lock.agent[.N] would grant agents' own locks
+        raise ConfigError(
+            "covey.toml: [locks.agent] shares its queue names with the agents' own locks "
+            "(covey.lock.agent.NAME); give the lock another name"
+        )
+    locks = {GLOBAL_LOCK: 1} | {name: lock.slots for name, lock in settings.locks.items()}
+    grants = {str(p): participant_grant(p, prefix, locks) for p in roster.participants()}
     grants[f"supervisor on {host}"] = supervisor_grant(host, prefix)
     if rotate is not None:
         rotate = _holder(rotate, grants)

@@ -34,7 +34,7 @@ from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
 from coordinator.guard import Guard
-from coordinator.identity import url_for
+from coordinator.identity import SenderCheck, url_for
 from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
@@ -284,7 +284,10 @@ async def _digest(covey: Covey, agent: Agent) -> digest.Digest:
     """The changelog digest for this run; a broker hiccup here costs the digest, not the run."""
     try:
         connection = (await covey.bus()).connection
-        return await digest.build(connection, agent.name, agent.config.digest, str(agent.address))
+        senders = SenderCheck.for_settings(covey.settings)  # who may write as whom
+        return await digest.build(
+            connection, agent.name, agent.config.digest, str(agent.address), senders
+        )
     except (CoveyError, AMQPError, RuntimeError, ConnectionError) as err:
         log.warning("no digest for this run", agent=agent.name, error=str(err))
         return digest.Digest(agent=agent.name, cursor=None, upto=None, text="")

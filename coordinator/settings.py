@@ -103,8 +103,8 @@ class Settings(BaseSettings):
     )
     trust_local: bool | None = Field(
         default=None,
-        description="accept mail not signed by a participant's own user as from anyone; "
-        "unset: on, unless connected as a provisioned participant",
+        description="accept mail and changelog entries not signed by a participant's own "
+        "user as from anyone; unset: on, unless the namespace is provisioned",
     )
     management_url: str | None = Field(
         default=None, description="RabbitMQ's management API, for `covey provision`"

@@ -27,6 +27,7 @@ from benchlib import (
 from coordinator import changelog, digest, stream
 from coordinator.bus import Bus
 from coordinator.client import Covey
+from coordinator.identity import SenderCheck
 from coordinator.localbroker import answers, free_port
 from coordinator.roster import DigestConfig
 from coordinator.settings import Settings
@@ -71,7 +72,8 @@ async def bench_digest(bench: Bench) -> list[Figure]:
 
         async def covey() -> float:
             started = time.perf_counter()
-            news = await digest.build(bus.connection, "reader", config, "agent:reader")
+            senders = SenderCheck.for_settings(settings)
+            news = await digest.build(bus.connection, "reader", config, "agent:reader", senders)
             took = time.perf_counter() - started
             assert len(news.entries) == budget, len(news.entries)
             return took
