@@ -70,8 +70,10 @@ async def cmd_read(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_done(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.render import printable
+
     ids = covey.done(args.ids)
-    _emit(args, {"done": ids}, "\n".join(f"done {i}" for i in ids))
+    _emit(args, {"done": ids}, "\n".join(f"done {printable(i)}" for i in ids))
     return 0
 
 
@@ -165,14 +167,16 @@ async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
 
 async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.records import recent_runs
+    from coordinator.render import printable as p
 
     if args.agent is not None:
         covey.roster.agent(args.agent)  # an unknown name is bad input, not an empty list
     records = await recent_runs((await covey.bus()).connection, args.agent, args.limit)
+    # Run events are anyone's who may publish to covey.events: every field is neutralised.
     lines = [
-        f"{r.at.isoformat(timespec='seconds')}  {r.agent:<16} {r.outcome:<18} "
-        f"{_took(r.duration_seconds):>7}  {r.trigger or '-':<8} {r.run_id}"
-        + (f"  ({r.reason})" if r.reason else "")
+        f"{r.at.isoformat(timespec='seconds')}  {p(r.agent):<16} {p(r.outcome):<18} "
+        f"{_took(r.duration_seconds):>7}  {p(r.trigger or '-'):<8} {p(r.run_id)}"
+        + (f"  ({p(r.reason)})" if r.reason else "")
         for r in records
     ]
     _emit(args, [r.to_dict() for r in records], "\n".join(lines) or "No runs recorded yet.")
@@ -182,6 +186,7 @@ async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
 async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.names import Address
     from coordinator.render import age
+    from coordinator.render import printable as p
     from coordinator.status import agent_statuses, pending
 
     agents = await agent_statuses(covey)
@@ -194,9 +199,9 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
         state = "idle"
         if a.running:
             state = f"running {age(a.run_holder.since)}" if a.run_holder else "starting"
-        held = ", ".join(h.agent if h else "?" for h in a.lock_holders)
+        held = ", ".join(p(h.agent) if h else "?" for h in a.lock_holders)
         lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
-        last = f"{a.last_run.outcome} {age(a.last_run.at)} ago" if a.last_run else "never"
+        last = f"{p(a.last_run.outcome)} {age(a.last_run.at)} ago" if a.last_run else "never"
         upcoming = a.next_run.isoformat(timespec="minutes") if a.next_run else "-"
         mail = "-" if a.pending is None else str(a.pending)
         lines.append(f"{a.name:<16} {mail:>4}  {state:<24} {lock:<28} {last:<22} {upcoming}")
@@ -211,19 +216,20 @@ def _took(seconds: float | None) -> str:
 
 
 async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.render import age, printable
+
     if args.action == "add":
         entry = await covey.log_add(args.summary, _body(args), args.tag)
-        _emit(args, entry.model_dump(mode="json"), f"Logged: {entry.summary}")
+        _emit(args, entry.model_dump(mode="json"), f"Logged: {printable(entry.summary)}")
         return 0
-    from coordinator.render import age, printable
 
     entries = await covey.log(args.since, args.author, args.tag_filter, args.limit)
     lines = []
     for logged in entries:
         entry = logged.entry
-        tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
+        tags = f" [{printable(', '.join(entry.tags))}]" if entry.tags else ""
         lines.append(
-            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {entry.author:<20} "
+            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {printable(entry.author):<20} "
             f"{printable(entry.summary)}{tags}"
         )
         lines.extend(f"         > {line}" for line in printable(entry.body, True).splitlines())
@@ -272,7 +278,7 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         return 0
     if action == "replay":
         _, sent = await dead.handle(connection, dead.by_ids(args.ids), replay=True)
-        text = "\n".join(f"replayed {x.id} to {x.routing_key}" for x in sent)
+        text = "\n".join(f"replayed {printable(x.id)} to {printable(x.routing_key)}" for x in sent)
         _emit(args, {"replayed": [x.id for x in sent]}, text)
         return 0
     letters, _ = await dead.handle(connection)
@@ -280,11 +286,14 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         # A crash while dead-lettering can leave two copies of one letter: show one.
         letter = dead.by_ids([args.id])(letters)[0]
         data = letter.to_dict(with_body=True)
-        text = "\n".join(f"{k + ':':<12} {printable(str(v), k == 'body')}" for k, v in data.items())
+        fields = [f"{k + ':':<12} {printable(str(v))}" for k, v in data.items() if k != "body"]
+        # The body is whoever published it's: quoted, so no line of it reads as a field.
+        body = printable(data["body"], multiline=True).split("\n")
+        text = "\n".join([*fields, "body:", *(f"> {line}" for line in body)])
         _emit(args, data, text)
         return 0
     lines = [
-        f"{x.id[:12]}  {x.reason:<15} {x.routing_key:<24} "
+        f"{printable(x.id[:12])}  {printable(x.reason):<15} {printable(x.routing_key):<24} "
         f"{age(x.dead_at) + ' ago' if x.dead_at else '?':>8}  {printable(x.detail)[:80]}"
         for x in letters
     ]
