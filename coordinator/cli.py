@@ -204,7 +204,11 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
         last = f"{p(a.last_run.outcome)} {age(a.last_run.at)} ago" if a.last_run else "never"
         upcoming = a.next_run.isoformat(timespec="minutes") if a.next_run else "-"
         mail = "-" if a.pending is None else str(a.pending)
+        if a.broken:
+            state, lock = f"broken ({state})", "-"
         lines.append(f"{a.name:<16} {mail:>4}  {state:<24} {lock:<28} {last:<22} {upcoming}")
+        if a.problem:
+            lines.append(f"{'':<16} {'':>4}  {p(a.problem)}")
     for human, count in humans.items():
         lines.append(f"{'human:' + human:<16} {'-' if count is None else count:>4}")
     print("\n".join(lines))
@@ -574,15 +578,12 @@ async def _run(args: argparse.Namespace) -> int:
         from coordinator.client import Covey
 
         daemon = args.handler is cmd_supervise
-        # A daemon leaves a broken agent out and runs the others; a command refuses.
-        problems: dict[str, str] | None = {} if daemon else None
         # `send --timeout` bounds connecting and the broker's confirm alike.
         timeout = getattr(args, "send_timeout", None)
         overrides = {"connect_timeout": timeout} if timeout else {}
-        covey = Covey.open(identity=args.identity, problems=problems, **overrides)
+        covey = Covey.open(identity=args.identity, **overrides)
         logs.configure(covey.settings.log_format, "info" if args.verbose or daemon else "warning")
-        for agent, problem in (problems or {}).items():
-            logs.get_logger(__name__).error("agent left out", agent=agent, problem=problem)
+        _warn_broken(covey, args, daemon)
         result: int = await args.handler(covey, args)
         return result
     except CoveyError as err:
@@ -604,6 +605,25 @@ async def _run(args: argparse.Namespace) -> int:
         if covey is not None:
             with contextlib.suppress(Exception):  # the answer is given; closing is best effort
                 await covey.close()
+
+
+def _warn_broken(covey: Covey, args: argparse.Namespace, daemon: bool) -> None:
+    """One line per broken agent: the others work on. An agent this command names is
+    not warned about, since the command refuses it with the same line."""
+    from coordinator import logs
+    from coordinator.errors import CoveyError
+    from coordinator.names import Address
+
+    named = set()
+    identity = args.identity or os.environ.get("COVEY_AGENT") or covey.settings.identity
+    for text in (*(getattr(args, key, None) for key in ("to", "name", "agent")), identity):
+        with contextlib.suppress(CoveyError):
+            if text and (address := Address.parse(text)).kind == "agent":
+                named.add(address.name)
+    log = logs.get_logger(__name__)
+    for agent, problem in covey.roster.broken.items():
+        if agent not in named:
+            (log.error if daemon else log.warning)("agent left out", agent=agent, problem=problem)
 
 
 def _lost_broker(err: Exception) -> bool:
