@@ -101,6 +101,7 @@ async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
 
 async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator import runner
+    from coordinator.display import printable
     from coordinator.errors import NoRecipient
     from coordinator.events import Event
 
@@ -134,7 +135,7 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
         "duration_seconds": round(result.duration, 3),
         "log": str(result.log_path) if result.log_path else None,
     }
-    _emit(args, data, result.summary())
+    _emit(args, data, printable(result.summary()))  # a busy lock's holder is named in it
     return int(result.outcome.exit_code)
 
 
@@ -570,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from coordinator.display import printable
     from coordinator.errors import CoveyError, ExitCode
 
     covey: Covey | None = None
@@ -587,7 +589,8 @@ async def _run(args: argparse.Namespace) -> int:
         result: int = await args.handler(covey, args)
         return result
     except CoveyError as err:
-        print(f"covey: {err}", file=sys.stderr)
+        # One line, whatever a participant put into it (a lock holder's name, an id).
+        print(f"covey: {printable(str(err))}", file=sys.stderr)
         return int(err.exit_code)
     except Exception as err:
         if os.environ.get("COVEY_DEBUG"):
