@@ -70,8 +70,10 @@ async def cmd_read(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_done(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.render import printable
+
     ids = covey.done(args.ids)
-    _emit(args, {"done": ids}, "\n".join(f"done {i}" for i in ids))
+    _emit(args, {"done": ids}, "\n".join(f"done {printable(i)}" for i in ids))
     return 0
 
 
@@ -99,6 +101,7 @@ async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
 
 async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator import runner
+    from coordinator.display import printable
     from coordinator.errors import NoRecipient
     from coordinator.events import Event
 
@@ -132,7 +135,7 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
         "duration_seconds": round(result.duration, 3),
         "log": str(result.log_path) if result.log_path else None,
     }
-    _emit(args, data, result.summary())
+    _emit(args, data, printable(result.summary()))  # a busy lock's holder is named in it
     return int(result.outcome.exit_code)
 
 
@@ -165,14 +168,16 @@ async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
 
 async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.records import recent_runs
+    from coordinator.render import printable as p
 
     if args.agent is not None:
         covey.roster.agent(args.agent)  # an unknown name is bad input, not an empty list
     records = await recent_runs((await covey.bus()).connection, args.agent, args.limit)
+    # Run events are anyone's who may publish to covey.events: every field is neutralised.
     lines = [
-        f"{r.at.isoformat(timespec='seconds')}  {r.agent:<16} {r.outcome:<18} "
-        f"{_took(r.duration_seconds):>7}  {r.trigger or '-':<8} {r.run_id}"
-        + (f"  ({r.reason})" if r.reason else "")
+        f"{r.at.isoformat(timespec='seconds')}  {p(r.agent):<16} {p(r.outcome):<18} "
+        f"{_took(r.duration_seconds):>7}  {p(r.trigger or '-'):<8} {p(r.run_id)}"
+        + (f"  ({p(r.reason)})" if r.reason else "")
         for r in records
     ]
     _emit(args, [r.to_dict() for r in records], "\n".join(lines) or "No runs recorded yet.")
@@ -182,6 +187,7 @@ async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
 async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.names import Address
     from coordinator.render import age
+    from coordinator.render import printable as p
     from coordinator.status import agent_statuses, pending
 
     agents = await agent_statuses(covey)
@@ -194,12 +200,16 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
         state = "idle"
         if a.running:
             state = f"running {age(a.run_holder.since)}" if a.run_holder else "starting"
-        held = ", ".join(h.agent if h else "?" for h in a.lock_holders)
+        held = ", ".join(p(h.agent) if h else "?" for h in a.lock_holders)
         lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
-        last = f"{a.last_run.outcome} {age(a.last_run.at)} ago" if a.last_run else "never"
+        last = f"{p(a.last_run.outcome)} {age(a.last_run.at)} ago" if a.last_run else "never"
         upcoming = a.next_run.isoformat(timespec="minutes") if a.next_run else "-"
         mail = "-" if a.pending is None else str(a.pending)
+        if a.broken:
+            state, lock = f"broken ({state})", "-"
         lines.append(f"{a.name:<16} {mail:>4}  {state:<24} {lock:<28} {last:<22} {upcoming}")
+        if a.problem:
+            lines.append(f"{'':<16} {'':>4}  {p(a.problem)}")
     for human, count in humans.items():
         lines.append(f"{'human:' + human:<16} {'-' if count is None else count:>4}")
     print("\n".join(lines))
@@ -211,17 +221,18 @@ def _took(seconds: float | None) -> str:
 
 
 async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.render import age, printable
+
     if args.action == "add":
         entry = await covey.log_add(args.summary, _body(args), args.tag)
-        _emit(args, entry.model_dump(mode="json"), f"Logged: {entry.summary}")
+        _emit(args, entry.model_dump(mode="json"), f"Logged: {printable(entry.summary)}")
         return 0
-    from coordinator.render import age, printable
 
     entries = await covey.log(args.since, args.author, args.tag_filter, args.limit)
     lines = []
     for logged in entries:
         entry = logged.entry
-        tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
+        tags = f" [{printable(', '.join(entry.tags))}]" if entry.tags else ""
         lines.append(
             f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {printable(logged.byline):<20} "
             f"{printable(entry.summary)}{tags}"
@@ -273,7 +284,7 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         return 0
     if action == "replay":
         _, sent = await dead.handle(connection, prefix, dead.by_ids(args.ids), replay=True)
-        text = "\n".join(f"replayed {x.id} to {x.replay_key}" for x in sent)
+        text = "\n".join(f"replayed {printable(x.id)} to {printable(x.replay_key)}" for x in sent)
         _emit(args, {"replayed": [x.id for x in sent]}, text)
         return 0
     letters, _ = await dead.handle(connection, prefix)
@@ -281,11 +292,14 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         # A crash while dead-lettering can leave two copies of one letter: show one.
         letter = dead.by_ids([args.id])(letters)[0]
         data = letter.to_dict(with_body=True)
-        text = "\n".join(f"{k + ':':<12} {printable(str(v), k == 'body')}" for k, v in data.items())
+        fields = [f"{k + ':':<12} {printable(str(v))}" for k, v in data.items() if k != "body"]
+        # The body is whoever published it's: quoted, so no line of it reads as a field.
+        body = printable(data["body"], multiline=True).split("\n")
+        text = "\n".join([*fields, "body:", *(f"> {line}" for line in body)])
         _emit(args, data, text)
         return 0
     lines = [
-        f"{x.id[:12]}  {x.reason:<15} {x.routing_key:<24} "
+        f"{printable(x.id[:12])}  {printable(x.reason):<15} {printable(x.routing_key):<24} "
         f"{age(x.dead_at) + ' ago' if x.dead_at else '?':>8}  {printable(x.detail)[:80]}"
         + (f"  [unverified: claims {printable(str(x.claimed_signer))}]" if not x.verified else "")
         for x in letters
@@ -559,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from coordinator.display import printable
     from coordinator.errors import CoveyError, ExitCode
 
     covey: Covey | None = None
@@ -567,19 +582,17 @@ async def _run(args: argparse.Namespace) -> int:
         from coordinator.client import Covey
 
         daemon = args.handler is cmd_supervise
-        # A daemon leaves a broken agent out and runs the others; a command refuses.
-        problems: dict[str, str] | None = {} if daemon else None
         # `send --timeout` bounds connecting and the broker's confirm alike.
         timeout = getattr(args, "send_timeout", None)
         overrides = {"connect_timeout": timeout} if timeout else {}
-        covey = Covey.open(identity=args.identity, problems=problems, **overrides)
+        covey = Covey.open(identity=args.identity, **overrides)
         logs.configure(covey.settings.log_format, "info" if args.verbose or daemon else "warning")
-        for agent, problem in (problems or {}).items():
-            logs.get_logger(__name__).error("agent left out", agent=agent, problem=problem)
+        _warn_broken(covey, args, daemon)
         result: int = await args.handler(covey, args)
         return result
     except CoveyError as err:
-        print(f"covey: {err}", file=sys.stderr)
+        # One line, whatever a participant put into it (a lock holder's name, an id).
+        print(f"covey: {printable(str(err))}", file=sys.stderr)
         return int(err.exit_code)
     except Exception as err:
         if os.environ.get("COVEY_DEBUG"):
@@ -597,6 +610,25 @@ async def _run(args: argparse.Namespace) -> int:
         if covey is not None:
             with contextlib.suppress(Exception):  # the answer is given; closing is best effort
                 await covey.close()
+
+
+def _warn_broken(covey: Covey, args: argparse.Namespace, daemon: bool) -> None:
+    """One line per broken agent: the others work on. An agent this command names is
+    not warned about, since the command refuses it with the same line."""
+    from coordinator import logs
+    from coordinator.errors import CoveyError
+    from coordinator.names import Address
+
+    named = set()
+    identity = args.identity or os.environ.get("COVEY_AGENT") or covey.settings.identity
+    for text in (*(getattr(args, key, None) for key in ("to", "name", "agent")), identity):
+        with contextlib.suppress(CoveyError):
+            if text and (address := Address.parse(text)).kind == "agent":
+                named.add(address.name)
+    log = logs.get_logger(__name__)
+    for agent, problem in covey.roster.broken.items():
+        if agent not in named:
+            (log.error if daemon else log.warning)("agent left out", agent=agent, problem=problem)
 
 
 def _lost_broker(err: Exception) -> bool:

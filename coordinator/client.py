@@ -68,14 +68,13 @@ class Covey:
         cls,
         identity: str | None = None,
         home: Path | None = None,
-        problems: dict[str, str] | None = None,
         **settings: Any,
     ) -> Covey:
         """Load settings and roster for `home` (found from the working directory when
         None). `identity` wins over COVEY_AGENT, which wins over the configured default.
-        With a `problems` dict, a broken agent is left out and its error put there."""
+        A broken agent is left out, with its problem in `roster.broken`."""
         loaded = Settings.load(home, **settings)
-        return cls(loaded, Roster.load(loaded, problems), identity)
+        return cls(loaded, Roster.load(loaded), identity)
 
     async def __aenter__(self) -> Covey:
         return self
@@ -106,6 +105,7 @@ class Covey:
                     "or set identity in covey.toml"
                 )
             address = Address.participant(text)
+            self.roster.check(address)
             if address not in self.roster:
                 raise NotFound(
                     f"{address} is not in the roster: add agents/{address.name}/agent.toml "
@@ -181,6 +181,7 @@ class Covey:
         message was kept in covey.unrouted.
         """
         recipient = Address.parse(to)
+        self.roster.check(recipient)  # refused before it is sent: nothing to lose
         fields: dict[str, Any] = {
             "sender": str(self.me),
             "recipient": str(recipient),

@@ -116,10 +116,10 @@ def _render(entries: list[Logged], config: DigestConfig, cursor: Cursor | None) 
     ]
     for group, members in _groups(entries, config.group_by):
         if group:
-            lines.append(f"\n## {group}")
+            lines.append(f"\n## {printable(group)}")
         for logged in members:
             entry = logged.entry
-            tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
+            tags = f" [{printable(', '.join(entry.tags))}]" if entry.tags else ""
             who = "" if config.group_by == "author" else f" {printable(logged.byline)}:"
             lines.append(
                 f"- #{logged.offset} ({age(entry.created_at)} ago){who} "

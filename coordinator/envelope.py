@@ -8,11 +8,12 @@ so old and new consumers can tell each other's messages apart.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from coordinator.errors import BadInput, InvalidEnvelope, first_problem
 from coordinator.names import Address
@@ -22,6 +23,15 @@ if TYPE_CHECKING:
 
 MESSAGE_TYPE = "covey.message.v1"
 MAX_SUBJECT_CHARS = 200
+
+# Ids, threads and in-reply-tos: what covey makes (32 hex digits), or what another
+# producer might (a UUID with dashes, a lowercased ULID, `name-0001`). Lowercase,
+# because ids are found again by a lowercase prefix of at least 4 characters; ASCII
+# letters, digits, '.', '_' and '-' only, so an id prints as itself (no newline to
+# fake a header with, no escape sequence, no look-alike letter) and is safe in a
+# file name or a routing key.
+ID_PATTERN = r"[a-z0-9][a-z0-9._-]{3,127}"
+_ID = re.compile(ID_PATTERN)
 
 
 def new_id() -> str:
@@ -58,6 +68,19 @@ def _subject(text: str) -> str:
     return text
 
 
+def message_id(text: str) -> str:
+    """For pydantic validators: an id in the format of ID_PATTERN."""
+    if not _ID.fullmatch(text):
+        raise ValueError(
+            "not a message id: use 4-128 characters of a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+MessageId = Annotated[str, AfterValidator(message_id)]
+
+
 def _aware(moment: datetime | None) -> datetime | None:
     if moment is not None and moment.tzinfo is None:
         raise ValueError("timestamps must carry a time zone")
@@ -69,13 +92,13 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(min_length=1, max_length=128)
+    id: MessageId
     sender: Annotated[str, AfterValidator(participant)]
     recipient: Annotated[str, AfterValidator(_address)]
     subject: Annotated[str, AfterValidator(_subject)]
     body: str = ""
-    thread: str = Field(min_length=1, max_length=128)
-    in_reply_to: str | None = None
+    thread: MessageId
+    in_reply_to: MessageId | None = None
     created_at: Annotated[datetime, AfterValidator(_aware)]
     expires_at: Annotated[datetime | None, AfterValidator(_aware)] = None
 

@@ -16,6 +16,8 @@ import sys
 
 import structlog
 
+from coordinator.display import printable
+
 _SHARED: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
@@ -36,12 +38,20 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return logger
 
 
+def _neutralised(
+    logger: object, method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Participants' text (a dead letter's id, a sender) reaches log lines too: on a
+    console it must not carry raw escapes or newlines. (JSON escapes them already.)"""
+    return {k: printable(v) if isinstance(v, str) else v for k, v in event_dict.items()}
+
+
 def configure(log_format: str = "console", level: str = "warning") -> None:
     """Send every log line to stderr, rendered once; called by the entry point only."""
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
+    renderers: list[structlog.typing.Processor] = (
+        [structlog.processors.JSONRenderer()]
         if log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else [_neutralised, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -50,7 +60,7 @@ def configure(log_format: str = "console", level: str = "warning") -> None:
             processors=[
                 *_SHARED,
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                renderer,
+                *renderers,
             ],
         )
     )

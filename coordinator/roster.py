@@ -4,13 +4,18 @@ Agents are folders, `agents/NAME/agent.toml` (settings) beside `AGENT.md` (the
 agent's instructions); humans are `[humans.NAME]` tables in covey.toml. The
 roster is what `covey topology apply` turns into queues and bindings, and what
 `send` checks a recipient against before publishing.
+
+A broken `agent.toml` affects only its agent: the roster keeps it aside, with
+its problem (one line: file, key, what is wrong), and loads the others.
+Whatever names that agent (mail to it, running it, acting as it, its digest)
+is refused with that line; everything else works, and `covey status` shows it.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -145,14 +150,15 @@ class Agent:
 class Roster:
     agents: dict[str, Agent]
     humans: frozenset[str]
+    broken: dict[str, str] = field(default_factory=dict)  # agent -> its problem, one line
 
     @classmethod
     def load(cls, settings: Settings, problems: dict[str, str] | None = None) -> Roster:
         """Read every agent folder and the humans in settings.
 
-        A broken file raises ConfigError naming the file, the field and the problem;
-        given a `problems` dict instead, the broken agent is left out and its error
-        recorded under its name, so a daemon keeps the others running.
+        A broken agent file leaves that agent out: its problem (naming the file, the
+        field and what is wrong) goes into `broken`, and into `problems` when given.
+        A broken list of humans is covey.toml's problem, and raises ConfigError.
         """
         home = settings.home
         for human in settings.humans:
@@ -161,7 +167,7 @@ class Roster:
             except BadInput as err:
                 raise ConfigError(f"{home}/{CONFIG_FILE}: humans: {err}") from None
         folder = home / ROSTER_DIR if home is not None else None
-        agents = {}
+        agents, broken = {}, {}
         if folder is not None and folder.is_dir():
             for agent_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
                 if not (agent_dir / AGENT_FILE).is_file():
@@ -169,12 +175,12 @@ class Roster:
                 try:
                     agent = _load_agent(agent_dir, settings)
                 except ConfigError as err:
-                    if problems is None:
-                        raise
-                    problems[agent_dir.name] = str(err)
+                    broken[agent_dir.name] = str(err)
                     continue
                 agents[agent.name] = agent
-        return cls(agents=agents, humans=frozenset(settings.humans))
+        if problems is not None:
+            problems.update(broken)
+        return cls(agents=agents, humans=frozenset(settings.humans), broken=broken)
 
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, Address):
@@ -205,7 +211,13 @@ class Roster:
         agent = self.agents.get(address.name) if address.kind == "agent" else None
         return list(agent.config.teams) if agent else []
 
+    def check(self, address: Address) -> None:
+        """Raise ConfigError with its problem if `address` is a broken agent."""
+        if address.kind == "agent" and address.name in self.broken:
+            raise ConfigError(self.broken[address.name])
+
     def agent(self, name: str) -> Agent:
+        self.check(Address("agent", name))
         try:
             return self.agents[name]
         except KeyError:

@@ -1,4 +1,8 @@
-"""`covey status`: per agent, its pending mail, whether it runs, its lock, its last and next run."""
+"""`covey status`: per agent, its pending mail, whether it runs, its lock, its last and next run.
+
+A broken agent (its agent.toml cannot be loaded) is listed too, with its problem:
+its queue, its run lock and its run records do not depend on the file.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,11 @@ class AgentStatus:
     lock_holders: list[Holder | None]  # one per held slot; None: holder not known yet
     last_run: RunRecord | None
     next_run: datetime | None
+    problem: str | None = None  # why its agent.toml cannot be loaded
+
+    @property
+    def broken(self) -> bool:
+        return self.problem is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +49,7 @@ class AgentStatus:
             "lock_holders": [h.model_dump(mode="json") if h else None for h in self.lock_holders],
             "last_run": self.last_run.to_dict() if self.last_run else None,
             "next_run": self.next_run.isoformat() if self.next_run else None,
+            "problem": self.problem,
         }
 
 
@@ -60,8 +70,25 @@ async def agent_statuses(covey: Covey) -> list[AgentStatus]:
         last[record.agent] = record
     statuses = []
     moment = now()
-    for name, agent in covey.roster.agents.items():
+    roster = covey.roster
+    for name in sorted({*roster.agents, *roster.broken}):
         held, holder = await slot_state(connection, LockSpec.for_agent(name).queues[0])
+        agent = roster.agents.get(name)
+        if agent is None:  # broken: what it would lock and when it would run are unknown
+            statuses.append(
+                AgentStatus(
+                    name=name,
+                    pending=await pending(covey, Address("agent", name)),
+                    running=held,
+                    run_holder=holder if held else None,
+                    lock="?",
+                    lock_holders=[],
+                    last_run=last.get(name),
+                    next_run=None,
+                    problem=roster.broken[name],
+                )
+            )
+            continue
         spec = configured_lock(covey.settings, agent)
         holders = []
         for queue in spec.queues if spec else []:

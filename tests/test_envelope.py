@@ -21,8 +21,8 @@ def test_json_round_trip_keeps_every_field() -> None:
         recipient="team:research",
         subject="findings",
         body="line 1\nline 2 ✓",
-        thread="t1",
-        in_reply_to="m0",
+        thread="t1-thread",
+        in_reply_to="m0-message",
         expires_at=datetime.now().astimezone() + timedelta(hours=1),
     )
     assert Envelope.from_json(envelope.to_json()) == envelope

@@ -38,7 +38,7 @@ async def test_junk_is_dead_lettered_with_a_reason_and_mail_behind_it_still_arri
     applied: World, raw: Raw
 ) -> None:
     await raw.publish("agent.scout", b"\x00\xff not json at all")
-    await raw.publish("agent.scout", b'{"id": "x1"}', type="covey.message.v1")
+    await raw.publish("agent.scout", b'{"id": "x1-junk"}', type="covey.message.v1")
     await raw.publish("agent.scout", b"{}", type="something.else")
     applied.ok("send", "scout", "valid, behind the junk")
 
