@@ -42,7 +42,7 @@ from coordinator.events import Event
 from coordinator.logs import get_logger
 from coordinator.metrics import Metrics
 from coordinator.roster import Agent, Roster
-from coordinator.schedule import Schedule
+from coordinator.schedule import Schedule, next_due
 from coordinator.settings import Settings
 
 log = get_logger(__name__)
@@ -208,29 +208,29 @@ class Supervisor:
     # -- cron ---------------------------------------------------------------------------
 
     async def _schedule(self) -> None:
+        # Every moment here is an aware UTC datetime (see schedule.py): compared in one
+        # zone, the hour that repeats when clocks go back would be taken for a later one.
         fired_up_to = self.clock()  # never fire a moment twice, even if a timer wakes early
         while not self._stopping.is_set():
             self._reschedule.clear()
             zone = self.covey.settings.timezone
-            moment = max(self.clock(), fired_up_to)
-            due = {
-                name: Schedule(agent.config.schedule, zone).next_after(moment)
+            schedules = {
+                name: Schedule(agent.config.schedule, zone)
                 for name, agent in self.roster.agents.items()
                 if agent.config.schedule
             }
-            if not due:
+            due = next_due(schedules, max(self.clock(), fired_up_to))
+            if due is None:
                 await self._reschedule.wait()
                 continue
-            when = min(due.values())
             with contextlib.suppress(TimeoutError):
-                seconds = max(0.0, (when - self.clock()).total_seconds())
+                seconds = max(0.0, (due.at - self.clock()).total_seconds())
                 await asyncio.wait_for(self._reschedule.wait(), seconds)
                 continue  # the roster changed: recompute
-            fired_up_to = when
-            for name, at in due.items():
-                if at == when:
-                    log.info("schedule fired", agent=name, at=at.isoformat())
-                    self.request(name, "schedule")
+            fired_up_to = due.at
+            for name in due.names:
+                log.info("schedule fired", agent=name, at=due.at.isoformat())
+                self.request(name, "schedule")
 
     # -- mail and requests ----------------------------------------------------------------
 
