@@ -346,13 +346,60 @@ class Bus:
         Its `declaration_result.message_count` says how many messages are ready.
         Raises TopologyMissing when the queue does not exist.
         """
-        channel = channel or await self._connection.channel()
         try:
+            if channel is None:
+                return await existing_queue(self._connection, name)
             return await channel.declare_queue(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        except aiormq.exceptions.ChannelNotFoundEntity as err:
+            if starting(err):  # on the caller's channel, which it has just lost: no retry
+                raise BrokerUnavailable(
+                    f"queue {name} is not available: its RabbitMQ node is down or still "
+                    "starting; retry in a moment"
+                ) from None
             raise TopologyMissing(
                 f"queue {name} does not exist; run `covey topology apply`"
             ) from None
+
+
+# -- queues that exist but are not up yet -------------------------------------------------
+# Right after a broker restart a durable queue or stream is known but its member
+# is still starting; a passive declare then fails with NOT_FOUND "home node ... of
+# durable queue ... is down or inaccessible" for a moment (about 0.2 s on one
+# node). That is not a missing topology (`covey topology apply` would not help),
+# so it is waited out quietly, and reported as the broker's state if it lasts.
+
+STARTING_SECONDS = 10.0  # how long a queue whose node is starting gets, before we say so
+STARTING_POLL_SECONDS = 0.05
+
+
+def starting(err: aiormq.exceptions.ChannelNotFoundEntity) -> bool:
+    """Whether a NOT_FOUND says the queue exists but its node is not up (yet)."""
+    return "down or inaccessible" in str(err)
+
+
+async def existing_queue(
+    connection: AbstractConnection, name: str, prefetch: int | None = None
+) -> AbstractQueue:
+    """Passively declare `name` on a channel of its own (the caller closes
+    `queue.channel`), waiting out a node that is still starting. Raises
+    ChannelNotFoundEntity when the queue does not exist (each caller says what that
+    means), BrokerUnavailable when it stays unavailable past STARTING_SECONDS."""
+    deadline = asyncio.get_running_loop().time() + STARTING_SECONDS
+    while True:
+        channel = await connection.channel()
+        if prefetch is not None:
+            await channel.set_qos(prefetch_count=prefetch)
+        try:
+            return await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as err:
+            if not starting(err):
+                raise
+            if asyncio.get_running_loop().time() > deadline:
+                raise BrokerUnavailable(
+                    f"{name} is not available: its RabbitMQ node is down or still starting "
+                    "(the queue itself exists); check the broker, then retry"
+                ) from None
+        await asyncio.sleep(STARTING_POLL_SECONDS)
 
 
 # -- notes: one-message queues, newest wins ------------------------------------------------
@@ -398,12 +445,12 @@ async def read_note(connection: AbstractConnection, queue: str) -> bytes | None:
     A note queue is never empty once written, so an empty one means another reader
     has the note out for its own peek: try again in a moment rather than answer None.
     """
-    channel = await connection.channel()
     try:
-        try:
-            notes = await channel.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
+        notes = await existing_queue(connection, queue)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    channel = notes.channel
+    try:
         for _ in range(NOTE_ATTEMPTS):
             note = await notes.get(fail=False, no_ack=False)
             if note is not None:

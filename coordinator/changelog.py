@@ -122,7 +122,15 @@ async def append(connection: AbstractConnection, entry: Entry, timeout: float) -
             mandatory=True,
             timeout=timeout,
         )
-    except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity):
+    except aio_pika.exceptions.DeliveryError as err:
+        if not isinstance(err.frame, aiormq.spec.Basic.Return):  # a nack: the stream is there
+            raise BrokerUnavailable(
+                f"RabbitMQ did not take the entry ({err}): its node may be starting; retry"
+            ) from None
+        raise TopologyMissing(
+            f"the {CHANGELOG_STREAM} stream does not exist; run `covey topology apply`"
+        ) from None
+    except aiormq.exceptions.ChannelNotFoundEntity:
         raise TopologyMissing(
             f"the {CHANGELOG_STREAM} stream does not exist; run `covey topology apply`"
         ) from None

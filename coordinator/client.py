@@ -122,8 +122,14 @@ class Covey:
 
     async def bus(self) -> Bus:
         async with self._connecting:  # concurrent first uses share one connection
-            if self._bus is not None and self._bus.connection.is_closed:
-                self._bus = None  # it died (a broker restart, a cut): open a new one
+            # A connection the broker dropped is not `is_closed` (only close() sets
+            # that) but is no longer `connected`: both mean it died (a broker
+            # restart, a cut), so open a new one.
+            connection = self._bus.connection if self._bus is not None else None
+            if connection is not None and (
+                connection.is_closed or not connection.connected.is_set()
+            ):
+                self._bus = None
             if self._bus is None:
                 from coordinator.bus import Bus
 

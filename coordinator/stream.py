@@ -17,6 +17,7 @@ from datetime import datetime
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
+from coordinator.bus import existing_queue
 from coordinator.errors import TopologyMissing
 
 PREFETCH = 500
@@ -68,15 +69,15 @@ async def read(
 
     The broker starts at the chunk that holds `start`, so a caller that wants an
     exact start filters what comes before it."""
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=PREFETCH)
     try:
-        try:
-            queue = await channel.declare_queue(stream, passive=True)
-        except ChannelNotFoundEntity:
-            raise TopologyMissing(
-                f"stream {stream} does not exist; run `covey topology apply`"
-            ) from None
+        # Waits out a stream whose node is still starting (right after a restart).
+        queue = await existing_queue(connection, stream, prefetch=PREFETCH)
+    except ChannelNotFoundEntity:
+        raise TopologyMissing(
+            f"stream {stream} does not exist; run `covey topology apply`"
+        ) from None
+    channel = queue.channel
+    try:
         deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         await queue.consume(deliveries.put, arguments={"x-stream-offset": start})
         timeout = FIRST_SECONDS if stop_at is None else RANGE_SECONDS

@@ -37,18 +37,21 @@ from coordinator import runner, topology
 from coordinator.bus import open_connection
 from coordinator.client import Covey
 from coordinator.envelope import Envelope, now
-from coordinator.errors import CoveyError, InvalidEnvelope
+from coordinator.errors import CoveyError, InvalidEnvelope, TopologyMissing
 from coordinator.events import Event
 from coordinator.logs import get_logger
 from coordinator.metrics import Metrics
 from coordinator.roster import Agent, Roster
-from coordinator.schedule import Schedule
+from coordinator.schedule import Schedule, next_due
 from coordinator.settings import Settings
 
 log = get_logger(__name__)
 
 DEBOUNCE_SECONDS = 0.3
-RECONNECT_SECONDS = (1, 2, 5, 10, 30)
+# While the broker is away: how often to try it again. Often, because work should resume
+# within a second or two of it answering; a refused connect is cheap, and the outage
+# is logged once, not per attempt.
+RECONNECT_SECONDS = 0.5
 
 Clock = Callable[[], datetime]
 
@@ -208,51 +211,63 @@ class Supervisor:
     # -- cron ---------------------------------------------------------------------------
 
     async def _schedule(self) -> None:
+        # Every moment here is an aware UTC datetime (see schedule.py): compared in one
+        # zone, the hour that repeats when clocks go back would be taken for a later one.
         fired_up_to = self.clock()  # never fire a moment twice, even if a timer wakes early
         while not self._stopping.is_set():
             self._reschedule.clear()
             zone = self.covey.settings.timezone
-            moment = max(self.clock(), fired_up_to)
-            due = {
-                name: Schedule(agent.config.schedule, zone).next_after(moment)
+            schedules = {
+                name: Schedule(agent.config.schedule, zone)
                 for name, agent in self.roster.agents.items()
                 if agent.config.schedule
             }
-            if not due:
+            due = next_due(schedules, max(self.clock(), fired_up_to))
+            if due is None:
                 await self._reschedule.wait()
                 continue
-            when = min(due.values())
             with contextlib.suppress(TimeoutError):
-                seconds = max(0.0, (when - self.clock()).total_seconds())
+                seconds = max(0.0, (due.at - self.clock()).total_seconds())
                 await asyncio.wait_for(self._reschedule.wait(), seconds)
                 continue  # the roster changed: recompute
-            fired_up_to = when
-            for name, at in due.items():
-                if at == when:
-                    log.info("schedule fired", agent=name, at=at.isoformat())
-                    self.request(name, "schedule")
+            fired_up_to = due.at
+            for name in due.names:
+                log.info("schedule fired", agent=name, at=due.at.isoformat())
+                self.request(name, "schedule")
 
     # -- mail and requests ----------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """Watch for wake-up mail and run requests, reconnecting when the broker goes."""
-        attempt = 0
+        """Watch for wake-up mail and run requests, reconnecting when the broker goes.
+
+        While the broker is away it is tried every RECONNECT_SECONDS (a refused connect
+        costs next to nothing), so work resumes within about a second of it answering;
+        the outage is logged once when it starts and once when it ends."""
+        down_since: float | None = None
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
                 connection = await open_connection(self.covey.settings, "covey supervise")
             except CoveyError as err:  # open_connection maps every failure to one
-                pause = RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
-                log.warning("broker unreachable; retrying", problem=str(err), in_seconds=pause)
-                attempt += 1
-                await asyncio.sleep(pause)
+                if down_since is None:
+                    down_since = loop.time()
+                    log.warning(
+                        "broker unreachable; retrying until it answers",
+                        problem=str(err),
+                        every_seconds=RECONNECT_SECONDS,
+                    )
+                await asyncio.sleep(RECONNECT_SECONDS)
                 continue
-            attempt = 0
+            if down_since is not None:
+                log.info("broker answers again", down_seconds=round(loop.time() - down_since, 1))
             closed = asyncio.Event()
             connection.close_callbacks.add(lambda *_, closed=closed: closed.set())
             try:
                 self._resubscribe.clear()
-                await self._subscribe(connection)
-                await self._wake_for_waiting_mail()
+                await self._subscribe(connection)  # first: mail from now on is seen
+                log.info("watching for mail and run requests")
+                down_since = None
+                await self._wake_for_waiting_mail()  # then: mail sent while nobody watched
                 changed = asyncio.create_task(self._resubscribe.wait())
                 lost = asyncio.create_task(closed.wait())
                 try:
@@ -261,10 +276,13 @@ class Supervisor:
                     changed.cancel()
                     lost.cancel()
                 if closed.is_set():
+                    down_since = loop.time()
                     log.warning("lost the broker connection; reconnecting")
-            except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as err:
-                log.warning("lost the broker while subscribing; reconnecting", problem=str(err))
-                await asyncio.sleep(RECONNECT_SECONDS[0])
+            except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, CoveyError) as err:
+                if down_since is None:
+                    down_since = loop.time()
+                    log.warning("lost the broker while subscribing; reconnecting", problem=str(err))
+                await asyncio.sleep(RECONNECT_SECONDS)
             finally:
                 if not connection.is_closed:
                     await connection.close()
@@ -298,9 +316,9 @@ class Supervisor:
 
     async def _mail_waits(self, agent: Agent) -> bool:
         bus = await self.covey.bus()
-        try:
+        try:  # waits out a queue whose node is still starting (right after a restart)
             queue = await bus.queue(agent.address.queue)
-        except CoveyError:
+        except TopologyMissing:  # not declared yet: no mail can wait in it
             return False
         await queue.channel.close()
         return bool(queue.declaration_result.message_count)
