@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coordinator import __version__
+
 if TYPE_CHECKING:
     from datetime import datetime
 
@@ -92,8 +94,8 @@ async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
     }
     text = (
         f"Declared {counts['exchanges']} exchanges, {counts['queues']} queues and "
-        f"{counts['bindings']} bindings for {len(covey.roster.agents)} agents and "
-        f"{len(covey.roster.humans)} humans."
+        f"{counts['bindings']} bindings for {_count(len(covey.roster.agents), 'agent')} and "
+        f"{_count(len(covey.roster.humans), 'human')}."
     )
     _emit(args, counts, text)
     return 0
@@ -107,7 +109,7 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
 
     agent = covey.roster.agent(args.name)
     if args.via_supervisor:
-        request = Event(kind="run.requested", agent=agent.name, requested_by=args.identity)
+        request = Event(kind="run.requested", agent=agent.name, requested_by=_asker(covey))
         try:
             await (await covey.bus()).publish_event(request, mandatory=True)
         except NoRecipient:
@@ -195,7 +197,12 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
     if args.json:
         _emit(args, {"agents": [a.to_dict() for a in agents], "humans": humans}, "")
         return 0
-    lines = [f"{'AGENT':<16} {'MAIL':>4}  {'NOW':<24} {'LOCK':<28} {'LAST RUN':<22} NEXT RUN"]
+    # status cannot see whether a supervisor runs (nothing on the broker says so), and a
+    # schedule fires only under one: the header says so rather than promise a run.
+    lines = [
+        f"{'AGENT':<16} {'MAIL':>4}  {'NOW':<24} {'LOCK':<28} {'LAST RUN':<22} "
+        "NEXT RUN (IF SUPERVISED)"
+    ]
     for a in agents:
         state = "idle"
         if a.running:
@@ -203,7 +210,7 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
         held = ", ".join(p(h.agent) if h else "?" for h in a.lock_holders)
         lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
         last = f"{p(a.last_run.outcome)} {age(a.last_run.at)} ago" if a.last_run else "never"
-        upcoming = a.next_run.isoformat(timespec="minutes") if a.next_run else "-"
+        upcoming = a.next_run_text
         mail = "-" if a.pending is None else str(a.pending)
         if a.broken:
             state, lock = f"broken ({state})", "-"
@@ -214,6 +221,20 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
         lines.append(f"{'human:' + human:<16} {'-' if count is None else count:>4}")
     print("\n".join(lines))
     return 0
+
+
+def _asker(covey: Covey) -> str | None:
+    """Who asks, when covey knows (--as, COVEY_AGENT or covey.toml); else nobody named."""
+    from coordinator.errors import CoveyError
+
+    try:
+        return str(covey.me)
+    except CoveyError:
+        return None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _took(seconds: float | None) -> str:
@@ -272,6 +293,7 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
     from coordinator import dead
+    from coordinator.errors import ExitCode
     from coordinator.render import age, printable
 
     action = args.action or "list"
@@ -283,10 +305,21 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
         return 0
     if action == "replay":
-        _, sent = await dead.handle(connection, prefix, dead.by_ids(args.ids), replay=True)
+        kept: dict[str, str] = {}
+        _, sent = await dead.handle(
+            connection, prefix, dead.by_ids(args.ids), replay=True, kept=kept
+        )
         text = "\n".join(f"replayed {printable(x.id)} to {printable(x.replay_key)}" for x in sent)
-        _emit(args, {"replayed": [x.id for x in sent]}, text)
-        return 0
+        if sent or args.json:
+            data = {"replayed": [x.id for x in sent], **({"kept": kept} if kept else {})}
+            _emit(args, data, text)
+        for letter_id, why in kept.items():
+            print(
+                f"covey: {printable(letter_id)} is still dead: {printable(why)} (no such "
+                "recipient); add the recipient and run `covey topology apply`, then replay it",
+                file=sys.stderr,
+            )
+        return int(ExitCode.NO_RECIPIENT) if kept else 0
     letters, _ = await dead.handle(connection, prefix)
     if action == "show":
         # A crash while dead-lettering can leave two copies of one letter: show one.
@@ -380,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unavailable, 5 skipped (lock busy), 6 skipped (preflight), 7 timed out, 8 lock lost, "
         "70 a bug in covey.",
     )
+    parser.add_argument("--version", action="version", version=f"covey {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
@@ -394,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--timeout",
             dest="send_timeout",
-            type=_seconds,
+            type=_positive_seconds,
             metavar="SECONDS",
             help="give up (exit 4) if the broker has not taken it by then (default 10)",
         )
@@ -455,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     log.add_argument("--author", help="only this participant's entries")
     log.add_argument("--tag", dest="tag_filter", metavar="TAG", help="only entries with TAG")
-    log.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    log.add_argument("--limit", type=_positive_int, default=20, help="how many (default 20)")
     log_actions = log.add_subparsers(dest="action", metavar="ACTION")
     add = log_actions.add_parser(
         "add", parents=[common], help="tell the others what you changed", description=None
@@ -493,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = command("runs", cmd_runs, "recent runs and how they ended, oldest first")
     runs.add_argument("agent", nargs="?", help="only this agent's runs")
-    runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    runs.add_argument("--limit", type=_positive_int, default=20, help="how many (default 20)")
 
     command("status", cmd_status, "agents: pending mail, running or not, locks, last and next run")
     supervise = command(
@@ -564,6 +598,25 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    """A wait that must allow some time: a publish that may not wait at all can never be
+    confirmed, so 0 would send and report nothing true."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be greater than 0 (the broker's confirm takes time)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive: give 1 or more")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -580,12 +633,13 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         from coordinator import logs
         from coordinator.client import Covey
+        from coordinator.settings import require_home
 
         daemon = args.handler is cmd_supervise
         # `send --timeout` bounds connecting and the broker's confirm alike.
         timeout = getattr(args, "send_timeout", None)
         overrides = {"connect_timeout": timeout} if timeout else {}
-        covey = Covey.open(identity=args.identity, **overrides)
+        covey = Covey.open(identity=args.identity, home=require_home(), **overrides)
         logs.configure(covey.settings.log_format, "info" if args.verbose or daemon else "warning")
         _warn_broken(covey, args, daemon)
         result: int = await args.handler(covey, args)

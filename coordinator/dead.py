@@ -202,11 +202,13 @@ async def handle(
     prefix: str,
     choose: Choose | None = None,
     replay: bool = False,
+    kept: dict[str, str] | None = None,
 ) -> tuple[list[DeadLetter], list[DeadLetter]]:
     """Read every dead letter (`prefix`: of provisioned users' names); those `choose`
     picks from them are replayed (or, without `replay`, purged) and acked, the rest are
-    given back. Returns (all, chosen). If `choose` raises, everything is given back
-    untouched."""
+    given back. Returns (all, chosen and done). If `choose` raises, everything is given
+    back untouched. A chosen letter whose recipient has no queue is not replayed (it
+    would only die again) but given back, and `kept` gets its id and why."""
     everything: list[DeadLetter] = []
     channel = await connection.channel(publisher_confirms=True)
     try:
@@ -222,8 +224,14 @@ async def handle(
         chosen = choose(everything) if choose is not None else []
         picked = {id(letter) for letter in chosen}
         mail = await channel.get_exchange(MAIL_EXCHANGE, ensure=False)
+        missing: dict[str, str] = {}
         for letter in everything:
-            if id(letter) in picked:
+            chosen_here = id(letter) in picked
+            if chosen_here and replay:
+                why = await _no_recipient(connection, letter.replay_key)
+                if why is not None:
+                    missing[letter.id] = why
+            if chosen_here and letter.id not in missing:
                 if replay:  # confirmed (a publisher-confirm channel) before the ack below
                     await _replay(mail, letter)
                 await letter.message.ack()
@@ -232,7 +240,28 @@ async def handle(
     finally:
         if not channel.is_closed:
             await channel.close()  # anything not settled above goes back to its queue
-    return everything, chosen
+    if kept is not None:
+        kept.update(missing)
+    return everything, [x for x in chosen if x.id not in missing]
+
+
+async def _no_recipient(connection: AbstractConnection, routing_key: str) -> str | None:
+    """Why a replay to `routing_key` would find nobody, or None. Mail to a participant
+    goes to the queue named after its routing key, so a missing queue means a missing
+    recipient; a team's or everyone's key cannot be checked without the roster, and
+    whatever of it no queue takes lands in covey.unrouted again."""
+    kind, _, _ = routing_key.partition(".")
+    if kind not in ("agent", "human"):
+        return None
+    channel = await connection.channel()  # a failed passive declare closes its channel
+    try:
+        await channel.declare_queue(routing_key, passive=True)
+        return None
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return f"no queue {routing_key} takes it"
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def _replay(mail: AbstractExchange, letter: DeadLetter) -> None:

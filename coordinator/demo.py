@@ -7,22 +7,35 @@ scout in scout's thread and tells everyone; scout runs again and finds the
 thanks. Each agent is a script that uses the `covey` command, as a model
 would, run through the same lifecycle as `covey run` (locks, environment, run
 log, events), so the demo shows exactly what an agent sees.
+
+It runs only in a namespace it made and removes afterwards, never in one it
+found: a vhost of its own on the configured broker (made through the management
+API, else through `rabbitmqctl` on this machine), else a throwaway node of its
+own. The configured vhost, `/` included, is never touched.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import quote
 
 from yarl import URL
 
 from coordinator import runner
 from coordinator.bus import redacted
 from coordinator.client import Covey
-from coordinator.errors import BadInput, ExitCode
+from coordinator.errors import BadInput, BrokerUnavailable, ConfigError, ExitCode
+from coordinator.identity import url_user
 from coordinator.localbroker import answers, throwaway_broker
+from coordinator.provision import Management
 from coordinator.render import mail_list
 from coordinator.roster import Roster
 from coordinator.settings import Settings
@@ -43,11 +56,94 @@ async def run_demo(settings: Settings) -> int:
             "covey.toml): run it from the covey checkout, or set COVEY_HOME to it"
         )
     url = URL(settings.amqp_url)
+    broker = redacted(settings.amqp_url)
     if answers(url.host or "localhost", url.port or 5672):
-        return await _demo(settings, roster)
-    print(f"No RabbitMQ answers at {redacted(settings.amqp_url)}; starting a throwaway node ...")
-    with throwaway_broker() as throwaway_url:
-        return await _demo(settings.model_copy(update={"amqp_url": throwaway_url}), roster)
+        with _own_vhost(settings) as vhost_url:
+            if vhost_url is not None:
+                return await _demo(settings.model_copy(update={"amqp_url": vhost_url}), roster)
+        print(
+            f"covey cannot create a vhost of its own at {broker} (no management API that lets "
+            "it, no rabbitmqctl here); starting a throwaway node ..."
+        )
+    else:
+        print(f"No RabbitMQ answers at {broker}; starting a throwaway node ...")
+    started = False
+    try:
+        with throwaway_broker() as throwaway_url:
+            started = True
+            return await _demo(settings.model_copy(update={"amqp_url": throwaway_url}), roster)
+    except BrokerUnavailable:
+        if started:
+            raise
+        raise BrokerUnavailable(
+            f"covey demo runs only in a namespace it creates, and can create none: let "
+            f"{url_user(settings.amqp_url)} create vhosts (the management plugin, or "
+            "rabbitmqctl as root), or install rabbitmq-server for a throwaway node"
+        ) from None
+
+
+@contextmanager
+def _own_vhost(settings: Settings) -> Iterator[str | None]:
+    """A new vhost on the configured broker, for the configured user, deleted afterwards
+    with all in it; None when covey may not make one there."""
+    name = f"covey-demo-{uuid.uuid4().hex[:10]}"
+    user = url_user(settings.amqp_url)
+    made = _made_with_api(settings, name, user) or _made_with_ctl(settings, name, user)
+    if made is None:
+        yield None
+        return
+    try:
+        yield str(URL(settings.amqp_url).with_path("/" + name, encoded=False))
+    finally:
+        made(name)
+
+
+Remover = Callable[[str], None]
+
+
+def _made_with_api(settings: Settings, name: str, user: str) -> Remover | None:
+    api = Management.for_settings(settings)
+    vhost = quote(name, safe="")
+
+    def remove(name: str) -> None:
+        with suppress(BrokerUnavailable):
+            api.call("DELETE", f"vhosts/{vhost}")
+
+    try:
+        api.call("PUT", f"vhosts/{vhost}", {})
+    except (BrokerUnavailable, ConfigError):  # no plugin, or a user that may not
+        return None
+    try:
+        rules = {"configure": ".*", "write": ".*", "read": ".*"}
+        api.call("PUT", f"permissions/{vhost}/{quote(user, safe='')}", rules)
+    except (BrokerUnavailable, ConfigError):
+        remove(name)
+        return None
+    return remove
+
+
+def _made_with_ctl(settings: Settings, name: str, user: str) -> Remover | None:
+    """rabbitmqctl speaks to this machine's node only, and works for root (or rabbitmq)."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None or URL(settings.amqp_url).host not in ("localhost", "127.0.0.1", "::1"):
+        return None
+
+    def run(*args: str) -> bool:
+        try:
+            subprocess.run([ctl, *args], check=True, capture_output=True, timeout=60)
+            return True
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+    def remove(name: str) -> None:
+        run("delete_vhost", name)
+
+    if not run("add_vhost", name):
+        return None
+    if not run("set_permissions", "-p", name, user, ".*", ".*", ".*"):
+        remove(name)
+        return None
+    return remove
 
 
 async def _demo(settings: Settings, roster: Roster) -> int:
@@ -64,12 +160,10 @@ async def _story(settings: Settings, roster: Roster) -> int:
         f"{settings.home}, broker {redacted(settings.amqp_url)}"
     )
     async with Covey(settings, roster, identity=human) as person:
-        plan = await person.apply_topology()
-        bus = await person.bus()
-        await bus.purge(address.queue for address in roster.participants())
+        plan = await person.apply_topology()  # a fresh namespace: nothing left over
         print(
             f"  topology: {len(plan.exchanges)} exchanges, {len(plan.queues)} queues, "
-            f"{len(plan.bindings)} bindings (leftover example mail emptied)"
+            f"{len(plan.bindings)} bindings"
         )
         question = await person.send("agent:scout", "Question: queues for agent mail?", QUESTION)
         print(f"  {human} -> agent:scout  {question.subject!r}  ({question.id[:12]})")

@@ -21,7 +21,7 @@ def mail_list(mails: Sequence[Mail]) -> str:
     unread = sum(1 for m in mails if m.status == "unread")
     lines = [
         f"{len(mails)} message{'s' if len(mails) != 1 else ''}, {unread} unread "
-        "(oldest first; * = unread; `covey read ID` opens one):"
+        "(oldest first; * = unread, - = done; `covey read ID` opens one):"
     ]
     for mail in mails:
         env = mail.envelope

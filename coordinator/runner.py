@@ -187,10 +187,13 @@ async def _lifecycle(
     async with await LockSession.open(covey.settings, Holder.me(agent.name, run_id)) as locks:
         try:
             specs = [LockSpec.for_agent(agent.name)]
-            waits = [0.0]
+            # One wait for every lock the run needs: `--wait-lock` waits for another run
+            # of this same agent too, not only for the lock it shares with others.
+            wait = agent.config.wait_lock if wait_lock is None else wait_lock
+            waits = [wait]
             if (spec := configured_lock(covey.settings, agent)) is not None:
                 specs.append(spec)
-                waits.append(agent.config.wait_lock if wait_lock is None else wait_lock)
+                waits.append(wait)
             for spec, wait in zip(specs, waits, strict=True):
                 asked = time.monotonic()
                 taken = await locks.acquire(spec, wait=wait, stop=stop)

@@ -32,12 +32,21 @@ class AgentStatus:
     lock: str
     lock_holders: list[Holder | None]  # one per held slot; None: holder not known yet
     last_run: RunRecord | None
-    next_run: datetime | None
+    next_run: datetime | None  # when its schedule next fires; only a supervisor acts on it
+    schedule: str | None = None
     problem: str | None = None  # why its agent.toml cannot be loaded
 
     @property
     def broken(self) -> bool:
         return self.problem is not None
+
+    @property
+    def next_run_text(self) -> str:
+        """The next firing, to the second for a six-field (seconds) schedule."""
+        if self.next_run is None:
+            return "-"
+        seconds = self.schedule is not None and len(self.schedule.split()) == 6
+        return self.next_run.isoformat(timespec="seconds" if seconds else "minutes")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +117,7 @@ async def agent_statuses(covey: Covey) -> list[AgentStatus]:
                 next_run=Schedule(schedule, covey.settings.timezone).next_after(moment)
                 if schedule
                 else None,
+                schedule=schedule,
             )
         )
     return statuses

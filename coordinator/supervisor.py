@@ -357,5 +357,6 @@ class Supervisor:
         if event.agent not in self.roster.agents:
             log.warning("run requested for an unknown agent", agent=event.agent)
             return
-        log.info("run requested", agent=event.agent, by=event.requested_by)
+        asker = {"by": event.requested_by} if event.requested_by else {}  # no "by=None"
+        log.info("run requested", agent=event.agent, **asker)
         self.request(event.agent, "request")
