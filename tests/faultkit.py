@@ -13,11 +13,12 @@ import signal
 import sqlite3
 import subprocess
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
@@ -25,6 +26,9 @@ from coordinator.client import Covey
 from coordinator.localbroker import LocalBroker
 from coordinator.mailbox import Mail, MailStore, Status, store_path
 from coordinator.names import Address
+
+if TYPE_CHECKING:
+    from conftest import World
 
 # -- the tally --------------------------------------------------------------------------
 
@@ -69,6 +73,20 @@ def vhost_url(node: LocalBroker, vhost: str) -> str:
 
 
 _NAME = re.compile(r'\{"connection_name","((?:[^"\\]|\\.)*)"\}')
+
+
+@contextlib.contextmanager
+def world_on(node: LocalBroker, world: World, label: str) -> Iterator[World]:
+    """`world` pointed at a fresh vhost of its own on the private `node`, topology
+    applied; the vhost is deleted afterwards."""
+    vhost = f"covey-{label}-{uuid.uuid4().hex[:10]}"
+    node.ctl("add_vhost", vhost)
+    node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    world.amqp_url = vhost_url(node, vhost)
+    world.ok("topology", "apply")
+    yield world
+    with contextlib.suppress(subprocess.SubprocessError):  # a node left down says so elsewhere
+        node.ctl("delete_vhost", vhost, timeout=120)
 
 
 def connections(node: LocalBroker, vhost: str) -> list[tuple[str, str]]:

@@ -16,7 +16,6 @@ import random
 import signal
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from faultkit import (
     running,
     send_all,
     stop,
-    vhost_url,
+    world_on,
 )
 
 from coordinator.localbroker import LocalBroker, free_port
@@ -56,14 +55,8 @@ def node() -> Iterator[LocalBroker]:
 @pytest.fixture
 def on_node(world: World, node: LocalBroker) -> Iterator[World]:
     """The test's covey home, pointed at a fresh vhost of its own on the private node."""
-    vhost = f"covey-fault-{uuid.uuid4().hex[:10]}"
-    node.ctl("add_vhost", vhost)
-    node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    world.amqp_url = vhost_url(node, vhost)
-    world.ok("topology", "apply")
-    yield world
-    with contextlib.suppress(subprocess.SubprocessError):  # a node left down says so elsewhere
-        node.ctl("delete_vhost", vhost, timeout=120)
+    with world_on(node, world, "fault") as on:
+        yield on
 
 
 def node_vhost(world: World) -> str:

@@ -7,19 +7,17 @@ The broker that stops is a private node (`LocalBroker`), never the machine's own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aio_pika
 import pytest
 from conftest import World, start
-from faultkit import stop, vhost_url
+from faultkit import stop, vhost_url, world_on
 from test_run import stamping_agent, wait_for
 from test_supervisor import starts
 
@@ -43,14 +41,8 @@ def node() -> Iterator[LocalBroker]:
 @pytest.fixture
 def on_node(world: World, node: LocalBroker) -> Iterator[World]:
     """The test's covey home, pointed at a fresh vhost of its own on the private node."""
-    vhost = f"covey-recovery-{uuid.uuid4().hex[:10]}"
-    node.ctl("add_vhost", vhost)
-    node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    world.amqp_url = vhost_url(node, vhost)
-    world.ok("topology", "apply")
-    yield world
-    with contextlib.suppress(subprocess.SubprocessError):
-        node.ctl("delete_vhost", vhost, timeout=120)
+    with world_on(node, world, "recovery") as on:
+        yield on
 
 
 @dataclass
