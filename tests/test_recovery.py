@@ -24,6 +24,7 @@ from test_supervisor import starts
 from coordinator import digest
 from coordinator.bus import Bus
 from coordinator.errors import CoveyError
+from coordinator.identity import SenderCheck
 from coordinator.localbroker import LocalBroker, free_port
 from coordinator.roster import DigestConfig
 
@@ -180,7 +181,8 @@ async def test_right_after_a_restart_a_starting_stream_and_queue_are_waited_for(
             await asyncio.sleep(0.02)
     answered = time.monotonic()
     try:
-        news = await digest.build(bus.connection, "scout", DigestConfig(), "agent:scout")
+        senders = SenderCheck.for_settings(settings)
+        news = await digest.build(bus.connection, "scout", DigestConfig(), "agent:scout", senders)
         queue = await bus.queue("agent.scout")
         waiting = queue.declaration_result.message_count
         await queue.channel.close()

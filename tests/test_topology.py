@@ -34,7 +34,7 @@ async def test_apply_is_idempotent_and_makes_durable_quorum_queues(world: World,
     first = world.ok("topology", "apply")
     second = world.ok("topology", "apply")
     assert first == second
-    assert "3 agents and 1 humans" in first
+    assert "3 agents and 1 human." in first
     connection = await aio_pika.connect(world.amqp_url)
     async with connection:
         for queue in ("agent.scout", "agent.writer", "agent.loner", "human.ada", "covey.dead"):
