@@ -13,30 +13,46 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Address": "coordinator.names",
-    "Bus": "coordinator.bus",
     "Covey": "coordinator.client",
     "CoveyError": "coordinator.errors",
     "Envelope": "coordinator.envelope",
     "ExitCode": "coordinator.errors",
+    "Gateway": "coordinator.gateway",
     "Mail": "coordinator.mailbox",
     "MailStore": "coordinator.mailbox",
+    "Namespace": "coordinator.namespace",
     "Roster": "coordinator.roster",
     "Settings": "coordinator.settings",
     "Status": "coordinator.mailbox",
 }
 
-__all__ = sorted(_EXPORTS)
+# Spelled out, not computed, so that static tools can read it.
+__all__ = [
+    "Address",
+    "Covey",
+    "CoveyError",
+    "Envelope",
+    "ExitCode",
+    "Gateway",
+    "Mail",
+    "MailStore",
+    "Namespace",
+    "Roster",
+    "Settings",
+    "Status",
+]
 
 if TYPE_CHECKING:
-    from coordinator.bus import Bus as Bus
     from coordinator.client import Covey as Covey
     from coordinator.envelope import Envelope as Envelope
     from coordinator.errors import CoveyError as CoveyError
     from coordinator.errors import ExitCode as ExitCode
+    from coordinator.gateway import Gateway as Gateway
     from coordinator.mailbox import Mail as Mail
     from coordinator.mailbox import MailStore as MailStore
     from coordinator.mailbox import Status as Status
     from coordinator.names import Address as Address
+    from coordinator.namespace import Namespace as Namespace
     from coordinator.roster import Roster as Roster
     from coordinator.settings import Settings as Settings
 

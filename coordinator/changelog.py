@@ -19,20 +19,24 @@ check; a participant that bypasses covey can, so the check is on the read side.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
 
 import aio_pika
-import aiormq
-from aio_pika.abc import AbstractConnection
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator import stream
-from coordinator.bus import read_note, signer, write_note
 from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant
-from coordinator.errors import BadInput, BrokerUnavailable, TopologyMissing, first_problem
+from coordinator.errors import (
+    BadInput,
+    BrokerUnavailable,
+    NoRecipient,
+    TopologyMissing,
+    first_problem,
+)
+from coordinator.gateway import Gateway
 from coordinator.identity import SenderCheck
 from coordinator.names import valid_names
 from coordinator.topology import CHANGELOG_EXCHANGE, CHANGELOG_STREAM
@@ -103,40 +107,25 @@ class Logged:
         }
 
 
-async def append(connection: AbstractConnection, entry: Entry, timeout: float) -> None:
+async def append(gateway: Gateway, entry: Entry, timeout: float) -> None:
     """Append `entry`; returns once the stream has confirmed it."""
-    # Through its own exchange, not the default one: see the note above bus.write_note.
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    # Through its own exchange, not the default one: see the note on Gateway.write_note.
+    message = aio_pika.Message(
+        entry.model_dump_json(exclude_defaults=True).encode(),
+        content_type="application/json",
+        type=ENTRY_TYPE,
+        timestamp=entry.created_at,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        user_id=gateway.user,
+    )
     try:
-        exchange = await channel.get_exchange(CHANGELOG_EXCHANGE, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                entry.model_dump_json(exclude_defaults=True).encode(),
-                content_type="application/json",
-                type=ENTRY_TYPE,
-                timestamp=entry.created_at,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                user_id=signer(connection),
-            ),
-            "",
-            mandatory=True,
-            timeout=timeout,
+        await gateway.publish_message(
+            CHANGELOG_EXCHANGE, message, "", "the changelog entry", timeout=timeout
         )
-    except aio_pika.exceptions.DeliveryError as err:
-        if not isinstance(err.frame, aiormq.spec.Basic.Return):  # a nack: the stream is there
-            raise BrokerUnavailable(
-                f"RabbitMQ did not take the entry ({err}): its node may be starting; retry"
-            ) from None
+    except (NoRecipient, TopologyMissing):  # returned unrouted, or no exchange at all
         raise TopologyMissing(
             f"the {CHANGELOG_STREAM} stream does not exist; run `covey topology apply`"
         ) from None
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        raise TopologyMissing(
-            f"the {CHANGELOG_STREAM} stream does not exist; run `covey topology apply`"
-        ) from None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
 
 
 def parse(item: stream.Item, senders: SenderCheck) -> Logged | None:
@@ -151,10 +140,10 @@ def parse(item: stream.Item, senders: SenderCheck) -> Logged | None:
 
 
 async def read(
-    connection: AbstractConnection, start: int | datetime, stop_at: int, senders: SenderCheck
-) -> AsyncIterator[Logged]:
+    gateway: Gateway, start: int | datetime, stop_at: int, senders: SenderCheck
+) -> AsyncGenerator[Logged, None]:
     """Entries from `start` (an offset, or a time) up to offset `stop_at`, oldest first."""
-    async for item in stream.read(connection, CHANGELOG_STREAM, start, stop_at):
+    async for item in stream.read(gateway, CHANGELOG_STREAM, start, stop_at):
         logged = parse(item, senders)
         if logged is None:
             continue
@@ -166,7 +155,7 @@ async def read(
 
 
 async def newest(
-    connection: AbstractConnection,
+    gateway: Gateway,
     floor: int,
     head: int,
     limit: int,
@@ -182,7 +171,7 @@ async def newest(
     while end >= floor and len(found) < limit:
         start = max(floor, end - window + 1)
         batch, seen = [], -1
-        async for item in stream.read(connection, CHANGELOG_STREAM, start, end):
+        async for item in stream.read(gateway, CHANGELOG_STREAM, start, end):
             seen = max(seen, item.offset)
             if item.offset >= start and (logged := parse(item, senders)) is not None:
                 batch.append(logged)
@@ -207,21 +196,21 @@ class Cursor(BaseModel):
     at: datetime = Field(default_factory=now)
 
 
-async def cursor_of(connection: AbstractConnection, agent: str) -> Cursor | None:
+async def cursor_of(gateway: Gateway, agent: str) -> Cursor | None:
     """The agent's cursor, or None before its first successful run."""
-    note = await read_note(connection, CURSOR_PREFIX + agent)
+    note = await gateway.read_note(CURSOR_PREFIX + agent)
     try:
         return Cursor.model_validate_json(note) if note is not None else None
     except ValidationError:
         return None
 
 
-async def advance(connection: AbstractConnection, agent: str, offset: int) -> Cursor:
+async def advance(gateway: Gateway, agent: str, offset: int) -> Cursor:
     """Move the agent's cursor forward to `offset` (never back). Call it holding the
     agent's lock: that is what makes the read-then-write safe."""
-    current = await cursor_of(connection, agent)
+    current = await cursor_of(gateway, agent)
     if current is not None and current.offset >= offset:
         return current
     cursor = Cursor(offset=offset)
-    await write_note(connection, CURSOR_PREFIX + agent, cursor.model_dump_json().encode())
+    await gateway.write_note(CURSOR_PREFIX + agent, cursor.model_dump_json().encode())
     return cursor

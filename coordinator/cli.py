@@ -43,7 +43,7 @@ async def cmd_send(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_reply(covey: Covey, args: argparse.Namespace) -> int:
-    envelope = await covey.reply(args.id, _body(args), subject=args.subject)
+    envelope = await covey.reply(args.id, args.subject, _body(args))
     _emit(args, {"id": envelope.id}, envelope.id)
     return 0
 
@@ -86,7 +86,7 @@ async def cmd_search(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
-    plan = await covey.apply_topology()
+    plan = await covey.namespace.apply_topology()
     counts = {
         "exchanges": len(plan.exchanges),
         "queues": len(plan.queues),
@@ -111,7 +111,7 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     if args.via_supervisor:
         request = Event(kind="run.requested", agent=agent.name, requested_by=_asker(covey))
         try:
-            await (await covey.bus()).publish_event(request, mandatory=True)
+            await (await covey.gateway()).publish_event(request, mandatory=True)
         except NoRecipient:
             raise NoRecipient(
                 "no supervisor is listening for run requests: start `covey supervise`, "
@@ -127,7 +127,9 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    result = await runner.run(covey, agent, "manual", wait_lock=wait, stop=stop, echo=echo)
+    result = await runner.run(
+        covey.namespace, agent, "manual", wait_lock=wait, stop=stop, echo=echo
+    )
     data = {
         "agent": result.agent,
         "run_id": result.run_id,
@@ -150,7 +152,7 @@ async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
 
     metrics = None
     if not args.no_metrics:
-        metrics = Metrics(covey)
+        metrics = Metrics(covey.namespace)
         try:
             server, _ = start_http_server(
                 args.metrics_port, addr=args.metrics_host, registry=metrics.registry
@@ -161,7 +163,7 @@ async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
                 f"({err.strerror}): pick another --metrics-port, or --no-metrics"
             ) from None
     try:
-        await Supervisor(covey, metrics).serve()
+        await Supervisor(covey.namespace, metrics).serve()
     finally:
         if metrics is not None:
             server.shutdown()
@@ -174,7 +176,7 @@ async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
 
     if args.agent is not None:
         covey.roster.agent(args.agent)  # an unknown name is bad input, not an empty list
-    records = await recent_runs((await covey.bus()).connection, args.agent, args.limit)
+    records = await recent_runs(await covey.gateway(), args.agent, args.limit)
     # Run events are anyone's who may publish to covey.events: every field is neutralised.
     lines = [
         f"{r.at.isoformat(timespec='seconds')}  {p(r.agent):<16} {p(r.outcome):<18} "
@@ -192,8 +194,10 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.render import printable as p
     from coordinator.status import agent_statuses, pending
 
-    agents = await agent_statuses(covey)
-    humans = {h: await pending(covey, Address("human", h)) for h in sorted(covey.roster.humans)}
+    agents = await agent_statuses(covey.namespace)
+    humans = {
+        h: await pending(covey.namespace, Address("human", h)) for h in sorted(covey.roster.humans)
+    }
     if args.json:
         _emit(args, {"agents": [a.to_dict() for a in agents], "humans": humans}, "")
         return 0
@@ -267,7 +271,7 @@ async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
 async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.errors import CoveyError
 
-    news = await covey.digest(args.name)
+    news = await covey.namespace.digest(args.name)
     if args.format == "claude-hook":
         hook = {
             "hookSpecificOutput": {
@@ -283,7 +287,7 @@ async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
     sys.stdout.flush()  # the session gets its digest even if moving the cursor fails
     if args.advance and news.upto is not None:
         try:
-            await covey.advance(args.name, news.upto, wait=5.0)
+            await covey.namespace.advance(args.name, news.upto, wait=5.0)
         except CoveyError as err:
             print(f"covey: cursor not moved, the next digest repeats this ({err})", file=sys.stderr)
     return 0
@@ -297,22 +301,19 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.render import age, printable
 
     action = args.action or "list"
-    connection = (await covey.bus()).connection
+    gateway = await covey.gateway()
     prefix = covey.settings.user_prefix
     if action == "purge":
         cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
-        _, gone = await dead.handle(connection, prefix, dead.older_than(cutoff))
+        gone = await dead.purge(gateway, prefix, dead.older_than(cutoff))
         _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
         return 0
     if action == "replay":
-        kept: dict[str, str] = {}
-        _, sent = await dead.handle(
-            connection, prefix, dead.by_ids(args.ids), replay=True, kept=kept
-        )
+        sent, kept = await dead.replay(gateway, prefix, dead.by_ids(args.ids))
         text = "\n".join(f"replayed {printable(x.id)} to {printable(x.replay_key)}" for x in sent)
         if sent or args.json:
-            data = {"replayed": [x.id for x in sent], **({"kept": kept} if kept else {})}
-            _emit(args, data, text)
+            replayed = {"replayed": [x.id for x in sent], **({"kept": kept} if kept else {})}
+            _emit(args, replayed, text)
         for letter_id, why in kept.items():
             print(
                 f"covey: {printable(letter_id)} is still dead: {printable(why)} (no such "
@@ -320,7 +321,7 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return int(ExitCode.NO_RECIPIENT) if kept else 0
-    letters, _ = await dead.handle(connection, prefix)
+    letters = await dead.everything(gateway, prefix)
     if action == "show":
         # A crash while dead-lettering can leave two copies of one letter: show one.
         letter = dead.by_ids([args.id])(letters)[0]
@@ -344,7 +345,7 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
 async def cmd_provision(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.provision import host_name, provision
 
-    await covey.apply_topology()  # the grants name what it declares
+    await covey.namespace.apply_topology()  # the grants name what it declares
     host = args.host or host_name()
     done = provision(covey.settings, covey.roster, host, args.rotate, print_only=args.print)
     lines = []

@@ -2,29 +2,31 @@
 
 This is the Python API; the CLI is a thin layer over it. Reading, marking and
 searching mail touch only the local mailbox; the broker connection is opened
-the first time something needs it.
+the first time something needs it (`Covey.connect` opens it at once).
 
-    async with Covey.open(identity="agent:scout") as covey:
+    async with await Covey.connect(identity="agent:scout") as covey:
         await covey.send("team:research", "Found it", body="...")
         for mail in await covey.inbox():
             ...
+        async for mail in covey.mail():  # follow new mail as it comes
+            ...
+
+A handle is built on a `Namespace` (namespace.py), which owns the configuration
+and the broker connection; operations that need no identity live there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator import topology
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
 from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound, TopologyMissing
-from coordinator.identity import SenderCheck, provisioned_as
 from coordinator.logs import get_logger
 from coordinator.mailbox import (
     Admission,
@@ -36,14 +38,14 @@ from coordinator.mailbox import (
     store_path,
 )
 from coordinator.names import Address
+from coordinator.namespace import Namespace
 from coordinator.roster import Roster
 from coordinator.settings import Settings
 from coordinator.topology import CHANGELOG_STREAM
 
 if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
-    from coordinator.bus import Bus
     from coordinator.changelog import Entry, Logged
-    from coordinator.digest import Digest
+    from coordinator.gateway import Gateway
 
 IDENTITY_VARIABLE = "COVEY_AGENT"
 
@@ -51,17 +53,17 @@ log = get_logger(__name__)
 
 
 class Covey:
-    def __init__(self, settings: Settings, roster: Roster, identity: str | None = None) -> None:
-        self.settings = settings
-        self.roster = roster
+    """One participant's handle: who it acts as, its mailbox, and the namespace it is in."""
+
+    def __init__(
+        self, namespace: Namespace, identity: str | None = None, *, owns_namespace: bool = True
+    ) -> None:
+        self.namespace = namespace
+        self._owns_namespace = owns_namespace  # closed with this handle
         self._identity = identity
         self._me: Address | None = None
-        self._bus: Bus | None = None
         self._store: MailStore | None = None
         self._subscription: Subscription | None = None  # kept while `wait` is used
-        self._declared: set[Address] = set()  # participants whose topology this handle applied
-        self._declaring = asyncio.Lock()
-        self._connecting = asyncio.Lock()
 
     @classmethod
     def open(
@@ -71,10 +73,29 @@ class Covey:
         **settings: Any,
     ) -> Covey:
         """Load settings and roster for `home` (found from the working directory when
-        None). `identity` wins over COVEY_AGENT, which wins over the configured default.
-        A broken agent is left out, with its problem in `roster.broken`."""
-        loaded = Settings.load(home, **settings)
-        return cls(loaded, Roster.load(loaded), identity)
+        None); connect on first use. `identity` wins over COVEY_AGENT, which wins over
+        the configured default. A broken agent is left out, with its problem in
+        `roster.broken`."""
+        named = identity or os.environ.get(IDENTITY_VARIABLE) or "(no identity)"
+        return cls(Namespace.load(home, name=f"covey {named}", **settings), identity)
+
+    @classmethod
+    async def connect(
+        cls,
+        identity: str | None = None,
+        home: Path | None = None,
+        **settings: Any,
+    ) -> Covey:
+        """As `open`, but connect now: BrokerUnavailable at once when the broker cannot
+        be reached, BadInput or NotFound when the identity is not a participant."""
+        covey = cls.open(identity, home, **settings)
+        try:
+            covey.me  # noqa: B018 - checked now rather than at the first send
+            await covey.gateway()
+        except BaseException:
+            await covey.close()
+            raise
+        return covey
 
     async def __aenter__(self) -> Covey:
         return self
@@ -87,12 +108,19 @@ class Covey:
             with contextlib.suppress(CoveyError):  # the broker went: it redelivers the rest
                 await self._subscription.close()
             self._subscription = None
-        if self._bus is not None:
-            await self._bus.close()
-            self._bus = None
+        if self._owns_namespace:
+            await self.namespace.close()
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.namespace.settings
+
+    @property
+    def roster(self) -> Roster:
+        return self.namespace.roster
 
     @property
     def me(self) -> Address:
@@ -114,27 +142,9 @@ class Covey:
             self._me = address
         return self._me
 
-    def _who(self) -> str:
-        try:
-            return str(self.me)
-        except CoveyError:  # topology apply and the demo need no identity
-            return "(no identity)"
-
-    async def bus(self) -> Bus:
-        async with self._connecting:  # concurrent first uses share one connection
-            # A connection the broker dropped is not `is_closed` (only close() sets
-            # that) but is no longer `connected`: both mean it died (a broker
-            # restart, a cut), so open a new one.
-            connection = self._bus.connection if self._bus is not None else None
-            if connection is not None and (
-                connection.is_closed or not connection.connected.is_set()
-            ):
-                self._bus = None
-            if self._bus is None:
-                from coordinator.bus import Bus
-
-                self._bus = await Bus.connect(self.settings, name=f"covey {self._who()}")
-            return self._bus
+    async def gateway(self) -> Gateway:
+        """The namespace's connection to the broker."""
+        return await self.namespace.gateway()
 
     @property
     def store(self) -> MailStore:
@@ -144,30 +154,6 @@ class Covey:
             )
             self._store = MailStore(path)
         return self._store
-
-    # -- topology -------------------------------------------------------------
-
-    async def apply_topology(self) -> topology.Topology:
-        """Declare the core topology and every participant in the roster."""
-        plan = topology.for_roster(self.roster, self.settings)
-        await (await self.bus()).apply(plan)
-        self._declared.update(self.roster.participants())
-        return plan
-
-    async def ensure_participants(self, participants: list[Address]) -> None:
-        """Declare the core and these participants' queues and bindings, once per handle."""
-        if all(p in self._declared for p in participants):
-            return
-        if provisioned_as(self.settings) is not None:
-            return  # a provisioned participant may not declare: `covey provision` did
-        async with self._declaring:  # concurrent sends to one recipient declare it once
-            todo = [p for p in participants if p not in self._declared]
-            if not todo:
-                return
-            parts = [topology.participant(p, self.roster.teams_of(p), self.settings) for p in todo]
-            plan = topology.Topology.combine([topology.core(self.settings.changelog), *parts])
-            await (await self.bus()).apply(plan)
-            self._declared.update(todo)
 
     # -- sending --------------------------------------------------------------
 
@@ -200,7 +186,7 @@ class Covey:
         if expires_in is not None:
             fields["expires_at"] = now() + expires_in
         envelope = Envelope.new(**fields)
-        self._check_size(envelope)
+        self._check_size(envelope.body_size())
         await self._publish(envelope)
         log.info("sent", id=envelope.id, recipient=envelope.recipient)
         if recipient not in self.roster:
@@ -211,17 +197,28 @@ class Covey:
             )
         return envelope
 
-    async def reply(self, message_id: str, body: str = "", subject: str | None = None) -> Envelope:
-        """Answer the sender of a message in this mailbox, in the same thread."""
+    async def reply(
+        self,
+        message_id: str,
+        subject: str | None = None,
+        body: str = "",
+        *,
+        expires_in: timedelta | None = None,
+    ) -> Envelope:
+        """Answer the sender of a message in this mailbox, in the same thread; the
+        subject is the original's with `Re: ` unless given. Arguments as for `send`."""
         original = self.store.get(message_id).envelope
         if subject is None:
             subject = original.subject
             if not subject.lower().startswith("re:"):
                 subject = f"Re: {subject}"[:MAX_SUBJECT_CHARS]
-        return await self.send(original.sender, subject, body, reply_to=original.id)
+        return await self.send(
+            original.sender, subject, body, reply_to=original.id, expires_in=expires_in
+        )
 
-    def _check_size(self, envelope: Envelope) -> None:
-        size, limit = envelope.body_size(), self.settings.max_body_bytes
+    def _check_size(self, size: int) -> None:
+        """Refuse a body over `max_body_bytes` before anything is sent or logged."""
+        limit = self.settings.max_body_bytes
         if size > limit:
             raise BadInput(
                 f"body is {size} bytes, over the {limit}-byte limit: send a shorter body, or a "
@@ -232,15 +229,14 @@ class Covey:
         """Publish, first making sure the recipients' queues exist: an agent added to the
         roster gets its mail even before anyone ran `covey topology apply`. (Not for
         `all`, whose reach is the whole roster: that is `topology apply`'s job.)"""
-        bus = await self.bus()
+        gateway = await self.gateway()
         recipient = envelope.recipient_address
         if recipient.kind != "all" and (reached := self.roster.reached_by(recipient)):
-            await self.ensure_participants(reached)
-        try:
-            await bus.publish(envelope, timeout=self.settings.connect_timeout)
-        except TopologyMissing:  # nothing reached, in a namespace nobody has set up yet
-            await self.apply_topology()
-            await bus.publish(envelope, timeout=self.settings.connect_timeout)
+            await self.namespace.ensure_participants(reached)
+        # Nothing reached, in a namespace nobody has set up yet: the whole topology.
+        await self.namespace.with_topology(
+            lambda: gateway.publish(envelope, timeout=self.settings.connect_timeout)
+        )
 
     # -- the mailbox -----------------------------------------------------------
 
@@ -253,12 +249,11 @@ class Covey:
             and (filed := await subscription.next(0))
         ):
             return filed  # what `wait`'s consumer filed since
-        bus, queue, limits = await self.bus(), self.me.queue, self._admission()
-        try:
-            new = await drain(bus, self.store, queue, limits, wait)
-        except TopologyMissing:  # first use of this participant: its queue exists from now on
-            await self.ensure_participants([self.me])
-            new = await drain(bus, self.store, queue, limits, wait)
+        gateway, queue, limits = await self.gateway(), self.me.queue, self._admission()
+        # On a participant's first use its queue is declared, and exists from then on.
+        new = await self.namespace.with_topology(
+            lambda: drain(gateway, self.store, queue, limits, wait), [self.me]
+        )
         log.info("drained", queue=queue, new=len(new))
         return new
 
@@ -276,24 +271,32 @@ class Covey:
                 new = await subscription.next(left)  # [] too when a delivery was dead-lettered
             except CoveyError:
                 self._subscription = None  # a new one next time
+                with contextlib.suppress(CoveyError):
+                    await subscription.close()
                 raise
             if new:
                 return self.store.messages(include_done=True, ids=[e.id for e in new])
         return []
 
+    async def mail(self, poll: float = 60.0) -> AsyncIterator[Mail]:
+        """Follow the mailbox: yield what waits, then each new message as it is filed
+        (`poll` only bounds each wait). Mail is filed before it is yielded, so breaking
+        out of the loop loses nothing."""
+        while True:
+            for mail in await self.wait(poll):
+                yield mail
+
     async def _subscribe(self) -> Subscription:
         if self._subscription is not None and self._subscription.active:
             return self._subscription
-        bus, limits = await self.bus(), self._admission()
-        try:
-            self._subscription = await Subscription.start(bus, self.store, self.me.queue, limits)
-        except TopologyMissing:  # first use of this participant: its queue exists from now on
-            await self.ensure_participants([self.me])
-            self._subscription = await Subscription.start(bus, self.store, self.me.queue, limits)
+        gateway, limits = await self.gateway(), self._admission()
+        self._subscription = await self.namespace.with_topology(
+            lambda: Subscription.start(gateway, self.store, self.me.queue, limits), [self.me]
+        )
         return self._subscription
 
     def _admission(self) -> Admission:
-        return Admission(self.settings.max_body_bytes, SenderCheck.for_settings(self.settings))
+        return Admission(self.settings.max_body_bytes, self.namespace.snapshot.senders)
 
     def read(self, message_id: str) -> Mail:
         """One message, marked read."""
@@ -323,15 +326,9 @@ class Covey:
             tags=list(tags),
             run_id=os.environ.get("COVEY_RUN_ID"),
         )
-        size, limit = len(body.encode()), self.settings.max_body_bytes
-        if size > limit:
-            raise BadInput(f"body is {size} bytes, over the {limit}-byte limit")
-        connection = (await self.bus()).connection
-        try:
-            await changelog.append(connection, entry, self.settings.connect_timeout)
-        except TopologyMissing:
-            await self.apply_topology()
-            await changelog.append(connection, entry, self.settings.connect_timeout)
+        self._check_size(len(body.encode()))
+        gateway, timeout = await self.gateway(), self.settings.connect_timeout
+        await self.namespace.with_topology(lambda: changelog.append(gateway, entry, timeout))
         return entry
 
     async def log(
@@ -351,45 +348,24 @@ class Covey:
             entry = logged.entry
             return (who is None or entry.author == who) and (tag is None or tag in entry.tags)
 
-        connection = (await self.bus()).connection
+        gateway = await self.gateway()
         try:
-            head = await stream.head(connection, CHANGELOG_STREAM)
+            head = await stream.head(gateway, CHANGELOG_STREAM)
         except TopologyMissing:
             return []
         if head is None:
             return []
-        senders = SenderCheck.for_settings(self.settings)  # is each writer its author?
+        senders = self.namespace.snapshot.senders  # is each writer its author?
         if since is None:
-            return list(reversed(await changelog.newest(connection, 0, head, limit, keep, senders)))
+            return list(reversed(await changelog.newest(gateway, 0, head, limit, keep, senders)))
         found: list[Logged] = []
-        async with contextlib.aclosing(changelog.read(connection, since, head, senders)) as entries:
+        entries = changelog.read(gateway, since, head, senders)
+        try:
             async for logged in entries:
                 if keep(logged):
                     found.append(logged)
                     if len(found) == limit:
                         break
+        finally:
+            await entries.aclose()  # a stream consumer must be cancelled, not left
         return found
-
-    async def digest(self, agent: str) -> Digest:
-        """What `agent` would be shown if it started now."""
-        from coordinator.digest import build as build_digest
-
-        config = self.roster.agent(agent)
-        connection = (await self.bus()).connection
-        me, senders = str(config.address), SenderCheck.for_settings(self.settings)
-        try:
-            return await build_digest(connection, agent, config.config.digest, me, senders)
-        except TopologyMissing:
-            await self.apply_topology()
-            return await build_digest(connection, agent, config.config.digest, me, senders)
-
-    async def advance(self, agent: str, offset: int, wait: float = 30.0) -> None:
-        """Move `agent`'s cursor to `offset`, under its lock (waiting up to `wait` s for
-        a run of it to end), as a run that ended well would."""
-        from coordinator import changelog
-        from coordinator.lock import Holder, LockSession, LockSpec
-
-        holder = Holder.me(agent, os.environ.get("COVEY_RUN_ID") or "digest")
-        async with await LockSession.open(self.settings, holder) as locks:
-            await locks.acquire(LockSpec.for_agent(agent), wait=wait)
-            await changelog.advance((await self.bus()).connection, agent, offset)

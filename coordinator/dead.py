@@ -29,25 +29,26 @@ is a signature):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from coordinator.bus import (
+from coordinator.errors import BadInput, BrokerUnavailable, NotFound, TopologyMissing
+from coordinator.gateway import (
     COVEY_HEADERS,
     DEAD_AT_HEADER,
     DETAIL_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
     USER_HEADER,
+    Gateway,
     copy_of,
 )
-from coordinator.errors import BadInput, BrokerUnavailable, NotFound, TopologyMissing
 from coordinator.identity import participant_of
 from coordinator.names import Address
 from coordinator.topology import DEAD, MAIL_EXCHANGE, UNROUTED
@@ -76,7 +77,10 @@ class DeadLetter:
         else:
             raw = str(headers.get("x-first-death-reason", "unknown"))
             reason = _BROKER_REASONS.get(raw, raw)
-            detail = f"dead-lettered by RabbitMQ from {headers.get('x-first-death-queue', '?')}"
+            queue = headers.get("x-first-death-queue", "?")
+            if isinstance(queue, bytes):
+                queue = queue.decode(errors="replace")
+            detail = f"dead-lettered by RabbitMQ from {queue}"
         return cls(
             id=message.message_id or hashlib.sha1(message.body).hexdigest()[:32],
             held_in=held_in,
@@ -197,21 +201,51 @@ def _dead_at(headers: dict[str, Any], message: AbstractIncomingMessage) -> datet
 Choose = Callable[[list[DeadLetter]], list[DeadLetter]]
 
 
-async def handle(
-    connection: AbstractConnection,
-    prefix: str,
-    choose: Choose | None = None,
-    replay: bool = False,
-    kept: dict[str, str] | None = None,
+async def everything(gateway: Gateway, prefix: str) -> list[DeadLetter]:
+    """Every dead letter (`prefix`: of provisioned users' names), all given back."""
+    letters, _ = await _settle(gateway, prefix, lambda letters: [], None)
+    return letters
+
+
+async def purge(gateway: Gateway, prefix: str, choose: Choose) -> list[DeadLetter]:
+    """Remove for good the letters `choose` picks; return them."""
+    _, gone = await _settle(gateway, prefix, choose, None)
+    return gone
+
+
+async def replay(
+    gateway: Gateway, prefix: str, choose: Choose
+) -> tuple[list[DeadLetter], dict[str, str]]:
+    """Send the letters `choose` picks again where they died (see `_replay`), each
+    confirmed before it is removed. A letter whose recipient has no queue is not
+    replayed (it would only die again) but kept. Returns (replayed, {kept id: why})."""
+    kept: dict[str, str] = {}
+
+    async def send(mail: AbstractExchange, letter: DeadLetter) -> bool:
+        why = await _no_recipient(gateway, letter.replay_key)
+        if why is not None:
+            kept[letter.id] = why
+            return False
+        await _replay(mail, letter)
+        return True
+
+    _, sent = await _settle(gateway, prefix, choose, send)
+    return sent, kept
+
+
+Act = Callable[[AbstractExchange, "DeadLetter"], Awaitable[bool]]
+
+
+async def _settle(
+    gateway: Gateway, prefix: str, choose: Choose, act: Act | None
 ) -> tuple[list[DeadLetter], list[DeadLetter]]:
-    """Read every dead letter (`prefix`: of provisioned users' names); those `choose`
-    picks from them are replayed (or, without `replay`, purged) and acked, the rest are
-    given back. Returns (all, chosen and done). If `choose` raises, everything is given
-    back untouched. A chosen letter whose recipient has no queue is not replayed (it
-    would only die again) but given back, and `kept` gets its id and why."""
-    everything: list[DeadLetter] = []
-    channel = await connection.channel(publisher_confirms=True)
-    try:
+    """Take every dead letter without acking; of those `choose` picks, ack each that
+    `act` (when given) says it dealt with, and give the rest back. Returns (all,
+    chosen and acked). If `choose` raises, everything is given back untouched."""
+    letters: list[DeadLetter] = []
+    done: list[DeadLetter] = []
+    # Confirms: a replay is confirmed before the ack of its letter below.
+    async with gateway.operation_channel(confirms=True) as channel:  # unsettled go back on close
         for held_in in (DEAD, UNROUTED):
             try:
                 queue = await channel.declare_queue(held_in, passive=True)
@@ -220,32 +254,19 @@ async def handle(
                     f"{held_in} does not exist here; run `covey topology apply`"
                 ) from None
             while (message := await queue.get(no_ack=False, fail=False)) is not None:
-                everything.append(DeadLetter.of(message, held_in, prefix))
-        chosen = choose(everything) if choose is not None else []
-        picked = {id(letter) for letter in chosen}
+                letters.append(DeadLetter.of(message, held_in, prefix))
+        picked = {id(letter) for letter in choose(letters)}
         mail = await channel.get_exchange(MAIL_EXCHANGE, ensure=False)
-        missing: dict[str, str] = {}
-        for letter in everything:
-            chosen_here = id(letter) in picked
-            if chosen_here and replay:
-                why = await _no_recipient(connection, letter.replay_key)
-                if why is not None:
-                    missing[letter.id] = why
-            if chosen_here and letter.id not in missing:
-                if replay:  # confirmed (a publisher-confirm channel) before the ack below
-                    await _replay(mail, letter)
+        for letter in letters:
+            if id(letter) in picked and (act is None or await act(mail, letter)):
                 await letter.message.ack()
+                done.append(letter)
             else:
                 await letter.message.reject(requeue=True)
-    finally:
-        if not channel.is_closed:
-            await channel.close()  # anything not settled above goes back to its queue
-    if kept is not None:
-        kept.update(missing)
-    return everything, [x for x in chosen if x.id not in missing]
+    return letters, done
 
 
-async def _no_recipient(connection: AbstractConnection, routing_key: str) -> str | None:
+async def _no_recipient(gateway: Gateway, routing_key: str) -> str | None:
     """Why a replay to `routing_key` would find nobody, or None. Mail to a participant
     goes to the queue named after its routing key, so a missing queue means a missing
     recipient; a team's or everyone's key cannot be checked without the roster, and
@@ -253,15 +274,7 @@ async def _no_recipient(connection: AbstractConnection, routing_key: str) -> str
     kind, _, _ = routing_key.partition(".")
     if kind not in ("agent", "human"):
         return None
-    channel = await connection.channel()  # a failed passive declare closes its channel
-    try:
-        await channel.declare_queue(routing_key, passive=True)
-        return None
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return f"no queue {routing_key} takes it"
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    return None if await gateway.exists(routing_key) else f"no queue {routing_key} takes it"
 
 
 async def _replay(mail: AbstractExchange, letter: DeadLetter) -> None:

@@ -30,11 +30,11 @@ from urllib.parse import quote
 from yarl import URL
 
 from coordinator import runner
-from coordinator.bus import redacted
-from coordinator.client import Covey
 from coordinator.errors import BadInput, BrokerUnavailable, ConfigError, ExitCode
+from coordinator.gateway import redacted
 from coordinator.identity import url_user
 from coordinator.localbroker import answers, throwaway_broker
+from coordinator.namespace import Namespace
 from coordinator.provision import Management
 from coordinator.render import mail_list
 from coordinator.roster import Roster
@@ -159,8 +159,9 @@ async def _story(settings: Settings, roster: Roster) -> int:
         f"covey demo: {len(roster.agents)} agents and {len(roster.humans)} human(s) from "
         f"{settings.home}, broker {redacted(settings.amqp_url)}"
     )
-    async with Covey(settings, roster, identity=human) as person:
-        plan = await person.apply_topology()  # a fresh namespace: nothing left over
+    async with Namespace(settings, roster, "covey demo") as namespace:
+        plan = await namespace.apply_topology()  # a fresh namespace: nothing left over
+        person = namespace.handle(human)
         print(
             f"  topology: {len(plan.exchanges)} exchanges, {len(plan.queues)} queues, "
             f"{len(plan.bindings)} bindings"
@@ -170,7 +171,7 @@ async def _story(settings: Settings, roster: Roster) -> int:
 
         for name in RUNS:
             print(f"  -- covey run {name}")
-            result = await runner.run(person, roster.agent(name), echo=_prefixed(name))
+            result = await runner.run(namespace, roster.agent(name), echo=_prefixed(name))
             if result.outcome is not runner.Outcome.OK:
                 print(f"covey demo: {result.summary()}", file=sys.stderr)
                 return int(ExitCode.FAILED)

@@ -16,10 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractConnection
-
 from coordinator import changelog, stream
 from coordinator.changelog import Cursor, Logged
+from coordinator.gateway import Gateway
 from coordinator.identity import SenderCheck
 from coordinator.render import age, printable
 from coordinator.roster import DigestConfig
@@ -51,7 +50,7 @@ class Digest:
 
 
 async def build(
-    connection: AbstractConnection,
+    gateway: Gateway,
     agent: str,
     config: DigestConfig,
     me: str,
@@ -59,8 +58,8 @@ async def build(
 ) -> Digest:
     """The digest `agent` (whose address is `me`) would get now; `senders` judges
     whether each entry's writer may speak for its author."""
-    cursor = await changelog.cursor_of(connection, agent)
-    head = await stream.head(connection, CHANGELOG_STREAM)
+    cursor = await changelog.cursor_of(gateway, agent)
+    head = await stream.head(gateway, CHANGELOG_STREAM)
     # A good run moves the cursor to `upto`; with an empty changelog that is -1, so
     # the agent counts as having seen everything so far (nothing).
     digest = Digest(agent=agent, cursor=cursor, upto=-1 if head is None else head)
@@ -77,7 +76,7 @@ async def build(
     def keep(logged: Logged) -> bool:  # an entry that only claims to be the agent's is news
         return own or not (logged.verified and logged.entry.author == me)
 
-    wanted = await changelog.newest(connection, scan_from, head, limit, keep, senders)
+    wanted = await changelog.newest(gateway, scan_from, head, limit, keep, senders)
     digest.entries, digest.text = _fit(wanted, config, cursor)
     digest.floor = floor
     cut = len(wanted) == limit or len(digest.entries) < len(wanted)

@@ -2,7 +2,7 @@
 
 On the wire an envelope is the JSON body of an AMQP message whose `type`
 property is `covey.message.v1` and whose `message_id` is the envelope id (see
-`bus.py` for the AMQP side). A new, incompatible shape gets a new type name,
+`gateway.py` for the AMQP side). A new, incompatible shape gets a new type name,
 so old and new consumers can tell each other's messages apart.
 """
 

@@ -218,8 +218,8 @@ def throwaway_broker() -> Iterator[str]:
 
 def _docker_container() -> Any:
     try:
-        import docker  # type: ignore[import-untyped]
-        from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
+        import docker
+        from testcontainers.rabbitmq import RabbitMqContainer
     except ImportError:
         return None
     try:

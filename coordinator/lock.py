@@ -62,12 +62,12 @@ from datetime import datetime
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
 
-from coordinator.bus import open_connection, read_note, signer, write_note
 from coordinator.envelope import now
 from coordinator.errors import CoveyError, ExitCode
+from coordinator.gateway import BROKER_ERRORS, Gateway
 from coordinator.guard import GRACE_SECONDS
 from coordinator.logs import get_logger
 from coordinator.settings import Settings
@@ -184,8 +184,8 @@ class LockSession:
     """A connection kept only for locks, and the lease on them. When the connection drops
     or the lease lapses unrenewed, every lock on it is lost."""
 
-    def __init__(self, connection: AbstractConnection, holder: Holder) -> None:
-        self._connection = connection
+    def __init__(self, gateway: Gateway, holder: Holder) -> None:
+        self._gateway = gateway
         self.holder = holder
         self.held: list[HeldLock] = []
         self.lost = asyncio.Event()
@@ -194,19 +194,23 @@ class LockSession:
         self._closing = False
         self._renewing: asyncio.Task[None] | None = None
         self._notes: AbstractChannel | None = None
-        connection.close_callbacks.add(self._on_close)
+        gateway.on_lost(self._on_close)
 
     @classmethod
     async def open(cls, settings: Settings, holder: Holder) -> LockSession:
         name = f"covey lock {holder.agent} {holder.run_id}"
-        return cls(await open_connection(settings, name, heartbeat=HEARTBEAT_SECONDS), holder)
+        # Never reconnecting: the locks die with this connection, and a new one holds none.
+        gateway = await Gateway.connect(
+            settings, name, heartbeat=HEARTBEAT_SECONDS, reconnects=False
+        )
+        return cls(gateway, holder)
 
     @property
-    def connection(self) -> AbstractConnection:
+    def gateway(self) -> Gateway:
         """The lock connection: what is written on it is fenced by the locks themselves."""
-        return self._connection
+        return self._gateway
 
-    def _on_close(self, *_: object) -> None:
+    def _on_close(self) -> None:
         if not self._closing:
             self.lost.set()
 
@@ -237,14 +241,13 @@ class LockSession:
             self._renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewing
-        if self.held and self.valid() and not self._connection.is_closed:
+        if self.held and self.valid() and self._gateway.alive:
             try:
                 await asyncio.wait_for(self._mark_released(), NOTE_RELEASE_TIMEOUT)
-            except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
+            except (TimeoutError, *BROKER_ERRORS):
                 # The next holder then waits out the lease: slower, never unsafe.
                 log.warning("could not mark the locks released", exc_info=True)
-        if not self._connection.is_closed:
-            await self._connection.close()
+        await self._gateway.close()
         self.held.clear()
 
     async def _mark_released(self) -> None:
@@ -262,11 +265,11 @@ class LockSession:
             while True:
                 for queue in spec.queues:
                     asked = time.monotonic()
-                    if await self._try(queue):
+                    if await self._gateway.take_exclusive(queue):
                         return await self._took(spec, queue, asked)
                 left = deadline - time.monotonic()
                 if left <= 0 or released is None:
-                    states = [await slot_state(self._connection, q) for q in spec.queues]
+                    states = [await slot_state(self._gateway, q) for q in spec.queues]
                     raise LockBusy(spec, [holder for held, holder in states if held])
                 await _first_of(released, stop or asyncio.Event(), min(left, RETRY_SECONDS))
                 if stop is not None and stop.is_set():
@@ -311,13 +314,13 @@ class LockSession:
             try:
                 if channel is None or channel.is_closed:
                     channel = await asyncio.wait_for(
-                        self._connection.channel(), self.valid_until - sent
+                        self._gateway.open_channel(), self.valid_until - sent
                     )
                 await asyncio.wait_for(
                     channel.declare_queue(queue, passive=True),
                     self.valid_until - sent,
                 )
-            except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
+            except (TimeoutError, *BROKER_ERRORS):
                 if not self._closing:
                     log.warning("lock lease not renewed; the locks are lost", exc_info=True)
                     self.lost.set()
@@ -328,25 +331,12 @@ class LockSession:
             for listener in self.on_renew:
                 listener(self.valid_until)
 
-    async def _try(self, queue: str) -> bool:
-        channel = await self._connection.channel()
-        try:
-            await channel.declare_queue(queue, exclusive=True, durable=False)
-        except aiormq.exceptions.ChannelLockedResource:
-            return False
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-        return True
-
     # Holder notes are read and written on one kept channel (a read and a confirmed write
-    # are then a round trip each); what it cannot do goes through bus.read_note/write_note.
+    # are then a round trip each); what it cannot do goes through the gateway's notes.
 
     async def _note_channel(self) -> AbstractChannel:
         if self._notes is None or self._notes.is_closed:
-            self._notes = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
+            self._notes = await self._gateway.open_channel(confirms=True)
         return self._notes
 
     async def _previous_holder(self, note_queue: str) -> Holder | None:
@@ -359,26 +349,24 @@ class LockSession:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None  # no note queue: the slot was never taken (the channel reopens)
         if note is None:  # a reader has it out for a peek, or it was never written
-            return await _patient_previous_holder(self._connection, note_queue)
+            return await _patient_previous_holder(self._gateway, note_queue)
         await note.reject(requeue=True)  # back at the head, for the next write to drop
         return _holder_from(note.body, note_queue)
 
     async def _note_holder(self, queue: str, holder: Holder) -> None:
         body = holder.model_dump_json().encode()
-        note = aio_pika.Message(
-            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=signer(self._connection)
-        )
+        note = self._gateway.note(body)
         try:
             notes = await (await self._note_channel()).get_exchange(NOTES_EXCHANGE, ensure=False)
             await notes.publish(note, queue + ".holder", mandatory=True)
         except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity):
             # No note queue bound yet, or no notes exchange in a new namespace: make them.
-            await write_note(self._connection, queue + ".holder", body)
+            await self._gateway.write_note(queue + ".holder", body)
 
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
         released = asyncio.Event()
-        channel = await self._connection.channel()
+        channel = await self._gateway.open_channel()
         events = await channel.declare_queue(exclusive=True, auto_delete=True)
         await events.bind(EVENTS_EXCHANGE, f"lock.released.{spec.name}")
 
@@ -389,35 +377,25 @@ class LockSession:
         return channel, released
 
 
-async def slot_state(connection: AbstractConnection, queue: str) -> tuple[bool, Holder | None]:
+async def slot_state(gateway: Gateway, queue: str) -> tuple[bool, Holder | None]:
     """Whether the lock slot `queue` is held, and by whom when its note says.
 
     The holder may be unknown for a moment while a new holder writes its note.
     """
-    channel = await connection.channel()
-    try:
-        await channel.declare_queue(queue, passive=True)  # succeeds only for our own slot
-    except aiormq.exceptions.ChannelNotFoundEntity:
+    if await gateway.held(queue) is None:
         return False, None  # no queue, no lock
-    except aiormq.exceptions.ChannelLockedResource:
-        pass  # held by another connection
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True, await _read_note(connection, queue + ".holder")
+    return True, await _read_note(gateway, queue + ".holder")
 
 
-async def _read_note(connection: AbstractConnection, note_queue: str) -> Holder | None:
-    note = await read_note(connection, note_queue)
+async def _read_note(gateway: Gateway, note_queue: str) -> Holder | None:
+    note = await gateway.read_note(note_queue)
     try:
         return Holder.model_validate_json(note) if note is not None else None
     except ValidationError:
         return None
 
 
-async def _patient_previous_holder(
-    connection: AbstractConnection, note_queue: str
-) -> Holder | None:
+async def _patient_previous_holder(gateway: Gateway, note_queue: str) -> Holder | None:
     """The slot's note, when its queue looked empty: that is waited out, since answering
     "never written" would start the fencing tokens again from 1. Only a note queue that
     does not exist, or stays empty for NOTE_PATIENCE (its first writer died between
@@ -425,10 +403,10 @@ async def _patient_previous_holder(
     """
     deadline = time.monotonic() + NOTE_PATIENCE
     while True:
-        note = await read_note(connection, note_queue)
+        note = await gateway.read_note(note_queue)
         if note is not None:
             return _holder_from(note, note_queue)
-        if not await _exists(connection, note_queue) or time.monotonic() > deadline:
+        if not await gateway.exists(note_queue) or time.monotonic() > deadline:
             return None
         await asyncio.sleep(0.05)
 
@@ -439,15 +417,3 @@ def _holder_from(note: bytes, note_queue: str) -> Holder:
     except ValidationError:
         log.warning("unreadable holder note; counted as unreleased", queue=note_queue)
         return Holder(agent="unknown", run_id="unknown", host="?", pid=0, since=now())
-
-
-async def _exists(connection: AbstractConnection, queue: str) -> bool:
-    channel = await connection.channel()
-    try:
-        await channel.declare_queue(queue, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return True

@@ -48,7 +48,7 @@ from coordinator.logs import get_logger
 if TYPE_CHECKING:  # the store works without the broker; only `drain` needs it
     from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-    from coordinator.bus import Bus
+    from coordinator.gateway import Gateway
     from coordinator.identity import SenderCheck
 
 log = get_logger(__name__)
@@ -340,7 +340,7 @@ class MailStore:
             raise BadInput(f"message id {id_or_prefix!r} is too short: give at least 4 characters")
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         with self._sql():
-            matches = [
+            matches: list[str] = [
                 row[0]
                 for row in self._db.execute(
                     "SELECT id FROM messages WHERE id LIKE ? ESCAPE '\\' LIMIT 2", (escaped + "%",)
@@ -417,7 +417,7 @@ COMMIT_SECONDS = 0.02  # ... or what came before a pause this long
 
 
 async def drain(
-    bus: Bus,
+    gateway: Gateway,
     store: MailStore,
     queue_name: str,
     limits: Admission,
@@ -442,49 +442,48 @@ async def drain(
     deliveries the store already holds (they come back once, recognised), and
     mail that no store holds is exposed only for the moment it takes to commit.
     """
-    from aiormq.exceptions import AMQPError  # the broker is only needed here
+    from coordinator.gateway import translated  # the broker is only needed here
 
     store.check_writable()
-    filing = _Filing(bus, store, queue_name, limits)
+    filing = _Filing(gateway, store, queue_name, limits)
     target: int | None = None  # how many this drain takes in all: what was waiting
     first_wait = wait
     sound = False  # checked before the first delivery is taken, if any is
     channel = None
     try:
-        channel = await bus.connection.channel()  # one for every round
-        while target is None or filing.taken < target:
-            queue = await bus.queue(queue_name, channel)
-            ready = queue.declaration_result.message_count or 0
-            if ready == 0 and first_wait is None:
-                # Nothing waiting: none came, or another drain of this mailbox took what
-                # was (it files it). Only a first round may wait for mail to come, and
-                # only as long as `wait`: a consumer waiting for nothing never returns.
-                break
-            if not sound:
-                store.check_sound()
-                sound = True
-            if target is None:
-                target = filing.taken + max(ready, 1)
-            # No more than the free space holds at worst: a write that fails hands back
-            # every delivery still in the window (a count each towards the limit).
-            room = store.room(limits.max_body_bytes)
-            window = min(max(ready, 1), MAX_PREFETCH, room)
-            first_timeout = first_wait if ready == 0 and first_wait is not None else IDLE_SECONDS
-            batch = await _take(queue, window, first_timeout, filing)
-            await filing.settle(batch)
-            if filing.failure is not None:
-                # Stop at the first failed write: what was filed is acked; closing the
-                # channel hands the rest back, once.
-                raise filing.failure
-            if len(batch) < window:
-                break  # waited long enough, or another consumer took some
-            if first_wait is not None and ready == 0:
-                target = None  # mail came while we waited: take what is waiting now, too
-            first_wait = None
-    except (AMQPError, RuntimeError, ConnectionError) as err:
-        raise BrokerUnavailable(
-            f"lost RabbitMQ while fetching mail from {queue_name} ({err})"
-        ) from None
+        with translated(f"fetch mail from {queue_name}"):
+            channel = await gateway.open_channel()  # one for every round
+            while target is None or filing.taken < target:
+                queue = await gateway.queue(queue_name, channel)
+                ready = queue.declaration_result.message_count or 0
+                if ready == 0 and first_wait is None:
+                    # Nothing waiting: none came, or another drain of this mailbox took what
+                    # was (it files it). Only a first round may wait for mail to come, and
+                    # only as long as `wait`: a consumer waiting for nothing never returns.
+                    break
+                if not sound:
+                    store.check_sound()
+                    sound = True
+                if target is None:
+                    target = filing.taken + max(ready, 1)
+                # No more than the free space holds at worst: a write that fails hands back
+                # every delivery still in the window (a count each towards the limit).
+                room = store.room(limits.max_body_bytes)
+                window = min(max(ready, 1), MAX_PREFETCH, room)
+                first_timeout = (
+                    first_wait if ready == 0 and first_wait is not None else IDLE_SECONDS
+                )
+                batch = await _take(queue, window, first_timeout, filing)
+                await filing.settle(batch)
+                if filing.failure is not None:
+                    # Stop at the first failed write: what was filed is acked; closing the
+                    # channel hands the rest back, once.
+                    raise filing.failure
+                if len(batch) < window:
+                    break  # waited long enough, or another consumer took some
+                if first_wait is not None and ready == 0:
+                    target = None  # mail came while we waited: take what is waiting now, too
+                first_wait = None
     finally:
         if channel is not None and not channel.is_closed:
             await channel.close()
@@ -579,23 +578,20 @@ class Subscription:
 
     @classmethod
     async def start(
-        cls, bus: Bus, store: MailStore, queue_name: str, limits: Admission
+        cls, gateway: Gateway, store: MailStore, queue_name: str, limits: Admission
     ) -> Subscription:
         """Subscribe; raises TopologyMissing when the queue does not exist."""
-        from aiormq.exceptions import AMQPError
+        from coordinator.gateway import translated
 
         store.check_writable()  # see there and at `drain`
         store.check_sound()
         window = min(MAX_PREFETCH, store.room(limits.max_body_bytes))
-        channel = await bus.connection.channel()
-        try:
-            queue = await bus.queue(queue_name, channel)
-            subscription = cls(_Filing(bus, store, queue_name, limits), queue)
+        with translated(f"subscribe to {queue_name}"):
+            channel = await gateway.open_channel(prefetch=window)
+            queue = await gateway.queue(queue_name, channel)
+            subscription = cls(_Filing(gateway, store, queue_name, limits), queue)
             channel.close_callbacks.add(subscription._on_close)
-            await channel.set_qos(prefetch_count=window)
             subscription._consumer_tag = await queue.consume(subscription._on_delivery)
-        except (AMQPError, RuntimeError, ConnectionError) as err:
-            raise BrokerUnavailable(f"lost RabbitMQ subscribing to {queue_name} ({err})") from None
         return subscription
 
     @property
@@ -630,18 +626,17 @@ class Subscription:
         await self._file_waiting()
 
     async def _file_waiting(self) -> None:
-        from aiormq.exceptions import AMQPError
+        from coordinator.gateway import translated
 
         async with self._filing_one_batch:
             batch, self._waiting = self._waiting, []
             if not batch or self._failure is not None:
                 return  # after a failure the channel goes: the broker redelivers
             try:
-                await self._filing.file(batch)
+                with translated("file mail"):
+                    await self._filing.file(batch)
             except CoveyError as err:
                 self._failure = err
-            except (AMQPError, RuntimeError, ConnectionError) as err:
-                self._failure = BrokerUnavailable(f"lost RabbitMQ while filing mail ({err})")
             self._news.set()
 
     def _on_close(self, *_: object) -> None:
@@ -653,8 +648,10 @@ class Subscription:
 class _Filing:
     """Files batches of deliveries: valid envelopes into the store, the rest to covey.dead."""
 
-    def __init__(self, bus: Bus, store: MailStore, queue_name: str, limits: Admission) -> None:
-        self.bus, self.store, self.queue_name = bus, store, queue_name
+    def __init__(
+        self, gateway: Gateway, store: MailStore, queue_name: str, limits: Admission
+    ) -> None:
+        self.gateway, self.store, self.queue_name = gateway, store, queue_name
         self.limits = limits
         self.taken = 0
         self.added: list[Envelope] = []
@@ -704,7 +701,9 @@ class _Filing:
             return
         rejected, self._rejected = self._rejected, []
         for delivery, problem in rejected:
-            await self.bus.dead_letter(delivery, self.queue_name, problem.reason, problem.detail)
+            await self.gateway.dead_letter(
+                delivery, self.queue_name, problem.reason, problem.detail
+            )
             log.warning(
                 "dead-lettered a delivery",
                 queue=self.queue_name,

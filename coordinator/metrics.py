@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import aiormq
-from aio_pika.abc import AbstractConnection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator import __version__, changelog, stream
 from coordinator.changelog import Cursor
-from coordinator.client import Covey
 from coordinator.errors import CoveyError
 from coordinator.events import Event
+from coordinator.gateway import Gateway, in_parallel
 from coordinator.lock import LockSpec, slot_state
 from coordinator.logs import get_logger
+from coordinator.namespace import Namespace
 from coordinator.records import recent_runs
 from coordinator.roster import GLOBAL_LOCK
 from coordinator.schedule import Schedule
@@ -67,8 +66,8 @@ class BrokerFigures:
 
 
 class Metrics:
-    def __init__(self, covey: Covey) -> None:
-        self.covey = covey
+    def __init__(self, namespace: Namespace) -> None:
+        self.namespace = namespace
         self.registry = CollectorRegistry()
         r = self.registry
         Info("covey_build", "covey's version", registry=r).info({"version": __version__})
@@ -135,10 +134,10 @@ class Metrics:
 
     def describe_roster(self) -> None:
         """Figures that follow from the roster alone; again after a reload."""
-        self.roster_agents.set(len(self.covey.roster.agents))
+        self.roster_agents.set(len(self.namespace.roster.agents))
         self.schedule_interval.clear()  # an agent removed, or unscheduled, loses its series
-        zone = self.covey.settings.timezone
-        for name, agent in self.covey.roster.agents.items():
+        zone = self.namespace.settings.timezone
+        for name, agent in self.namespace.roster.agents.items():
             if agent.config.schedule:
                 schedule = Schedule(agent.config.schedule, zone)
                 first = schedule.next_after(datetime.now(schedule.zone))
@@ -178,12 +177,12 @@ class Metrics:
         """Seed the last-run times from the run records, so that a restarted supervisor
         does not look as if no agent had ever run."""
         try:
-            records = await recent_runs((await self.covey.bus()).connection, limit=1000)
-        except (CoveyError, aiormq.exceptions.AMQPError) as err:
+            records = await recent_runs(await self.namespace.gateway(), limit=1000)
+        except CoveyError as err:
             log.warning("could not read past runs for the metrics", error=str(err))
             return
         for record in records:
-            if record.finished_at is not None and record.agent in self.covey.roster.agents:
+            if record.finished_at is not None and record.agent in self.namespace.roster.agents:
                 self.last_run.labels(record.agent, record.outcome).set(
                     record.finished_at.timestamp()
                 )
@@ -193,12 +192,12 @@ class Metrics:
         while True:
             started = time.monotonic()
             if started - cursors_read_at >= CURSOR_REFRESH_SECONDS:
-                stale, cursors_read_at = set(self.covey.roster.agents), started
+                stale, cursors_read_at = set(self.namespace.roster.agents), started
             else:
                 stale = self._cursors_moved
             self._cursors_moved = set()
             try:
-                self.figures = await gather(self.covey, self._cursors, stale)
+                self.figures = await gather(self.namespace, self._cursors, stale)
             except Exception as err:  # the metrics must outlive any one bad refresh
                 log.warning("could not gather broker figures", error=str(err))
                 self._cursors_moved |= stale
@@ -263,31 +262,32 @@ def _gauge(
 
 
 async def gather(
-    covey: Covey, cursors: dict[str, Cursor | None], stale: Iterable[str]
+    namespace: Namespace, cursors: dict[str, Cursor | None], stale: Iterable[str]
 ) -> BrokerFigures:
     """One snapshot of the broker-side figures for the roster. `cursors` holds what
     was read before; those of `stale` agents (and of any not read yet) are read again."""
-    connection = (await covey.bus()).connection
-    roster = covey.roster
+    gateway = await namespace.gateway()
+    snapshot = namespace.snapshot
+    roster = snapshot.roster
     participants = [str(p) for p in roster.participants()]
     queue_names = [p.queue for p in roster.participants()]
-    counts = await _ready_counts(connection, [*queue_names, DEAD, UNROUTED])
+    counts = await gateway.ready_counts([*queue_names, DEAD, UNROUTED], PARALLEL_CHANNELS)
     figures = BrokerFigures(
         taken_at=time.time(),
         pending={
-            p: counts[q]
+            p: count
             for p, q in zip(participants, queue_names, strict=True)
-            if counts[q] is not None
+            if (count := counts[q]) is not None
         },
         dead_letters=counts[DEAD],
         unrouted=counts[UNROUTED],
     )
     locks = [LockSpec(GLOBAL_LOCK)] + [
-        LockSpec(name, config.slots) for name, config in covey.settings.locks.items()
+        LockSpec(name, config.slots) for name, config in snapshot.settings.locks.items()
     ]
     for spec in locks:
         for queue in spec.queues:
-            held, holder = await slot_state(connection, queue)
+            held, holder = await slot_state(gateway, queue)
             if held:
                 figures.holders.append(
                     (
@@ -297,12 +297,12 @@ async def gather(
                     )
                 )
     try:
-        figures.changelog_head = await stream.head(connection, CHANGELOG_STREAM)
+        figures.changelog_head = await stream.head(gateway, CHANGELOG_STREAM)
     except CoveyError:
         figures.changelog_head = None
     if figures.changelog_head is not None:
         unread = set(stale) | (set(roster.agents) - set(cursors))
-        cursors.update(await _cursors(connection, [a for a in roster.agents if a in unread]))
+        cursors.update(await _cursors(gateway, [a for a in roster.agents if a in unread]))
         for agent in roster.agents:
             cursor = cursors.get(agent)
             seen = cursor.offset if cursor is not None else -1
@@ -310,51 +310,12 @@ async def gather(
     return figures
 
 
-async def _ready_counts(
-    connection: AbstractConnection, queues: Sequence[str]
-) -> dict[str, int | None]:
-    """Ready messages per queue (None: no such queue), by passive declares over a few
-    channels, each reopened when a missing queue closes it."""
-    results: dict[str, int | None] = {}
-
-    async def worker(share: Sequence[str]) -> None:
-        channel = await connection.channel()
-        try:
-            for queue in share:
-                if channel.is_closed:
-                    channel = await connection.channel()
-                try:
-                    declared = await channel.declare_queue(queue, passive=True)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    results[queue] = None
-                    continue
-                results[queue] = declared.declaration_result.message_count or 0
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-
-    await _in_parallel(queues, worker)
-    return results
-
-
-async def _cursors(
-    connection: AbstractConnection, agents: Sequence[str]
-) -> dict[str, Cursor | None]:
+async def _cursors(gateway: Gateway, agents: Sequence[str]) -> dict[str, Cursor | None]:
     results: dict[str, Cursor | None] = {}
 
-    async def worker(share: Sequence[str]) -> None:
+    async def read(_: int, share: Sequence[str]) -> None:
         for agent in share:
-            results[agent] = await changelog.cursor_of(connection, agent)
+            results[agent] = await changelog.cursor_of(gateway, agent)
 
-    await _in_parallel(agents, worker)
+    await in_parallel(agents, PARALLEL_CHANNELS, read)
     return results
-
-
-async def _in_parallel(
-    items: Sequence[str], worker: Callable[[Sequence[str]], Awaitable[None]]
-) -> None:
-    """Split `items` into PARALLEL_CHANNELS shares, worked on at once."""
-    shares = [items[i::PARALLEL_CHANNELS] for i in range(min(PARALLEL_CHANNELS, len(items)))]
-    async with asyncio.TaskGroup() as group:  # one failing cancels the others
-        for share in shares:
-            group.create_task(worker(share))

@@ -71,7 +71,7 @@ class Address:
             raise BadInput(
                 f"invalid address {text!r}: use agent:NAME, NAME, team:NAME, human:NAME or all"
             )
-        return cls(kind, check_name(name, f"{kind} name"))  # type: ignore[arg-type]
+        return cls(kind, check_name(name, f"{kind} name"))
 
     @classmethod
     def participant(cls, text: str) -> Address:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from aio_pika.abc import AbstractConnection
 from pydantic import ValidationError
 
 from coordinator import stream
 from coordinator.events import Event
+from coordinator.gateway import Gateway
 from coordinator.lock import LockSpec, slot_state
 from coordinator.topology import RUNS_STREAM
 
@@ -66,12 +66,12 @@ class RunRecord:
 
 
 async def recent_runs(
-    connection: AbstractConnection, agent: str | None = None, limit: int = 20
+    gateway: Gateway, agent: str | None = None, limit: int = 20
 ) -> list[RunRecord]:
     """The newest `limit` runs (of `agent`, when given), oldest first."""
     scan = limit * EVENTS_PER_RUN * (SCAN_FACTOR if agent else 1)
     records: dict[str, RunRecord] = {}
-    for entry in await stream.newest(connection, RUNS_STREAM, scan):
+    for entry in await stream.newest(gateway, RUNS_STREAM, scan):
         try:
             event = Event.model_validate_json(entry.body)
         except ValidationError:
@@ -95,11 +95,11 @@ async def recent_runs(
             record.reason = event.reason
     newest = sorted(records.values(), key=lambda r: r.at)[-limit:]
     for record in newest:
-        if record.outcome == RUNNING and not await _still_running(connection, record):
+        if record.outcome == RUNNING and not await _still_running(gateway, record):
             record.outcome = LOST
     return newest
 
 
-async def _still_running(connection: AbstractConnection, record: RunRecord) -> bool:
-    held, holder = await slot_state(connection, LockSpec.for_agent(record.agent).queues[0])
+async def _still_running(gateway: Gateway, record: RunRecord) -> bool:
+    held, holder = await slot_state(gateway, LockSpec.for_agent(record.agent).queues[0])
     return held and (holder is None or holder.run_id == record.run_id)

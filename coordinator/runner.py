@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import IO
 
 import structlog
-from aiormq.exceptions import AMQPError
 
 from coordinator import changelog, digest, preflight
-from coordinator.client import Covey
 from coordinator.errors import BadInput, CoveyError, ExitCode
 from coordinator.events import Event
+from coordinator.gateway import translated
 from coordinator.guard import Guard
-from coordinator.identity import SenderCheck, url_for
+from coordinator.identity import url_for
 from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
+from coordinator.namespace import Namespace
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
 from coordinator.settings import Settings
 
@@ -147,7 +147,7 @@ def new_run_id() -> str:
 
 
 async def run(
-    covey: Covey,
+    namespace: Namespace,
     agent: Agent,
     trigger: str = "manual",
     *,
@@ -160,15 +160,15 @@ async def run(
     lock is taken; everything else ends as a RunResult with an outcome. `observe` sees
     each of the run's events as it happens (the supervisor's metrics count them)."""
     run_id = new_run_id()
-    launch = Launch.prepare(covey.settings, agent, run_id)
+    launch = Launch.prepare(namespace.settings, agent, run_id)
     with structlog.contextvars.bound_contextvars(agent=agent.name, run_id=run_id):
         return await _lifecycle(
-            covey, agent, trigger, run_id, launch, wait_lock, stop, echo, observe
+            namespace, agent, trigger, run_id, launch, wait_lock, stop, echo, observe
         )
 
 
 async def _lifecycle(
-    covey: Covey,
+    namespace: Namespace,
     agent: Agent,
     trigger: str,
     run_id: str,
@@ -179,19 +179,19 @@ async def _lifecycle(
     observe: Observer | None,
 ) -> RunResult:
     started = time.monotonic()
-    record = _Recorder(covey, agent.name, run_id, trigger, started, observe)
+    record = _Recorder(namespace, agent.name, run_id, trigger, started, observe)
     # The crontab form may be the first thing to touch a namespace: make sure the
     # events exchange, the run records and the changelog exist (idempotent, cached).
-    await covey.ensure_participants([agent.address])
+    await namespace.ensure_participants([agent.address])
 
-    async with await LockSession.open(covey.settings, Holder.me(agent.name, run_id)) as locks:
+    async with await LockSession.open(namespace.settings, Holder.me(agent.name, run_id)) as locks:
         try:
             specs = [LockSpec.for_agent(agent.name)]
             # One wait for every lock the run needs: `--wait-lock` waits for another run
             # of this same agent too, not only for the lock it shares with others.
             wait = agent.config.wait_lock if wait_lock is None else wait_lock
             waits = [wait]
-            if (spec := configured_lock(covey.settings, agent)) is not None:
+            if (spec := configured_lock(namespace.settings, agent)) is not None:
                 specs.append(spec)
                 waits.append(wait)
             for spec, wait in zip(specs, waits, strict=True):
@@ -220,7 +220,7 @@ async def _lifecycle(
             await record.locks_released(held)
             return await record.finished(Outcome.STOPPED, reason="told to stop before it started")
 
-        news = await _digest(covey, agent)
+        news = await _digest(namespace, agent)
         tokens = {lock.spec.name: lock.token for lock in held}
         launch.env["COVEY_FENCING_TOKEN"] = str(tokens[specs[0].name])  # the agent's own lock
         launch.env["COVEY_FENCING_TOKENS"] = ",".join(f"{k}={v}" for k, v in tokens.items())
@@ -283,15 +283,16 @@ async def _outwait_previous_holders(
     return round(time.monotonic() - started, 3)
 
 
-async def _digest(covey: Covey, agent: Agent) -> digest.Digest:
+async def _digest(namespace: Namespace, agent: Agent) -> digest.Digest:
     """The changelog digest for this run; a broker hiccup here costs the digest, not the run."""
     try:
-        connection = (await covey.bus()).connection
-        senders = SenderCheck.for_settings(covey.settings)  # who may write as whom
-        return await digest.build(
-            connection, agent.name, agent.config.digest, str(agent.address), senders
-        )
-    except (CoveyError, AMQPError, RuntimeError, ConnectionError) as err:
+        gateway = await namespace.gateway()
+        senders = namespace.snapshot.senders  # who may write as whom
+        with translated("read the changelog"):
+            return await digest.build(
+                gateway, agent.name, agent.config.digest, str(agent.address), senders
+            )
+    except CoveyError as err:
         log.warning("no digest for this run", agent=agent.name, error=str(err))
         return digest.Digest(agent=agent.name, cursor=None, upto=None, text="")
 
@@ -311,8 +312,9 @@ async def _advance(locks: LockSession, agent: Agent, offset: int) -> None:
     """Written over the lock connection, so fenced by the broker itself: once it has
     freed the lock (and so closed that connection), a stalled run can write nothing."""
     try:
-        await changelog.advance(locks.connection, agent.name, offset)
-    except (CoveyError, AMQPError, RuntimeError, ConnectionError) as err:
+        with translated("move the changelog cursor"):
+            await changelog.advance(locks.gateway, agent.name, offset)
+    except CoveyError as err:
         log.warning("cursor not advanced; the next run repeats this news", error=str(err))
 
 
@@ -330,14 +332,14 @@ class _Recorder:
 
     def __init__(
         self,
-        covey: Covey,
+        namespace: Namespace,
         agent: str,
         run_id: str,
         trigger: str,
         started: float,
         observe: Observer | None,
     ) -> None:
-        self.covey, self.agent, self.run_id, self.trigger = covey, agent, run_id, trigger
+        self.namespace, self.agent, self.run_id, self.trigger = namespace, agent, run_id, trigger
         self.started_at = started
         self.observe = observe
         self._acquired: dict[str, float] = {}
@@ -348,7 +350,7 @@ class _Recorder:
         if self.observe is not None:
             self.observe(event)
         try:
-            await (await self.covey.bus()).publish_event(event)
+            await (await self.namespace.gateway()).publish_event(event)
         except CoveyError as err:
             log.warning("could not publish event", kind=event.kind, error=str(err))
 

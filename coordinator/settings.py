@@ -204,7 +204,8 @@ class Settings(BaseSettings):
         try:
             return cls(home=home, **overrides)
         except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{home / CONFIG_FILE}: not valid TOML ({err})") from None
+            where = home / CONFIG_FILE if home is not None else CONFIG_FILE
+            raise ConfigError(f"{where}: not valid TOML ({err})") from None
         except ValidationError as err:
             raise ConfigError(_describe(err, home)) from None
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from coordinator.client import Covey
 from coordinator.envelope import now
 from coordinator.errors import TopologyMissing
 from coordinator.lock import Holder, LockSpec, slot_state
 from coordinator.names import Address
+from coordinator.namespace import Namespace
 from coordinator.records import RunRecord, recent_runs
 from coordinator.roster import NO_LOCK
 from coordinator.runner import configured_lock
@@ -62,32 +62,34 @@ class AgentStatus:
         }
 
 
-async def pending(covey: Covey, participant: Address) -> int | None:
-    bus = await covey.bus()
+async def pending(namespace: Namespace, participant: Address) -> int | None:
+    """How much mail waits in `participant`'s queue; None when it has none yet."""
+    gateway = await namespace.gateway()
     try:
-        queue = await bus.queue(participant.queue)
+        queue = await gateway.queue(participant.queue)
     except TopologyMissing:
         return None
     await queue.channel.close()
     return queue.declaration_result.message_count or 0
 
 
-async def agent_statuses(covey: Covey) -> list[AgentStatus]:
-    connection = (await covey.bus()).connection
+async def agent_statuses(namespace: Namespace) -> list[AgentStatus]:
+    gateway = await namespace.gateway()
+    snapshot = namespace.snapshot
     last: dict[str, RunRecord] = {}
-    for record in await recent_runs(connection, limit=RECENT_RUNS):
+    for record in await recent_runs(gateway, limit=RECENT_RUNS):
         last[record.agent] = record
     statuses = []
     moment = now()
-    roster = covey.roster
+    roster = snapshot.roster
     for name in sorted({*roster.agents, *roster.broken}):
-        held, holder = await slot_state(connection, LockSpec.for_agent(name).queues[0])
+        held, holder = await slot_state(gateway, LockSpec.for_agent(name).queues[0])
         agent = roster.agents.get(name)
         if agent is None:  # broken: what it would lock and when it would run are unknown
             statuses.append(
                 AgentStatus(
                     name=name,
-                    pending=await pending(covey, Address("agent", name)),
+                    pending=await pending(namespace, Address("agent", name)),
                     running=held,
                     run_holder=holder if held else None,
                     lock="?",
@@ -98,23 +100,23 @@ async def agent_statuses(covey: Covey) -> list[AgentStatus]:
                 )
             )
             continue
-        spec = configured_lock(covey.settings, agent)
+        spec = configured_lock(snapshot.settings, agent)
         holders = []
         for queue in spec.queues if spec else []:
-            slot_held, slot_holder = await slot_state(connection, queue)
+            slot_held, slot_holder = await slot_state(gateway, queue)
             if slot_held:
                 holders.append(slot_holder)
         schedule = agent.config.schedule
         statuses.append(
             AgentStatus(
                 name=name,
-                pending=await pending(covey, agent.address),
+                pending=await pending(namespace, agent.address),
                 running=held,
                 run_holder=holder if held else None,
                 lock=spec.name if spec else NO_LOCK,
                 lock_holders=holders,
                 last_run=last.get(name),
-                next_run=Schedule(schedule, covey.settings.timezone).next_after(moment)
+                next_run=Schedule(schedule, snapshot.settings.timezone).next_after(moment)
                 if schedule
                 else None,
                 schedule=schedule,

@@ -10,15 +10,15 @@ entries therefore costs one chunk plus N, however long the stream is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from coordinator.bus import existing_queue
 from coordinator.errors import TopologyMissing
+from coordinator.gateway import Gateway
 
 PREFETCH = 500
 # Finding the head: attached at `last`, the broker sends the newest chunk in one
@@ -38,32 +38,30 @@ class Item:
     message: AbstractIncomingMessage
 
 
-async def head(connection: AbstractConnection, stream: str) -> int | None:
+async def head(gateway: Gateway, stream: str) -> int | None:
     """The offset of the newest entry, or None when the stream is empty."""
     newest: int | None = None
-    async for item in read(connection, stream, "last", stop_at=None):
+    async for item in read(gateway, stream, "last", stop_at=None):
         newest = item.offset if newest is None else max(newest, item.offset)
     return newest
 
 
-async def read_range(
-    connection: AbstractConnection, stream: str, first: int, last: int
-) -> list[Item]:
+async def read_range(gateway: Gateway, stream: str, first: int, last: int) -> list[Item]:
     """Entries with offsets in [first, last], oldest first (fewer if retention removed some)."""
-    return [i async for i in read(connection, stream, first, stop_at=last) if i.offset >= first]
+    return [i async for i in read(gateway, stream, first, stop_at=last) if i.offset >= first]
 
 
-async def newest(connection: AbstractConnection, stream: str, count: int) -> list[Item]:
+async def newest(gateway: Gateway, stream: str, count: int) -> list[Item]:
     """The newest `count` entries, oldest first."""
-    top = await head(connection, stream)
+    top = await head(gateway, stream)
     if top is None or count <= 0:
         return []
-    return await read_range(connection, stream, max(0, top - count + 1), top)
+    return await read_range(gateway, stream, max(0, top - count + 1), top)
 
 
 async def read(
-    connection: AbstractConnection, stream: str, start: int | str | datetime, stop_at: int | None
-) -> AsyncIterator[Item]:
+    gateway: Gateway, stream: str, start: int | str | datetime, stop_at: int | None
+) -> AsyncGenerator[Item, None]:
     """Yield entries from `start` (an offset, `first`, `last`, or a time) until offset
     `stop_at` (inclusive), or until the stream goes quiet when `stop_at` is None.
 
@@ -71,7 +69,7 @@ async def read(
     exact start filters what comes before it."""
     try:
         # Waits out a stream whose node is still starting (right after a restart).
-        queue = await existing_queue(connection, stream, prefetch=PREFETCH)
+        queue = await gateway.existing_queue(stream, prefetch=PREFETCH)
     except ChannelNotFoundEntity:
         raise TopologyMissing(
             f"stream {stream} does not exist; run `covey topology apply`"

@@ -29,36 +29,32 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
-import aiormq
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from coordinator import runner, topology
-from coordinator.bus import open_connection
-from coordinator.client import Covey
 from coordinator.envelope import Envelope, now
 from coordinator.errors import CoveyError, InvalidEnvelope, TopologyMissing
 from coordinator.events import Event
+from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
 from coordinator.logs import get_logger
 from coordinator.metrics import Metrics
+from coordinator.namespace import Namespace, Snapshot
 from coordinator.roster import Agent, Roster
 from coordinator.schedule import Schedule, next_due
-from coordinator.settings import Settings
 
 log = get_logger(__name__)
 
 DEBOUNCE_SECONDS = 0.3
-# While the broker is away: how often to try it again. Often, because work should resume
-# within a second or two of it answering; a refused connect is cheap, and the outage
-# is logged once, not per attempt.
-RECONNECT_SECONDS = 0.5
 
 Clock = Callable[[], datetime]
 
 
 class Supervisor:
-    def __init__(self, covey: Covey, metrics: Metrics | None = None, clock: Clock = now) -> None:
-        self.covey = covey
+    def __init__(
+        self, namespace: Namespace, metrics: Metrics | None = None, clock: Clock = now
+    ) -> None:
+        self.namespace = namespace
         self.metrics = metrics
         self.clock = clock
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -75,7 +71,7 @@ class Supervisor:
 
     @property
     def roster(self) -> Roster:
-        return self.covey.roster
+        return self.namespace.roster
 
     # -- the daemon's life ---------------------------------------------------------
 
@@ -85,9 +81,10 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
-        await self.covey.apply_topology()
+        await self.namespace.apply_topology()
         self._left_out = self._unlaunchable(self.roster)
-        log.info("supervising", agents=len(self.roster.agents), zone=self.covey.settings.timezone)
+        zone = self.namespace.settings.timezone
+        log.info("supervising", agents=len(self.roster.agents), zone=zone)
         background = [asyncio.create_task(self._schedule()), asyncio.create_task(self._listen())]
         if self.metrics is not None:
             await self.metrics.remember_last_runs()
@@ -103,7 +100,7 @@ class Supervisor:
         self._stopping.set()
 
     async def _shutdown(self) -> None:
-        grace = self.covey.settings.shutdown_grace
+        grace = self.namespace.settings.shutdown_grace
         running = list(self.running.values())
         if running:
             _, late = await asyncio.wait(running, timeout=grace)
@@ -124,22 +121,21 @@ class Supervisor:
                 log.error("reload failed; keeping the old roster", problem=str(err))
 
     async def _reload(self) -> None:
-        settings = Settings.load(self.covey.settings.home)
         problems: dict[str, str] = {}
-        roster = Roster.load(settings, problems)
-        agents = dict(roster.agents)
+        fresh = self.namespace.read_again(problems)
+        agents = dict(fresh.roster.agents)
         for name, problem in problems.items():
             kept = name in self.roster.agents
             log.error("broken agent definition", agent=name, problem=problem, kept_old=kept)
             if kept:
                 agents[name] = self.roster.agents[name]
-        merged = Roster(agents=agents, humans=roster.humans)
-        old = self.covey.settings, self.covey.roster
-        self.covey.settings, self.covey.roster = settings, merged
+        merged = Roster(agents=agents, humans=fresh.roster.humans)
+        # Swapped whole: a run that started before keeps the snapshot it took.
+        old = self.namespace.swap(Snapshot(fresh.settings, merged))
         try:
-            await self.covey.apply_topology()
+            await self.namespace.apply_topology()
         except Exception:
-            self.covey.settings, self.covey.roster = old
+            self.namespace.swap(old)
             raise
         self._left_out = self._unlaunchable(merged)
         self._reschedule.set()
@@ -154,7 +150,7 @@ class Supervisor:
         left_out = set()
         for name, agent in roster.agents.items():
             try:
-                runner.Launch.prepare(self.covey.settings, agent, "check")
+                runner.Launch.prepare(self.namespace.settings, agent, "check")
             except CoveyError as err:
                 log.error("agent left out", agent=name, problem=str(err))
                 left_out.add(name)
@@ -189,7 +185,7 @@ class Supervisor:
         try:
             observe = self.metrics.observe if self.metrics is not None else None
             result = await runner.run(
-                self.covey, agent, trigger, stop=self._stop_agents, observe=observe
+                self.namespace, agent, trigger, stop=self._stop_agents, observe=observe
             )
             log.info("run ended", agent=agent.name, outcome=str(result.outcome))
             if result.outcome is runner.Outcome.SKIPPED_BUSY and trigger == "mail":
@@ -216,7 +212,7 @@ class Supervisor:
         fired_up_to = self.clock()  # never fire a moment twice, even if a timer wakes early
         while not self._stopping.is_set():
             self._reschedule.clear()
-            zone = self.covey.settings.timezone
+            zone = self.namespace.settings.timezone
             schedules = {
                 name: Schedule(agent.config.schedule, zone)
                 for name, agent in self.roster.agents.items()
@@ -247,8 +243,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
-                connection = await open_connection(self.covey.settings, "covey supervise")
-            except CoveyError as err:  # open_connection maps every failure to one
+                gateway = await Gateway.connect(self.namespace.settings, "covey supervise")
+            except CoveyError as err:  # connect maps every failure to one
                 if down_since is None:
                     down_since = loop.time()
                     log.warning(
@@ -261,10 +257,10 @@ class Supervisor:
             if down_since is not None:
                 log.info("broker answers again", down_seconds=round(loop.time() - down_since, 1))
             closed = asyncio.Event()
-            connection.close_callbacks.add(lambda *_, closed=closed: closed.set())
+            gateway.on_lost(closed.set)
             try:
                 self._resubscribe.clear()
-                await self._subscribe(connection)  # first: mail from now on is seen
+                await self._subscribe(gateway)  # first: mail from now on is seen
                 log.info("watching for mail and run requests")
                 down_since = None
                 await self._wake_for_waiting_mail()  # then: mail sent while nobody watched
@@ -278,17 +274,16 @@ class Supervisor:
                 if closed.is_set():
                     down_since = loop.time()
                     log.warning("lost the broker connection; reconnecting")
-            except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, CoveyError) as err:
+            except (*BROKER_ERRORS, CoveyError) as err:
                 if down_since is None:
                     down_since = loop.time()
                     log.warning("lost the broker while subscribing; reconnecting", problem=str(err))
                 await asyncio.sleep(RECONNECT_SECONDS)
             finally:
-                if not connection.is_closed:
-                    await connection.close()
+                await gateway.close()
 
-    async def _subscribe(self, connection: AbstractConnection) -> None:
-        channel = await connection.channel()
+    async def _subscribe(self, gateway: Gateway) -> None:
+        channel = await gateway.open_channel()  # it goes with the gateway
         wake = await channel.declare_queue(exclusive=True, auto_delete=True)
         for key in sorted(self._wake_keys()):
             await wake.bind(topology.MAIL_EXCHANGE, key)
@@ -304,7 +299,7 @@ class Supervisor:
                 self.request(agent.name, "mail")
 
     async def _retry_while_mail_waits(self, agent: Agent) -> None:
-        await asyncio.sleep(self.covey.settings.busy_retry)
+        await asyncio.sleep(self.namespace.settings.busy_retry)
         try:
             waiting = await self._mail_waits(agent)
         except CoveyError as err:  # the broker went: the reconnect will look again
@@ -315,9 +310,9 @@ class Supervisor:
             self.request(agent.name, "mail")
 
     async def _mail_waits(self, agent: Agent) -> bool:
-        bus = await self.covey.bus()
+        gateway = await self.namespace.gateway()
         try:  # waits out a queue whose node is still starting (right after a restart)
-            queue = await bus.queue(agent.address.queue)
+            queue = await gateway.queue(agent.address.queue)
         except TopologyMissing:  # not declared yet: no mail can wait in it
             return False
         await queue.channel.close()

@@ -1,6 +1,6 @@
 """The broker topology as data: exchanges, queues and bindings, and how the roster maps onto them.
 
-This module only describes; `bus.Bus.apply` declares. Every declaration is
+This module only describes; `gateway.Gateway.apply` declares. Every declaration is
 idempotent, so any component may apply the part it relies on at start.
 
     sender --> [covey] topic exchange --agent.NAME, team.NAME, human.NAME, broadcast--> agent.NAME
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from coordinator.names import Address
 from coordinator.roster import Roster
@@ -47,7 +47,7 @@ MAIL_EXCHANGE = "covey"
 UNROUTED = "covey.unrouted"
 DEAD = "covey.dead"
 EVENTS_EXCHANGE = "covey.events"
-NOTES_EXCHANGE = "covey.notes"  # see bus.write_note
+NOTES_EXCHANGE = "covey.notes"  # see Gateway.write_note
 CHANGELOG_EXCHANGE = "covey.changelog"  # to the stream of the same name (see changelog.append)
 RUNS_STREAM = "covey.runs"
 CHANGELOG_STREAM = "covey.changelog"
@@ -107,7 +107,7 @@ class QueueSpec:
             raise ValueError(f"queue {self.name}: the delivery limit must be at least 1")
 
     @property
-    def declare_arguments(self) -> dict[str, object]:
+    def declare_arguments(self) -> dict[str, Any]:
         return {"x-queue-type": "quorum", **self.arguments}
 
 
@@ -141,7 +141,7 @@ class StreamSpec:
             )
 
     @property
-    def declare_arguments(self) -> dict[str, object]:
+    def declare_arguments(self) -> dict[str, Any]:
         return {"x-queue-type": "stream", **self.arguments}
 
 

@@ -42,6 +42,7 @@ from faultkit import (
     world_on,
 )
 
+from coordinator.gateway import Gateway
 from coordinator.localbroker import LocalBroker, free_port
 from coordinator.lock import Holder, LockBusy, LockSession, LockSpec, slot_state
 
@@ -641,7 +642,7 @@ async def test_a_lock_holder_whose_connection_is_cut_learns_it_lost_the_lock(
         noticed = time.monotonic() - cut_at
         async with await LockSession.open(settings, Holder.me("writer", "next")) as other:
             taken = await other.acquire(spec, wait=5)
-            async with await aio_pika.connect(on_node.amqp_url) as looker:
+            async with await Gateway.connect(settings, "looker") as looker:
                 held, by = await slot_state(looker, spec.queues[0])
     finally:
         await holder.close()

@@ -22,8 +22,8 @@ from test_run import stamping_agent, wait_for
 from test_supervisor import starts
 
 from coordinator import digest
-from coordinator.bus import Bus
 from coordinator.errors import CoveyError
+from coordinator.gateway import Gateway
 from coordinator.identity import SenderCheck
 from coordinator.localbroker import LocalBroker, free_port
 from coordinator.roster import DigestConfig
@@ -174,7 +174,7 @@ async def test_right_after_a_restart_a_starting_stream_and_queue_are_waited_for(
     deadline = time.monotonic() + 60
     while True:
         try:
-            bus = await Bus.connect(settings, "recovery probe")
+            gateway = await Gateway.connect(settings, "recovery probe")
             break
         except CoveyError:
             assert time.monotonic() < deadline, "the private node never answered again"
@@ -182,12 +182,12 @@ async def test_right_after_a_restart_a_starting_stream_and_queue_are_waited_for(
     answered = time.monotonic()
     try:
         senders = SenderCheck.for_settings(settings)
-        news = await digest.build(bus.connection, "scout", DigestConfig(), "agent:scout", senders)
-        queue = await bus.queue("agent.scout")
+        news = await digest.build(gateway, "scout", DigestConfig(), "agent:scout", senders)
+        queue = await gateway.queue("agent.scout")
         waiting = queue.declaration_result.message_count
         await queue.channel.close()
     finally:
-        await bus.close()
+        await gateway.close()
     print(f"RECOVERY probe ready {time.monotonic() - answered:.2f} s after it answered")
     assert "before the restart" in news.text
     assert waiting == 1

@@ -17,10 +17,11 @@ import pytest
 from aio_pika.abc import AbstractConnection, AbstractExchange
 from conftest import Broker, ManagementAdmin, World
 
-from coordinator.bus import write_note
 from coordinator.envelope import MESSAGE_TYPE, Envelope
+from coordinator.gateway import Gateway
 from coordinator.identity import SenderCheck
 from coordinator.localbroker import LocalBroker, TlsFiles
+from coordinator.settings import Settings
 
 
 @pytest.fixture
@@ -176,11 +177,11 @@ async def test_an_agent_keeps_its_own_cursor_and_changelog_but_not_anothers(
     secured.ok("log", "add", "scout changed the schema", "--as", "scout", env=scout)
     hook = secured.covey("digest", "scout", "--advance", "--format", "json", env=scout)
     assert hook.returncode == 0 and "cursor not moved" not in hook.stderr, hook.stderr
-    connection = await aio_pika.connect(credentials(secured, "agent.scout"))
-    async with connection:
+    settings = Settings(amqp_url=credentials(secured, "agent.scout"))
+    async with await Gateway.connect(settings, "scout by hand") as gateway:
         cursor = json.dumps({"offset": 0}).encode()
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await write_note(connection, "covey.cursor.writer", cursor)
+            await gateway.write_note("covey.cursor.writer", cursor)
     # A person may ask the supervisor for a run; an agent may not.
     ada = secured.covey("run", "loner", "--via-supervisor", env=as_user(secured, "human.ada"))
     assert ada.returncode == 3 and "no supervisor" in ada.stderr.lower(), ada.stderr

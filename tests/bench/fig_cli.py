@@ -90,7 +90,7 @@ async def bench_cli(bench: Bench) -> list[Figure]:
     env = covey_env(home, url)
     plain_env = {k: v for k, v in os.environ.items() if not k.startswith("COVEY_")}
     async with Covey.open(home=home, amqp_url=url, state_dir=home / "state") as covey:
-        await covey.apply_topology()
+        await covey.namespace.apply_topology()
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()

@@ -13,8 +13,8 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from benchlib import Bench, Figure, interleaved
 
-from coordinator.bus import Bus
 from coordinator.events import Event
+from coordinator.gateway import Gateway
 from coordinator.lock import RETRY_SECONDS, Holder, LockSession, LockSpec
 from coordinator.settings import Settings
 from coordinator.topology import core
@@ -42,9 +42,9 @@ async def bench_locks(bench: Bench) -> list[Figure]:
     url = await bench.vhost()
     settings = Settings(amqp_url=url)
     rng = random.Random(7)
-    async with await Bus.connect(settings) as bus:
-        await bus.apply(core(settings.changelog))  # covey.events, for lock.released
-        events = await bus.connection.channel(publisher_confirms=True)
+    async with await Gateway.connect(settings) as gateway:
+        await gateway.apply(core(settings.changelog))  # covey.events, for lock.released
+        events = await gateway.connection.channel(publisher_confirms=True)
         raw_events = await events.declare_exchange(RAW_EVENTS, "fanout", durable=True)
 
         # -- acquire + release -----------------------------------------------------------
@@ -105,7 +105,7 @@ async def bench_locks(bench: Bench) -> list[Figure]:
             await holder.close()
             if announce:  # what `covey run` does after it closed its lock session
                 released = Event(kind="lock.released", lock=SPEC.name, agent="holder", run_id="h")
-                await bus.publish_event(released)
+                await gateway.publish_event(released)
             await waiting
             await waiter.close()
             return (got[0] - started) * 1000

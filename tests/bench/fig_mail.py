@@ -87,7 +87,7 @@ async def bench_send(bench: Bench) -> list[Figure]:
     runs: dict[str, object] = {}
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(sender)
-        await sender.apply_topology()
+        await sender.namespace.apply_topology()
         # A fresh handle's first batch: every send in it declares the recipient's queue.
         first_batch = time.perf_counter()
         first = 1 if bench.quick else BATCH  # (a second or two: not in a quick run)
@@ -161,7 +161,7 @@ async def bench_drain(bench: Bench) -> list[Figure]:
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(sender)
         await stack.enter_async_context(sink)
-        await sender.apply_topology()
+        await sender.namespace.apply_topology()
         await sender.send("agent:sink", "warm-up", BODY_512)  # one first: see figure 1's note
         await sink.drain()  # connection and mailbox open
         raw = await Raw.open(url, ["sink"])
@@ -225,12 +225,12 @@ async def bench_round_trip(bench: Bench) -> list[Figure]:
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(ping)
         await stack.enter_async_context(pong)
-        await ping.apply_topology()
+        await ping.namespace.apply_topology()
 
         async def answer_forever() -> None:
             while True:
                 for mail in await pong.wait(60):
-                    await pong.reply(mail.envelope.id, BODY_512)
+                    await pong.reply(mail.envelope.id, body=BODY_512)
 
         # The raw pair: two connections, like two covey handles; long-lived consumers.
         raw_ping = await Raw.open(url, ["ping", "pong"])

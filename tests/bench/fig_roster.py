@@ -25,8 +25,8 @@ from benchlib import (
 )
 
 from coordinator import changelog, digest, stream
-from coordinator.bus import Bus
 from coordinator.client import Covey
+from coordinator.gateway import Gateway
 from coordinator.identity import SenderCheck
 from coordinator.localbroker import answers, free_port
 from coordinator.roster import DigestConfig
@@ -42,8 +42,8 @@ async def bench_digest(bench: Bench) -> list[Figure]:
     behind, budget, repeats = (2_000, 50, 2) if bench.quick else (100_000, 50, 9)
     settings = Settings(amqp_url=await bench.vhost())
     runs: dict[str, object] = {}
-    async with await Bus.connect(settings) as bus:
-        await bus.apply(core(settings.changelog))
+    async with await Gateway.connect(settings) as gateway:
+        await gateway.apply(core(settings.changelog))
         # Set-up, not timed. Agents append entries one at a time, so the stream near the
         # head is chunks of an entry or a few; the bulk load below the newest RECENT entries
         # packs ~100 a chunk, which only the depth of the stream sees.
@@ -54,7 +54,7 @@ async def bench_digest(bench: Bench) -> list[Figure]:
             [(body.encode(), {"type": changelog.ENTRY_TYPE})],
             copies=behind - RECENT,
         )
-        channel = await bus.connection.channel(publisher_confirms=True)
+        channel = await gateway.connection.channel(publisher_confirms=True)
         for _ in range(0, RECENT, 50):
             await asyncio.gather(
                 *(
@@ -65,15 +65,15 @@ async def bench_digest(bench: Bench) -> list[Figure]:
                     for _ in range(50)
                 )
             )
-        await changelog.advance(bus.connection, "reader", 0)
+        await changelog.advance(gateway, "reader", 0)
         config = DigestConfig(max_entries=budget, max_chars=1_000_000)
-        head = await stream.head(bus.connection, CHANGELOG_STREAM)
+        head = await stream.head(gateway, CHANGELOG_STREAM)
         assert head is not None
 
         async def covey() -> float:
             started = time.perf_counter()
             senders = SenderCheck.for_settings(settings)
-            news = await digest.build(bus.connection, "reader", config, "agent:reader", senders)
+            news = await digest.build(gateway, "reader", config, "agent:reader", senders)
             took = time.perf_counter() - started
             assert len(news.entries) == budget, len(news.entries)
             return took
@@ -81,7 +81,7 @@ async def bench_digest(bench: Bench) -> list[Figure]:
         async def raw() -> float:
             # The same 50 newest entries, read with aio-pika from a known offset.
             started = time.perf_counter()
-            raw_channel = await bus.connection.channel()
+            raw_channel = await gateway.connection.channel()
             await raw_channel.set_qos(prefetch_count=500)
             queue = await raw_channel.declare_queue(CHANGELOG_STREAM, passive=True)
             got: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()

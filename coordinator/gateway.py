@@ -1,0 +1,711 @@
+"""The gateway: the one module that opens connections and channels to RabbitMQ.
+
+A `Gateway` is one AMQP connection. Everything else in covey asks it for what it
+needs — a channel for one operation (`async with gateway.operation_channel() as ch`), a
+confirmed publish, an existing queue and its ready count, a note — and no other
+module opens a channel. Errors from aio-pika and aiormq are translated here into
+covey's own (`translated`), with one line that names the problem and the fix.
+
+Publishing is always confirmed and `mandatory`: `publish` returns only once
+the broker has taken responsibility for the message, and raises when it did
+not. Every publish is signed: its `user_id` is the connection's own user, which
+RabbitMQ checks, so a reader can trust it (see `identity.py`). Envelopes become
+AMQP messages here (and back), so the rest of covey never handles AMQP
+properties itself.
+
+Reconnecting, the one policy: a gateway made with `reconnects=True` (a
+participant's, a daemon's) replaces a connection the broker dropped the next time
+it publishes; a lock's gateway never does, since its locks die with its
+connection and a new one would hold nothing (see lock.py). A daemon that must
+keep a subscription re-opens a whole gateway, every `RECONNECT_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from yarl import URL
+
+from coordinator.envelope import MESSAGE_TYPE, Envelope, now
+from coordinator.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    CoveyError,
+    NoRecipient,
+    TopologyMissing,
+)
+from coordinator.events import EVENT_TYPE, Event
+from coordinator.identity import url_user
+from coordinator.settings import Settings
+from coordinator.topology import (
+    DEAD,
+    EVENTS_EXCHANGE,
+    MAIL_EXCHANGE,
+    NOTES_EXCHANGE,
+    BindingSpec,
+    ExchangeSpec,
+    QueueSpec,
+    StreamSpec,
+    Topology,
+)
+
+T = TypeVar("T")
+
+# The headers of covey's copy of a dead letter. They are the dead-letterer's word, not
+# the broker's: dead.py says when `x-covey-user-id` is believed, and why.
+REASON_HEADER = "x-covey-reason"
+DETAIL_HEADER = "x-covey-detail"
+QUEUE_HEADER = "x-covey-queue"
+DEAD_AT_HEADER = "x-covey-dead-at"
+USER_HEADER = "x-covey-user-id"  # who published a letter covey dead-lettered (replay keeps it)
+COVEY_HEADERS = (REASON_HEADER, DETAIL_HEADER, QUEUE_HEADER, DEAD_AT_HEADER, USER_HEADER)
+NOTE_ATTEMPTS = 20
+NOTE_RETRY_SECONDS = 0.01
+NOTE_ARGUMENTS: dict[str, Any] = {
+    "x-max-length": 1,
+    "x-overflow": "drop-head",
+}  # see Gateway.write_note
+# While the broker is away, a daemon tries it again this often: work should resume within
+# a second or two of it answering, a refused connect is cheap, and the outage is logged
+# once, not per attempt.
+RECONNECT_SECONDS = 0.5
+
+# What aio-pika and aiormq raise when the broker, the connection or a channel went
+# away (or refused an operation); `translated` turns each into a covey error.
+BROKER_ERRORS = (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError)
+
+
+@contextlib.contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Turn aio-pika's and aiormq's errors inside the block into covey's, each one line
+    naming `what` was being done. covey's own errors pass through unchanged."""
+    try:
+        yield
+    except CoveyError:
+        raise
+    except aiormq.exceptions.ChannelNotFoundEntity as err:
+        if starting(err):
+            raise BrokerUnavailable(
+                f"cannot {what}: its RabbitMQ node is down or still starting; retry in a moment"
+            ) from None
+        raise TopologyMissing(
+            f"cannot {what}: {_reply_text(err)}; run `covey topology apply`"
+        ) from None
+    except aiormq.exceptions.ChannelAccessRefused as err:
+        raise BrokerUnavailable(
+            f"RabbitMQ refused to {what} ({_reply_text(err)}): this user lacks the permission"
+        ) from None
+    except TimeoutError:
+        raise BrokerUnavailable(f"RabbitMQ did not answer in time to {what}") from None
+    except BROKER_ERRORS as err:
+        raise BrokerUnavailable(f"lost RabbitMQ while trying to {what} ({err})") from None
+
+
+def _reply_text(err: BaseException) -> str:
+    """The broker's reply text of a channel error, without aiormq's tuple around it."""
+    args = err.args[0] if err.args else err
+    return str(args[1] if isinstance(args, tuple) and len(args) > 1 else args)
+
+
+def redacted(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+def signer(connection: AbstractConnection) -> str:
+    """The user a connection logged in as: the `user_id` RabbitMQ lets it publish with."""
+    # aio-pika's Connection has `url`; its abstract interface does not declare it.
+    return url_user(str(getattr(connection, "url", "")))
+
+
+def to_amqp(envelope: Envelope, user_id: str) -> aio_pika.Message:
+    expiration: timedelta | None = None
+    if envelope.expires_at is not None:
+        # A message that is already due still needs a positive TTL to be accepted;
+        # the broker then dead-letters it at once as `expired`.
+        expiration = max(envelope.expires_at - now(), timedelta(milliseconds=1))
+    return aio_pika.Message(
+        body=envelope.to_json(),
+        content_type="application/json",
+        type=MESSAGE_TYPE,
+        message_id=envelope.id,
+        timestamp=envelope.created_at,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        expiration=expiration,
+        app_id="covey",
+        user_id=user_id,
+    )
+
+
+async def open_connection(
+    settings: Settings, name: str, heartbeat: int | None = None
+) -> AbstractConnection:
+    """A plain (not self-reconnecting) connection, or BrokerUnavailable in one line."""
+    url = URL(settings.amqp_url)
+    if heartbeat is not None:
+        url = url.update_query(heartbeat=heartbeat)
+    shown = redacted(settings.amqp_url)
+    try:
+        return await aio_pika.connect(
+            url,
+            timeout=settings.connect_timeout,
+            client_properties={"connection_name": name},
+            ssl_context=tls_context(settings) if url.scheme == "amqps" else None,
+        )
+    except aiormq.exceptions.ProbableAuthenticationError:
+        raise BrokerUnavailable(
+            f"RabbitMQ at {shown} refused the login: check the user and password in COVEY_AMQP_URL"
+        ) from None
+    except aiormq.exceptions.ProtocolSyntaxError:
+        raise BrokerUnavailable(
+            f"RabbitMQ at {shown} refused to open the connection: check that the vhost in "
+            "COVEY_AMQP_URL exists and the user may use it"
+        ) from None
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
+        tls = err if isinstance(err, ssl.SSLError) else err.__cause__  # aiormq wraps it
+        if isinstance(tls, ssl.SSLError):
+            why = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
+            raise BrokerUnavailable(
+                f"TLS with RabbitMQ at {shown} failed ({why or tls.reason}): "
+                "set tls_ca to the CA that signed the broker's certificate (and tls_cert, "
+                "tls_key where it asks for a client certificate)"
+            ) from None
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ at {shown} ({err}): start it, or point COVEY_AMQP_URL at one"
+        ) from None
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Verify the broker against `tls_ca` (else the system's CAs); present `tls_cert`."""
+    try:
+        context = ssl.create_default_context(cafile=settings.tls_ca)
+        if settings.tls_cert is not None:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"cannot load the TLS files (tls_ca, tls_cert, tls_key): {err}; check the paths"
+        ) from None
+    return context
+
+
+def copy_of(
+    message: AbstractIncomingMessage, headers: dict[str, Any], user_id: str | None
+) -> aio_pika.Message:
+    """A persistent copy of a delivery, with these headers instead of its own, signed by
+    `user_id` (the publishing connection's user, or one it may impersonate)."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        type=message.type,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        user_id=user_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+class Gateway:
+    """One AMQP connection, and every channel covey opens on it. Use `async with`."""
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        settings: Settings,
+        name: str,
+        reconnects: bool = True,
+    ) -> None:
+        self._connection = connection
+        self._settings = settings
+        self._name = name
+        self._reconnects = reconnects
+        self._publisher: AbstractChannel | None = None
+        self._publisher_opening = asyncio.Lock()  # concurrent first publishes share one channel
+        self.user = signer(connection)
+
+    @classmethod
+    async def connect(
+        cls,
+        settings: Settings,
+        name: str = "covey",
+        *,
+        heartbeat: int | None = None,
+        reconnects: bool = True,
+    ) -> Gateway:
+        """Connect, or raise BrokerUnavailable with one line saying why and what to do."""
+        connection = await open_connection(settings, name, heartbeat)
+        return cls(connection, settings, name, reconnects)
+
+    @property
+    def connection(self) -> AbstractConnection:
+        """The connection itself, for what aio-pika hands out on it (queues, messages);
+        open channels with `channel()` or `open_channel()`, not on this."""
+        return self._connection
+
+    @property
+    def alive(self) -> bool:
+        """Whether the connection is still up. One the broker dropped is not `is_closed`
+        (only close() sets that) but no longer `connected`: both mean it died."""
+        return not self._connection.is_closed and self._connection.connected.is_set()
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the connection closes, whoever closed it."""
+        self._connection.close_callbacks.add(lambda *_: callback())
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if not self._connection.is_closed:
+            await self._connection.close()
+
+    # -- channels ------------------------------------------------------------
+
+    async def open_channel(
+        self, *, confirms: bool = False, prefetch: int | None = None
+    ) -> AbstractChannel:
+        """A channel the caller keeps (a consumer's, a lock's) and closes itself.
+        With `confirms`, publishes on it wait for the broker's confirm and raise
+        when a `mandatory` one is returned unrouted."""
+        channel = await self._connection.channel(
+            publisher_confirms=confirms, on_return_raises=confirms
+        )
+        if prefetch is not None:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    @contextlib.asynccontextmanager
+    async def operation_channel(
+        self, *, confirms: bool = False, prefetch: int | None = None
+    ) -> AsyncIterator[AbstractChannel]:
+        """A channel for one operation, closed after it (if the broker has not closed
+        it already: a failed passive declare or a refused publish closes its channel)."""
+        channel = await self.open_channel(confirms=confirms, prefetch=prefetch)
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    # -- topology ------------------------------------------------------------
+
+    async def apply(self, topology: Topology, parallelism: int = 8) -> None:
+        """Declare `topology` idempotently, spread over `parallelism` channels.
+
+        One AMQP channel runs one method at a time, so a large roster declares
+        much faster over several channels than down one; a small topology is not
+        worth the extra channels. Each queue is bound as soon as it is declared,
+        so that binding overlaps the broker's (slow) creation of other queues.
+        """
+        count = max(1, min(parallelism, len(topology.bindings) // 16))
+        channels = await asyncio.gather(*(self.open_channel() for _ in range(count)))
+        bindings: dict[str, list[BindingSpec]] = {}
+        for binding in topology.bindings:
+            bindings.setdefault(binding.queue, []).append(binding)
+
+        async def declare_and_bind(channel: AbstractChannel, spec: QueueSpec | StreamSpec) -> None:
+            await _declare_queue(channel, spec)
+            for binding in bindings.get(spec.name, ()):
+                await _declare_binding(channel, binding)
+
+        declared = {spec.name for spec in topology.queues}
+        elsewhere = [b for b in topology.bindings if b.queue not in declared]
+        try:
+            # Exchanges first: a binding needs both ends to exist.
+            await spread(channels, topology.exchanges, _declare_exchange)
+            await spread(channels, topology.queues, declare_and_bind)
+            await spread(channels, elsewhere, _declare_binding)
+        except ExceptionGroup as group:  # the TaskGroup in spread: report the first
+            raise _declare_error(group.exceptions[0]) from None
+        finally:
+            for channel in channels:
+                if not channel.is_closed:
+                    await channel.close()
+
+    async def purge(self, queues: Iterable[str]) -> None:
+        """Empty queues; their messages are gone for good."""
+        async with self.operation_channel() as channel:
+            for name in queues:
+                await (await channel.get_queue(name, ensure=False)).purge()
+
+    # -- publishing ----------------------------------------------------------
+
+    async def _publish_channel(self) -> AbstractChannel:
+        async with self._publisher_opening:
+            if self._publisher is not None and not self._publisher.is_closed:
+                return self._publisher
+            try:
+                self._publisher = await self.open_channel(confirms=True)
+            except BROKER_ERRORS:
+                if not self._reconnects:
+                    raise
+                # Publishing is safe to retry on a new connection (unlike holding a
+                # lock), so a long run can still record how it ended after a hiccup.
+                self._connection = await open_connection(self._settings, self._name)
+                self._publisher = await self.open_channel(confirms=True)
+            return self._publisher
+
+    async def publish_message(
+        self,
+        exchange: str,
+        message: aio_pika.Message,
+        routing_key: str,
+        what: str,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish `message` (described as `what` in errors) and wait for the confirm.
+        A `mandatory` message no queue takes raises NoRecipient."""
+        channel = await self._publish_channel()
+        target = await channel.get_exchange(exchange, ensure=False)
+        await self._confirmed(
+            target.publish(message, routing_key, mandatory=mandatory, timeout=timeout), what
+        )
+
+    async def publish(self, envelope: Envelope, timeout: float | None = None) -> None:
+        """Publish to the recipient's routing key; return once the broker confirmed."""
+        await self.publish_message(
+            MAIL_EXCHANGE,
+            to_amqp(envelope, self.user),
+            envelope.recipient_address.routing_key,
+            f"message {envelope.id} to {envelope.recipient}",
+            timeout=timeout,
+        )
+
+    async def publish_event(self, event: Event, mandatory: bool = False) -> None:
+        """Publish a control event to `covey.events`, confirmed. Most events are not
+        `mandatory` (a dashboard may or may not be listening); a request is, since
+        nobody taking it is worth an error."""
+        message = aio_pika.Message(
+            body=event.model_dump_json(exclude_none=True).encode(),
+            content_type="application/json",
+            type=EVENT_TYPE,
+            timestamp=event.at,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            app_id="covey",
+            user_id=self.user,
+        )
+        await self.publish_message(
+            EVENTS_EXCHANGE,
+            message,
+            event.routing_key,
+            event.kind,
+            mandatory=mandatory,
+            timeout=self._settings.connect_timeout,
+        )
+
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str
+    ) -> None:
+        """Copy a delivery to `covey.dead` with why it is there; confirmed before returning.
+
+        The caller acks the original only after this returns, so the delivery is
+        never lost; a crash between the two leaves a duplicate dead letter, never none.
+        """
+        # Whatever covey headers the sender wrote go: a letter "signed by ada" in its
+        # own headers must not come out of here as ada's.
+        headers = {k: v for k, v in (message.headers or {}).items() if k not in COVEY_HEADERS}
+        headers.update(
+            {
+                REASON_HEADER: reason,
+                DETAIL_HEADER: detail[:1000],
+                QUEUE_HEADER: queue,
+                DEAD_AT_HEADER: now().isoformat(),
+            }
+        )
+        if message.user_id:  # the copy is signed by this reader; keep who signed the original
+            headers[USER_HEADER] = message.user_id
+        await self.publish_message(
+            DEAD,
+            copy_of(message, headers, user_id=self.user),
+            message.routing_key or "",
+            f"dead letter for {message.message_id or 'a delivery'}",
+            timeout=self._settings.connect_timeout,
+        )
+
+    async def _confirmed(self, publishing: Awaitable[T], what: str) -> T:
+        try:
+            return await publishing
+        except aio_pika.exceptions.DeliveryError as err:
+            if isinstance(err.frame, aiormq.spec.Basic.Return):
+                raise NoRecipient(f"no queue takes {what}") from None
+            raise BrokerUnavailable(f"RabbitMQ refused {what} ({err})") from None
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise TopologyMissing(
+                f"cannot publish {what}: covey's exchanges do not exist here; run "
+                "`covey topology apply`"
+            ) from None
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"RabbitMQ did not confirm {what} in time: it may be blocking publishers "
+                "(memory or disk alarm); treat it as not sent"
+            ) from None
+        except BROKER_ERRORS as err:
+            self._publisher = None  # the next publish starts on a fresh channel, or connection
+            raise BrokerUnavailable(f"lost RabbitMQ while publishing {what} ({err})") from None
+
+    # -- queues --------------------------------------------------------------
+
+    async def queue(self, name: str, channel: AbstractChannel | None = None) -> AbstractQueue:
+        """An existing queue, on `channel` or on a channel of its own (the caller closes
+        `queue.channel`).
+
+        Its `declaration_result.message_count` says how many messages are ready.
+        Raises TopologyMissing when the queue does not exist.
+        """
+        try:
+            if channel is None:
+                return await self.existing_queue(name)
+            return await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as err:
+            if starting(err):  # on the caller's channel, which it has just lost: no retry
+                raise BrokerUnavailable(
+                    f"queue {name} is not available: its RabbitMQ node is down or still "
+                    "starting; retry in a moment"
+                ) from None
+            raise TopologyMissing(
+                f"queue {name} does not exist; run `covey topology apply`"
+            ) from None
+
+    async def existing_queue(self, name: str, prefetch: int | None = None) -> AbstractQueue:
+        """Passively declare `name` on a channel of its own (the caller closes
+        `queue.channel`), waiting out a node that is still starting. Raises
+        ChannelNotFoundEntity when the queue does not exist (each caller says what that
+        means), BrokerUnavailable when it stays unavailable past STARTING_SECONDS."""
+        deadline = asyncio.get_running_loop().time() + STARTING_SECONDS
+        while True:
+            channel = await self.open_channel(prefetch=prefetch)
+            try:
+                return await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as err:
+                if not starting(err):
+                    raise
+                if asyncio.get_running_loop().time() > deadline:
+                    raise BrokerUnavailable(
+                        f"{name} is not available: its RabbitMQ node is down or still "
+                        "starting (the queue itself exists); check the broker, then retry"
+                    ) from None
+            await asyncio.sleep(STARTING_POLL_SECONDS)
+
+    async def exists(self, name: str) -> bool:
+        """Whether a queue named `name` exists (one held exclusively by another
+        connection exists too: use `held` to tell)."""
+        async with self.operation_channel() as channel:
+            try:
+                await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            except aiormq.exceptions.ChannelLockedResource:
+                return True
+        return True
+
+    async def held(self, name: str) -> bool | None:
+        """For an exclusive queue (a lock slot): whether it exists (None: it does not),
+        and if so whether another connection holds it (True) or this one (False)."""
+        async with self.operation_channel() as channel:
+            try:
+                await channel.declare_queue(name, passive=True)  # succeeds only for our own
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return None
+            except aiormq.exceptions.ChannelLockedResource:
+                return True
+        return False
+
+    async def take_exclusive(self, name: str) -> bool:
+        """Declare `name` as an exclusive queue of this connection: True if that made it
+        ours, False if another connection holds it. It lives as long as the connection."""
+        async with self.operation_channel() as channel:
+            try:
+                await channel.declare_queue(name, exclusive=True, durable=False)
+            except aiormq.exceptions.ChannelLockedResource:
+                return False
+        return True
+
+    async def ready_counts(
+        self, names: Sequence[str], parallelism: int = 8
+    ) -> dict[str, int | None]:
+        """How many messages wait in each queue (None for a queue that does not exist),
+        by passive declares over up to `parallelism` channels."""
+        counts: dict[str, int | None] = {}
+
+        async def count(_: int, share: Sequence[str]) -> None:
+            channel = await self.open_channel()
+            try:
+                for name in share:
+                    if channel.is_closed:  # a missing queue closed it
+                        channel = await self.open_channel()
+                    try:
+                        declared = await channel.declare_queue(name, passive=True)
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        counts[name] = None
+                        continue
+                    counts[name] = declared.declaration_result.message_count or 0
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+
+        await in_parallel(names, parallelism, count)
+        return counts
+
+    # -- notes: one-message queues, newest wins ------------------------------
+    # A small piece of shared state kept on the broker (a lock's holder, an agent's
+    # changelog cursor): a durable queue of at most one message, where a new write
+    # drops the old one, and a read is a peek (get, then reject back into the queue).
+    # Notes are written through the `covey.notes` topic exchange, each bound by its
+    # own name, not through the default exchange: a user allowed to publish to the
+    # default exchange may publish into any queue, whereas topic permissions on
+    # `covey.notes` say whose notes a provisioned user may write.
+
+    def note(self, body: bytes) -> aio_pika.Message:
+        """A note's message, signed by this connection's user."""
+        return aio_pika.Message(
+            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.user
+        )
+
+    async def write_note(self, queue: str, body: bytes) -> None:
+        """Replace the note in `queue` (created if need be); confirmed before returning."""
+        for attempt in range(2):
+            async with self.operation_channel(confirms=True) as channel:
+                note = await channel.declare_queue(queue, durable=True, arguments=NOTE_ARGUMENTS)
+                try:
+                    await note.bind(NOTES_EXCHANGE, queue)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    if attempt:
+                        raise
+                    await self._declare_notes_exchange()  # a namespace nobody has set up
+                    continue
+                notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+                await notes.publish(self.note(body), queue)
+                return
+
+    async def _declare_notes_exchange(self) -> None:
+        async with self.operation_channel() as channel:
+            await channel.declare_exchange(
+                NOTES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+
+    async def read_note(self, queue: str) -> bytes | None:
+        """The note in `queue`, left in place; None when there is none (or no queue).
+
+        A note queue is never empty once written, so an empty one means another reader
+        has the note out for its own peek: try again in a moment rather than answer None.
+        """
+        try:
+            notes = await self.existing_queue(queue)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        channel = notes.channel
+        try:
+            for _ in range(NOTE_ATTEMPTS):
+                note = await notes.get(fail=False, no_ack=False)
+                if note is not None:
+                    await note.reject(requeue=True)
+                    return note.body
+                await asyncio.sleep(NOTE_RETRY_SECONDS)
+            return None  # declared, never written (its writer died between the two)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+
+# -- queues that exist but are not up yet -------------------------------------------------
+# Right after a broker restart a durable queue or stream is known but its member
+# is still starting; a passive declare then fails with NOT_FOUND "home node ... of
+# durable queue ... is down or inaccessible" for a moment (about 0.2 s on one
+# node). That is not a missing topology (`covey topology apply` would not help),
+# so it is waited out quietly, and reported as the broker's state if it lasts.
+
+STARTING_SECONDS = 10.0  # how long a queue whose node is starting gets, before we say so
+STARTING_POLL_SECONDS = 0.05
+
+
+def starting(err: aiormq.exceptions.ChannelNotFoundEntity) -> bool:
+    """Whether a NOT_FOUND says the queue exists but its node is not up (yet)."""
+    return "down or inaccessible" in str(err)
+
+
+def _declare_error(err: BaseException) -> BaseException:
+    """One line for what went wrong declaring the topology."""
+    if isinstance(err, aiormq.exceptions.ChannelPreconditionFailed):
+        return ConfigError(
+            f"the broker has this declared with other settings ({err}); restore the old "
+            "setting, or delete that queue or exchange (its messages go with it)"
+        )
+    if isinstance(err, aiormq.exceptions.ChannelAccessRefused):
+        return BrokerUnavailable(
+            f"RabbitMQ refused to declare covey's topology ({err}): the user in "
+            "COVEY_AMQP_URL needs configure permission on this vhost"
+        )
+    if isinstance(err, aiormq.exceptions.AMQPError | RuntimeError | ConnectionError):
+        return BrokerUnavailable(f"lost RabbitMQ while declaring the topology ({err})")
+    return err
+
+
+async def _declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> None:
+    arguments: dict[str, Any] = dict(spec.arguments)
+    await channel.declare_exchange(spec.name, spec.type, durable=True, arguments=arguments)
+
+
+async def _declare_queue(channel: AbstractChannel, spec: QueueSpec | StreamSpec) -> None:
+    await channel.declare_queue(spec.name, durable=True, arguments=spec.declare_arguments)
+
+
+async def _declare_binding(channel: AbstractChannel, spec: BindingSpec) -> None:
+    queue = await channel.get_queue(spec.queue, ensure=False)
+    await queue.bind(spec.exchange, spec.routing_key)
+
+
+async def spread(
+    channels: Sequence[AbstractChannel],
+    items: Sequence[T],
+    declare: Callable[[AbstractChannel, T], Awaitable[None]],
+) -> None:
+    """Run `declare` on every item, the items dealt round-robin over `channels`, each
+    channel's share in order. One failure cancels the rest, and is raised."""
+
+    async def run(index: int, share: Sequence[T]) -> None:
+        for item in share:
+            await declare(channels[index], item)
+
+    await in_parallel(items, len(channels), run)
+
+
+async def in_parallel(
+    items: Sequence[T],
+    parallelism: int,
+    work: Callable[[int, Sequence[T]], Coroutine[Any, Any, None]],
+) -> None:
+    """Deal `items` round-robin into up to `parallelism` shares and `work(index, share)`
+    on them all at once. One failure cancels the others, and is raised (in an
+    ExceptionGroup, as asyncio.TaskGroup raises it)."""
+    count = min(parallelism, len(items))
+    async with asyncio.TaskGroup() as group:
+        for index in range(count):
+            group.create_task(work(index, items[index::count]))

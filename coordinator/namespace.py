@@ -1,0 +1,196 @@
+"""`Namespace`: one covey namespace as a process sees it — configuration, broker, topology.
+
+A namespace is a covey home (covey.toml and its roster of agents and people)
+and the RabbitMQ vhost it names. The `Namespace` object owns, for one process:
+
+* the configuration, as one immutable `Snapshot` of settings and roster. A
+  reload builds a whole new snapshot and swaps it in one assignment, so a run
+  that took the snapshot when it started keeps it to the end, whatever reloads
+  happen meanwhile;
+* the gateway to the broker (one connection, opened on first use, replaced when
+  the broker dropped it);
+* what this process has declared, so each participant's queues are declared at
+  most once, and an operation that finds the topology missing declares it and
+  tries once more (`with_topology`).
+
+The supervisor, the runner, metrics, status, provision and the servers depend
+on this. `Covey`, a participant's handle, is built on it too, and adds only who
+it acts as and its mailbox. Operations that need no identity (applying the
+topology, an agent's digest, moving a cursor) live here, not on `Covey`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from coordinator import topology
+from coordinator.errors import TopologyMissing
+from coordinator.identity import SenderCheck, provisioned_as
+from coordinator.names import Address
+from coordinator.roster import Roster
+from coordinator.settings import Settings
+
+if TYPE_CHECKING:  # aio-pika is the heaviest import: reading mail never needs it
+    from coordinator.client import Covey
+    from coordinator.digest import Digest
+    from coordinator.gateway import Gateway
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Settings and roster read together; never changed, only replaced."""
+
+    settings: Settings
+    roster: Roster
+
+    @property
+    def senders(self) -> SenderCheck:
+        """Who may write as whom, under these settings."""
+        return SenderCheck.for_settings(self.settings)
+
+
+class Namespace:
+    """One covey namespace for this process. Use `async with`, or `close()`."""
+
+    def __init__(self, settings: Settings, roster: Roster, name: str = "covey") -> None:
+        self.snapshot = Snapshot(settings, roster)
+        self.name = name  # the broker shows it as the connection's name
+        self._overrides: dict[str, Any] = {}
+        self._gateway: Gateway | None = None
+        self._connecting = asyncio.Lock()  # concurrent first uses share one connection
+        self._declared: set[Address] = set()  # participants declared from here
+        self._declaring = asyncio.Lock()
+
+    @classmethod
+    def load(cls, home: Path | None = None, name: str = "covey", **overrides: Any) -> Namespace:
+        """Settings and roster for `home` (found from the working directory when None).
+        A broken agent is left out, with its problem in `roster.broken`."""
+        settings = Settings.load(home, **overrides)
+        namespace = cls(settings, Roster.load(settings), name)
+        namespace._overrides = overrides
+        return namespace
+
+    @property
+    def settings(self) -> Settings:
+        return self.snapshot.settings
+
+    @property
+    def roster(self) -> Roster:
+        return self.snapshot.roster
+
+    def read_again(self, problems: dict[str, str] | None = None) -> Snapshot:
+        """A new snapshot from the files as they are now (not yet in use: see `swap`)."""
+        settings = Settings.load(self.settings.home, **self._overrides)
+        return Snapshot(settings, Roster.load(settings, problems))
+
+    def swap(self, snapshot: Snapshot) -> Snapshot:
+        """Use `snapshot` from now on; return the one it replaces. What runs keeps
+        the snapshot it took. The gateway stays: a new broker address needs a restart."""
+        old, self.snapshot = self.snapshot, snapshot
+        return old
+
+    async def __aenter__(self) -> Namespace:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.close()
+            self._gateway = None
+
+    def handle(self, identity: str) -> Covey:
+        """A participant's handle in this namespace, sharing its connection (closing the
+        handle closes its mailbox, not the namespace)."""
+        from coordinator.client import Covey
+
+        return Covey(self, identity, owns_namespace=False)
+
+    # -- the broker ---------------------------------------------------------------------
+
+    async def gateway(self) -> Gateway:
+        """The gateway, connected on first use and again when the broker dropped it;
+        BrokerUnavailable (one line) when the broker cannot be reached."""
+        async with self._connecting:
+            if self._gateway is not None and not self._gateway.alive:
+                self._gateway = None
+            if self._gateway is None:
+                from coordinator.gateway import Gateway
+
+                self._gateway = await Gateway.connect(self.settings, self.name)
+            return self._gateway
+
+    # -- topology -----------------------------------------------------------------------
+
+    async def apply_topology(self) -> topology.Topology:
+        """Declare the core topology and every participant in the roster."""
+        snapshot = self.snapshot
+        plan = topology.for_roster(snapshot.roster, snapshot.settings)
+        await (await self.gateway()).apply(plan)
+        self._declared.update(snapshot.roster.participants())
+        return plan
+
+    async def ensure_participants(self, participants: list[Address]) -> None:
+        """Declare the core and these participants' queues and bindings, once each."""
+        if all(p in self._declared for p in participants):
+            return
+        snapshot = self.snapshot
+        if provisioned_as(snapshot.settings) is not None:
+            return  # a provisioned participant may not declare: `covey provision` did
+        async with self._declaring:  # concurrent sends to one recipient declare it once
+            todo = [p for p in participants if p not in self._declared]
+            if not todo:
+                return
+            roster, settings = snapshot.roster, snapshot.settings
+            parts = [topology.participant(p, roster.teams_of(p), settings) for p in todo]
+            plan = topology.Topology.combine([topology.core(settings.changelog), *parts])
+            await (await self.gateway()).apply(plan)
+            self._declared.update(todo)
+
+    async def with_topology(
+        self, operation: Callable[[], Awaitable[T]], participants: list[Address] | None = None
+    ) -> T:
+        """Run `operation`; if it finds covey's topology missing (a namespace nobody has
+        set up, a participant's first use), declare it — just `participants`' part when
+        given, else everything — and run it once more."""
+        try:
+            return await operation()
+        except TopologyMissing:
+            if participants:
+                await self.ensure_participants(participants)
+            else:
+                await self.apply_topology()
+            return await operation()
+
+    # -- the changelog, for any agent ---------------------------------------------------
+
+    async def digest(self, agent: str) -> Digest:
+        """What `agent` would be shown if it started now."""
+        from coordinator.digest import build
+
+        snapshot = self.snapshot
+        config = snapshot.roster.agent(agent)
+        gateway = await self.gateway()
+        me, budget = str(config.address), config.config.digest
+        return await self.with_topology(lambda: build(gateway, agent, budget, me, snapshot.senders))
+
+    async def advance(
+        self, agent: str, offset: int, run_id: str = "digest", wait: float = 30.0
+    ) -> None:
+        """Move `agent`'s cursor to `offset` as a run that ended well would: under its
+        lock (waiting up to `wait` s for a run of it to end), over the lock's own
+        connection, so the broker fences the write."""
+        from coordinator import changelog
+        from coordinator.lock import Holder, LockSession, LockSpec
+
+        holder = Holder.me(agent, run_id)
+        async with await LockSession.open(self.settings, holder) as locks:
+            await locks.acquire(LockSpec.for_agent(agent), wait=wait)
+            await changelog.advance(locks.gateway, agent, offset)
