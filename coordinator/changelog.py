@@ -28,7 +28,7 @@ import aio_pika
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator import stream
-from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant
+from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant_text
 from coordinator.errors import (
     BadInput,
     BrokerUnavailable,
@@ -61,7 +61,7 @@ class Entry(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    author: Annotated[str, AfterValidator(participant)]
+    author: Annotated[str, AfterValidator(participant_text)]
     created_at: datetime = Field(default_factory=now)
     summary: Annotated[str, AfterValidator(_summary)]
     body: str = ""

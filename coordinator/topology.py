@@ -222,7 +222,7 @@ def core(changelog: ChangelogConfig) -> Topology:
     )
 
 
-def participant(address: Address, teams: Iterable[str], settings: Settings) -> Topology:
+def for_participant(address: Address, teams: Iterable[str], settings: Settings) -> Topology:
     """One participant's queue, bound to its own key, its teams' keys and (agents) broadcast."""
     arguments = QuorumQueueArguments(
         {
@@ -249,7 +249,7 @@ def for_roster(roster: Roster, settings: Settings) -> Topology:
         [
             core(settings.changelog),
             *(
-                participant(address, roster.teams_of(address), settings)
+                for_participant(address, roster.teams_of(address), settings)
                 for address in roster.participants()
             ),
         ]
