@@ -252,7 +252,7 @@ class LockSession:
 
     async def _mark_released(self) -> None:
         for held in self.held:
-            await self._note_holder(held.queue, held.holder.model_copy(update={"released": True}))
+            await self._write_holder(held.queue, held.holder.model_copy(update={"released": True}))
 
     async def acquire(
         self, spec: LockSpec, wait: float = 0.0, stop: asyncio.Event | None = None
@@ -289,7 +289,7 @@ class LockSession:
         token = (previous.token if previous else 0) + 1
         takeover = previous is not None and not previous.released
         holder = self.holder.model_copy(update={"since": now(), "token": token})
-        await self._note_holder(queue, holder)
+        await self._write_holder(queue, holder)
         held = HeldLock(spec, queue, holder, asked, takeover)
         self.held.append(held)
         if takeover:
@@ -353,7 +353,8 @@ class LockSession:
         await note.reject(requeue=True)  # back at the head, for the next write to drop
         return _holder_from(note.body, note_queue)
 
-    async def _note_holder(self, queue: str, holder: Holder) -> None:
+    async def _write_holder(self, queue: str, holder: Holder) -> None:
+        """Write `holder` into the slot's note, over the lock connection (fenced)."""
         body = holder.model_dump_json().encode()
         note = self._gateway.note(body)
         try:
@@ -384,10 +385,12 @@ async def slot_state(gateway: Gateway, queue: str) -> tuple[bool, Holder | None]
     """
     if await gateway.held(queue) is None:
         return False, None  # no queue, no lock
-    return True, await _read_note(gateway, queue + ".holder")
+    return True, await _holder_of(gateway, queue + ".holder")
 
 
-async def _read_note(gateway: Gateway, note_queue: str) -> Holder | None:
+async def _holder_of(gateway: Gateway, note_queue: str) -> Holder | None:
+    """Who the slot's note says holds it, for showing; None when the note is missing or
+    unreadable (unlike `_holder_from`, which must count an unreadable note as unreleased)."""
     note = await gateway.read_note(note_queue)
     try:
         return Holder.model_validate_json(note) if note is not None else None
