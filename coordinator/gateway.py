@@ -574,6 +574,29 @@ class Gateway:
         await in_parallel(names, parallelism, count)
         return counts
 
+    # -- listening ------------------------------------------------------------
+
+    async def listen(
+        self,
+        channel: AbstractChannel,
+        exchange: str,
+        keys: Iterable[str],
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+    ) -> AbstractQueue:
+        """Call `on_message` with a copy of each message routed through `exchange` with
+        any of `keys`, from now on, on `channel` (the caller's, kept open while it listens).
+
+        The queue is the listener's own: server-named, exclusive and auto-deleted, so it
+        goes with the channel or the connection and leaves nothing behind. It is consumed
+        without acks: what comes this way is a signal to act on now (a lock released,
+        mail routed, a run requested), and one lost with its listener was for nobody.
+        """
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in keys:
+            await queue.bind(exchange, key)
+        await queue.consume(on_message, no_ack=True)
+        return queue
+
     # -- notes: one-message queues, newest wins ------------------------------
     # A small piece of shared state kept on the broker (a lock's holder, an agent's
     # changelog cursor): a durable queue of at most one message, where a new write

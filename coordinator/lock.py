@@ -367,14 +367,13 @@ class LockSession:
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
         released = asyncio.Event()
-        channel = await self._gateway.open_channel()
-        events = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await events.bind(EVENTS_EXCHANGE, f"lock.released.{spec.name}")
 
         async def on_release(message: AbstractIncomingMessage) -> None:
             released.set()
 
-        await events.consume(on_release, no_ack=True)
+        channel = await self._gateway.open_channel()
+        keys = [f"lock.released.{spec.name}"]
+        await self._gateway.listen(channel, EVENTS_EXCHANGE, keys, on_release)
         return channel, released
 
 
