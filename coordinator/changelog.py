@@ -28,7 +28,7 @@ import aio_pika
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from coordinator import stream
-from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant
+from coordinator.envelope import MAX_SUBJECT_CHARS, now, participant_text
 from coordinator.errors import (
     BadInput,
     BrokerUnavailable,
@@ -61,7 +61,7 @@ class Entry(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    author: Annotated[str, AfterValidator(participant)]
+    author: Annotated[str, AfterValidator(participant_text)]
     created_at: datetime = Field(default_factory=now)
     summary: Annotated[str, AfterValidator(_summary)]
     body: str = ""
@@ -128,7 +128,7 @@ async def append(gateway: Gateway, entry: Entry, timeout: float) -> None:
         ) from None
 
 
-def parse(item: stream.Item, senders: SenderCheck) -> Logged | None:
+def logged_from(item: stream.Item, senders: SenderCheck) -> Logged | None:
     """The entry in a stream item, judged by `senders`; None for anything that is not
     one (skipped, not fatal)."""
     try:
@@ -139,12 +139,12 @@ def parse(item: stream.Item, senders: SenderCheck) -> Logged | None:
     return Logged(item.offset, entry, user_id, senders.problem(entry.author, user_id))
 
 
-async def read(
+async def entries_from(
     gateway: Gateway, start: int | datetime, stop_at: int, senders: SenderCheck
 ) -> AsyncGenerator[Logged, None]:
     """Entries from `start` (an offset, or a time) up to offset `stop_at`, oldest first."""
-    async for item in stream.read(gateway, CHANGELOG_STREAM, start, stop_at):
-        logged = parse(item, senders)
+    async for item in stream.items_from(gateway, CHANGELOG_STREAM, start, stop_at):
+        logged = logged_from(item, senders)
         if logged is None:
             continue
         if isinstance(start, int) and logged.offset < start:
@@ -154,7 +154,7 @@ async def read(
         yield logged
 
 
-async def newest(
+async def newest_entries(
     gateway: Gateway,
     floor: int,
     head: int,
@@ -171,9 +171,9 @@ async def newest(
     while end >= floor and len(found) < limit:
         start = max(floor, end - window + 1)
         batch, seen = [], -1
-        async for item in stream.read(gateway, CHANGELOG_STREAM, start, end):
+        async for item in stream.items_from(gateway, CHANGELOG_STREAM, start, end):
             seen = max(seen, item.offset)
-            if item.offset >= start and (logged := parse(item, senders)) is not None:
+            if item.offset >= start and (logged := logged_from(item, senders)) is not None:
                 batch.append(logged)
         if seen < end:
             # The read stopped short (a slow broker): better no digest, and no cursor

@@ -357,9 +357,10 @@ class Covey:
             return []
         senders = self.namespace.snapshot.senders  # is each writer its author?
         if since is None:
-            return list(reversed(await changelog.newest(gateway, 0, head, limit, keep, senders)))
+            newest = await changelog.newest_entries(gateway, 0, head, limit, keep, senders)
+            return list(reversed(newest))
         found: list[Logged] = []
-        entries = changelog.read(gateway, since, head, senders)
+        entries = changelog.entries_from(gateway, since, head, senders)
         try:
             async for logged in entries:
                 if keep(logged):

@@ -76,7 +76,7 @@ async def build(
     def keep(logged: Logged) -> bool:  # an entry that only claims to be the agent's is news
         return own or not (logged.verified and logged.entry.author == me)
 
-    wanted = await changelog.newest(gateway, scan_from, head, limit, keep, senders)
+    wanted = await changelog.newest_entries(gateway, scan_from, head, limit, keep, senders)
     digest.entries, digest.text = _fit(wanted, config, cursor)
     digest.floor = floor
     cut = len(wanted) == limit or len(digest.entries) < len(wanted)

@@ -49,8 +49,9 @@ def _address(text: str) -> str:
         raise ValueError(str(err)) from None
 
 
-def participant(text: str) -> str:
-    """For pydantic validators: a participant's address, normalised."""
+def participant_text(text: str) -> str:
+    """For pydantic validators: a participant's address (agent:NAME, human:NAME) as
+    normalised text."""
     try:
         return str(Address.participant(text))
     except BadInput as err:
@@ -68,8 +69,9 @@ def _subject(text: str) -> str:
     return text
 
 
-def message_id(text: str) -> str:
-    """For pydantic validators: an id in the format of ID_PATTERN."""
+def message_id_text(text: str) -> str:
+    """For pydantic validators: an id in the format of ID_PATTERN (not to be confused
+    with the AMQP `message_id` property, which carries it)."""
     if not _ID.fullmatch(text):
         raise ValueError(
             "not a message id: use 4-128 characters of a-z, 0-9, '.', '_' and '-', "
@@ -78,7 +80,7 @@ def message_id(text: str) -> str:
     return text
 
 
-MessageId = Annotated[str, AfterValidator(message_id)]
+MessageId = Annotated[str, AfterValidator(message_id_text)]
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -93,7 +95,7 @@ class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: MessageId
-    sender: Annotated[str, AfterValidator(participant)]
+    sender: Annotated[str, AfterValidator(participant_text)]
     recipient: Annotated[str, AfterValidator(_address)]
     subject: Annotated[str, AfterValidator(_subject)]
     body: str = ""

@@ -1,17 +1,25 @@
-"""The gateway: the one module that opens connections and channels to RabbitMQ.
+"""The gateway: the one module that opens connections and channels to RabbitMQ, and
+the one that creates exchanges, queues and bindings on them.
 
 A `Gateway` is one AMQP connection. Everything else in covey asks it for what it
 needs — a channel for one operation (`async with gateway.operation_channel() as ch`), a
-confirmed publish, an existing queue and its ready count, a note — and no other
-module opens a channel. Errors from aio-pika and aiormq are translated here into
+confirmed publish, an existing queue and its ready count, a note, a listener — and no
+other module opens a channel. Errors from aio-pika and aiormq are translated here into
 covey's own (`translated`), with one line that names the problem and the fix.
 
-Publishing is always confirmed and `mandatory`: `publish` returns only once
-the broker has taken responsibility for the message, and raises when it did
-not. Every publish is signed: its `user_id` is the connection's own user, which
-RabbitMQ checks, so a reader can trust it (see `identity.py`). Envelopes become
-AMQP messages here (and back), so the rest of covey never handles AMQP
-properties itself.
+Who declares what: topology.py describes the lasting topology as data and declares
+nothing; `Gateway.apply` declares such a description (which part, and when, is the
+namespace's call: `Namespace.apply_topology`, `ensure_participants`). What comes and
+goes is declared here as it is needed, never described there: a note's queue on its
+first write (`write_note`), a lock slot (`take_exclusive`), and a listener's own
+queue (`listen`).
+
+Publishing is always confirmed, and `mandatory` unless the caller says otherwise (most
+events: see `publish_event`): a publish returns only once the broker has taken
+responsibility for the message, and raises when it did not. Every publish is signed:
+its `user_id` is the connection's own user, which RabbitMQ checks, so a reader can
+trust it (see `identity.py`). Envelopes become AMQP messages here (and back), so the
+rest of covey never handles AMQP properties itself.
 
 Reconnecting, the one policy: a gateway made with `reconnects=True` (a
 participant's, a daemon's) replaces a connection the broker dropped the next time
@@ -262,7 +270,7 @@ class Gateway:
     @property
     def connection(self) -> AbstractConnection:
         """The connection itself, for what aio-pika hands out on it (queues, messages);
-        open channels with `channel()` or `open_channel()`, not on this."""
+        open channels with `operation_channel()` or `open_channel()`, not on this."""
         return self._connection
 
     @property
@@ -573,6 +581,29 @@ class Gateway:
 
         await in_parallel(names, parallelism, count)
         return counts
+
+    # -- listening ------------------------------------------------------------
+
+    async def listen(
+        self,
+        channel: AbstractChannel,
+        exchange: str,
+        keys: Iterable[str],
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+    ) -> AbstractQueue:
+        """Call `on_message` with a copy of each message routed through `exchange` with
+        any of `keys`, from now on, on `channel` (the caller's, kept open while it listens).
+
+        The queue is the listener's own: server-named, exclusive and auto-deleted, so it
+        goes with the channel or the connection and leaves nothing behind. It is consumed
+        without acks: what comes this way is a signal to act on now (a lock released,
+        mail routed, a run requested), and one lost with its listener was for nobody.
+        """
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in keys:
+            await queue.bind(exchange, key)
+        await queue.consume(on_message, no_ack=True)
+        return queue
 
     # -- notes: one-message queues, newest wins ------------------------------
     # A small piece of shared state kept on the broker (a lock's holder, an agent's

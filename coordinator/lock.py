@@ -252,7 +252,7 @@ class LockSession:
 
     async def _mark_released(self) -> None:
         for held in self.held:
-            await self._note_holder(held.queue, held.holder.model_copy(update={"released": True}))
+            await self._write_holder(held.queue, held.holder.model_copy(update={"released": True}))
 
     async def acquire(
         self, spec: LockSpec, wait: float = 0.0, stop: asyncio.Event | None = None
@@ -289,7 +289,7 @@ class LockSession:
         token = (previous.token if previous else 0) + 1
         takeover = previous is not None and not previous.released
         holder = self.holder.model_copy(update={"since": now(), "token": token})
-        await self._note_holder(queue, holder)
+        await self._write_holder(queue, holder)
         held = HeldLock(spec, queue, holder, asked, takeover)
         self.held.append(held)
         if takeover:
@@ -353,7 +353,8 @@ class LockSession:
         await note.reject(requeue=True)  # back at the head, for the next write to drop
         return _holder_from(note.body, note_queue)
 
-    async def _note_holder(self, queue: str, holder: Holder) -> None:
+    async def _write_holder(self, queue: str, holder: Holder) -> None:
+        """Write `holder` into the slot's note, over the lock connection (fenced)."""
         body = holder.model_dump_json().encode()
         note = self._gateway.note(body)
         try:
@@ -366,14 +367,13 @@ class LockSession:
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
         released = asyncio.Event()
-        channel = await self._gateway.open_channel()
-        events = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await events.bind(EVENTS_EXCHANGE, f"lock.released.{spec.name}")
 
         async def on_release(message: AbstractIncomingMessage) -> None:
             released.set()
 
-        await events.consume(on_release, no_ack=True)
+        channel = await self._gateway.open_channel()
+        keys = [f"lock.released.{spec.name}"]
+        await self._gateway.listen(channel, EVENTS_EXCHANGE, keys, on_release)
         return channel, released
 
 
@@ -384,10 +384,12 @@ async def slot_state(gateway: Gateway, queue: str) -> tuple[bool, Holder | None]
     """
     if await gateway.held(queue) is None:
         return False, None  # no queue, no lock
-    return True, await _read_note(gateway, queue + ".holder")
+    return True, await _holder_of(gateway, queue + ".holder")
 
 
-async def _read_note(gateway: Gateway, note_queue: str) -> Holder | None:
+async def _holder_of(gateway: Gateway, note_queue: str) -> Holder | None:
+    """Who the slot's note says holds it, for showing; None when the note is missing or
+    unreadable (unlike `_holder_from`, which must count an unreadable note as unreleased)."""
     note = await gateway.read_note(note_queue)
     try:
         return Holder.model_validate_json(note) if note is not None else None

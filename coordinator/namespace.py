@@ -149,7 +149,7 @@ class Namespace:
             if not todo:
                 return
             roster, settings = snapshot.roster, snapshot.settings
-            parts = [topology.participant(p, roster.teams_of(p), settings) for p in todo]
+            parts = [topology.for_participant(p, roster.teams_of(p), settings) for p in todo]
             plan = topology.Topology.combine([topology.core(settings.changelog), *parts])
             await (await self.gateway()).apply(plan)
             self._declared.update(todo)

@@ -71,9 +71,9 @@ async def recent_runs(
     """The newest `limit` runs (of `agent`, when given), oldest first."""
     scan = limit * EVENTS_PER_RUN * (SCAN_FACTOR if agent else 1)
     records: dict[str, RunRecord] = {}
-    for entry in await stream.newest(gateway, RUNS_STREAM, scan):
+    for item in await stream.newest_items(gateway, RUNS_STREAM, scan):
         try:
-            event = Event.model_validate_json(entry.body)
+            event = Event.model_validate_json(item.body)
         except ValidationError:
             continue  # not ours to judge here; the stream keeps it
         if event.agent is None or event.run_id is None or (agent and event.agent != agent):

@@ -1,10 +1,14 @@
-"""Reading RabbitMQ streams over AMQP 0-9-1: a range of offsets, or just the newest entries.
+"""Reading RabbitMQ streams over AMQP 0-9-1: a range of offsets, or just the newest items.
 
 A stream consumer names where to start (`x-stream-offset`) and the broker
 delivers from there, each message carrying its offset. AMQP cannot ask a
 stream for its length, so the head is found by attaching at `last` (the start
 of the newest chunk) and reading that chunk to its end. Reading the newest N
-entries therefore costs one chunk plus N, however long the stream is.
+items therefore costs one chunk plus N, however long the stream is.
+
+An `Item` is a raw stream message (an offset and a body); what it means is its
+reader's business: changelog.py makes its items into judged entries, records.py
+into run events.
 """
 
 from __future__ import annotations
@@ -28,41 +32,43 @@ PREFETCH = 500
 # what it showed: the rest comes next time, nothing is skipped.
 FIRST_SECONDS = 0.25
 CHUNK_IDLE_SECONDS = 0.03
-RANGE_SECONDS = 5.0  # reading a known range: a generous wait for each next entry
+RANGE_SECONDS = 5.0  # reading a known range: a generous wait for each next item
 
 
 @dataclass(frozen=True, slots=True)
 class Item:
+    """One message read from a stream, not yet parsed."""
+
     offset: int
     body: bytes
     message: AbstractIncomingMessage
 
 
 async def head(gateway: Gateway, stream: str) -> int | None:
-    """The offset of the newest entry, or None when the stream is empty."""
+    """The offset of the newest item, or None when the stream is empty."""
     newest: int | None = None
-    async for item in read(gateway, stream, "last", stop_at=None):
+    async for item in items_from(gateway, stream, "last", stop_at=None):
         newest = item.offset if newest is None else max(newest, item.offset)
     return newest
 
 
-async def read_range(gateway: Gateway, stream: str, first: int, last: int) -> list[Item]:
-    """Entries with offsets in [first, last], oldest first (fewer if retention removed some)."""
-    return [i async for i in read(gateway, stream, first, stop_at=last) if i.offset >= first]
+async def items_between(gateway: Gateway, stream: str, first: int, last: int) -> list[Item]:
+    """Items with offsets in [first, last], oldest first (fewer if retention removed some)."""
+    return [i async for i in items_from(gateway, stream, first, stop_at=last) if i.offset >= first]
 
 
-async def newest(gateway: Gateway, stream: str, count: int) -> list[Item]:
-    """The newest `count` entries, oldest first."""
+async def newest_items(gateway: Gateway, stream: str, count: int) -> list[Item]:
+    """The newest `count` items, oldest first."""
     top = await head(gateway, stream)
     if top is None or count <= 0:
         return []
-    return await read_range(gateway, stream, max(0, top - count + 1), top)
+    return await items_between(gateway, stream, max(0, top - count + 1), top)
 
 
-async def read(
+async def items_from(
     gateway: Gateway, stream: str, start: int | str | datetime, stop_at: int | None
 ) -> AsyncGenerator[Item, None]:
-    """Yield entries from `start` (an offset, `first`, `last`, or a time) until offset
+    """Yield items from `start` (an offset, `first`, `last`, or a time) until offset
     `stop_at` (inclusive), or until the stream goes quiet when `stop_at` is None.
 
     The broker starts at the chunk that holds `start`, so a caller that wants an

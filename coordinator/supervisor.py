@@ -85,7 +85,10 @@ class Supervisor:
         self._left_out = self._unlaunchable(self.roster)
         zone = self.namespace.settings.timezone
         log.info("supervising", agents=len(self.roster.agents), zone=zone)
-        background = [asyncio.create_task(self._schedule()), asyncio.create_task(self._listen())]
+        background = [
+            asyncio.create_task(self._schedule()),
+            asyncio.create_task(self._keep_subscribed()),
+        ]
         if self.metrics is not None:
             await self.metrics.remember_last_runs()
             background.append(asyncio.create_task(self.metrics.refresh_forever()))
@@ -233,7 +236,7 @@ class Supervisor:
 
     # -- mail and requests ----------------------------------------------------------------
 
-    async def _listen(self) -> None:
+    async def _keep_subscribed(self) -> None:
         """Watch for wake-up mail and run requests, reconnecting when the broker goes.
 
         While the broker is away it is tried every RECONNECT_SECONDS (a refused connect
@@ -283,14 +286,14 @@ class Supervisor:
                 await gateway.close()
 
     async def _subscribe(self, gateway: Gateway) -> None:
+        """Listen for wake-up mail (a copy of what is routed to waking agents, their
+        queues untouched) and for run requests, on one channel of `gateway`."""
         channel = await gateway.open_channel()  # it goes with the gateway
-        wake = await channel.declare_queue(exclusive=True, auto_delete=True)
-        for key in sorted(self._wake_keys()):
-            await wake.bind(topology.MAIL_EXCHANGE, key)
-        await wake.consume(self._on_mail, no_ack=True)
-        requests = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await requests.bind(topology.EVENTS_EXCHANGE, "run.requested.*")
-        await requests.consume(self._on_request, no_ack=True)
+        wake_keys = sorted(self._wake_keys())
+        await gateway.listen(channel, topology.MAIL_EXCHANGE, wake_keys, self._on_mail)
+        await gateway.listen(
+            channel, topology.EVENTS_EXCHANGE, ["run.requested.*"], self._on_request
+        )
 
     async def _wake_for_waiting_mail(self) -> None:
         """Mail that arrived while nobody watched (start, reconnect, reload) wakes too."""

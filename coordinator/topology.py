@@ -1,7 +1,12 @@
 """The broker topology as data: exchanges, queues and bindings, and how the roster maps onto them.
 
-This module only describes; `gateway.Gateway.apply` declares. Every declaration is
-idempotent, so any component may apply the part it relies on at start.
+Who does what: this module describes and declares nothing — `core` (what every
+namespace has), `for_participant` (one participant's queue and bindings) and
+`for_roster` (all of it) return a `Topology`; `gateway.Gateway.apply` declares one;
+the namespace (`Namespace.apply_topology`, `ensure_participants`) decides which part,
+and when. Every declaration is idempotent, so any component may apply the part it
+relies on at start. What comes and goes — note queues, lock slots, listeners'
+server-named queues — is not described here: the gateway declares each as it is needed.
 
     sender --> [covey] topic exchange --agent.NAME, team.NAME, human.NAME, broadcast--> agent.NAME
                    |                                                                human.NAME
@@ -222,7 +227,7 @@ def core(changelog: ChangelogConfig) -> Topology:
     )
 
 
-def participant(address: Address, teams: Iterable[str], settings: Settings) -> Topology:
+def for_participant(address: Address, teams: Iterable[str], settings: Settings) -> Topology:
     """One participant's queue, bound to its own key, its teams' keys and (agents) broadcast."""
     arguments = QuorumQueueArguments(
         {
@@ -249,7 +254,7 @@ def for_roster(roster: Roster, settings: Settings) -> Topology:
         [
             core(settings.changelog),
             *(
-                participant(address, roster.teams_of(address), settings)
+                for_participant(address, roster.teams_of(address), settings)
                 for address in roster.participants()
             ),
         ]

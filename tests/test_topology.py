@@ -23,10 +23,10 @@ def test_specs_refuse_combinations_rabbitmq_would_refuse_or_ignore() -> None:
 
 
 def test_a_participant_is_bound_to_its_key_its_teams_and_broadcast() -> None:
-    plan = topology.participant(Address("agent", "scout"), ["research", "ops"], Settings())
+    plan = topology.for_participant(Address("agent", "scout"), ["research", "ops"], Settings())
     keys = sorted(b.routing_key for b in plan.bindings)
     assert keys == ["agent.scout", "broadcast", "team.ops", "team.research"]
-    human = topology.participant(Address("human", "ada"), [], Settings())
+    human = topology.for_participant(Address("human", "ada"), [], Settings())
     assert [b.routing_key for b in human.bindings] == ["human.ada"]  # no broadcast for people
 
 
