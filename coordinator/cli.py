@@ -104,19 +104,10 @@ async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
 async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator import runner
     from coordinator.display import printable
-    from coordinator.errors import NoRecipient
-    from coordinator.events import Event
 
     agent = covey.roster.agent(args.name)
     if args.via_supervisor:
-        request = Event(kind="run.requested", agent=agent.name, requested_by=_asker(covey))
-        try:
-            await (await covey.gateway()).publish_event(request, mandatory=True)
-        except NoRecipient:
-            raise NoRecipient(
-                "no supervisor is listening for run requests: start `covey supervise`, "
-                f"or run it here with `covey run {agent.name}`"
-            ) from None
+        await covey.namespace.request_run(agent.name, requested_by=_asker(covey))
         _emit(args, {"requested": agent.name}, f"Asked the supervisor to run {agent.name}.")
         return 0
     wait = 0.0 if args.skip_if_busy else args.wait_lock
@@ -245,13 +236,16 @@ def _took(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}s"
 
 
+async def cmd_log_add(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.render import printable
+
+    entry = await covey.log_add(args.summary, _body(args), args.tag)
+    _emit(args, entry.model_dump(mode="json"), f"Logged: {printable(entry.summary)}")
+    return 0
+
+
 async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.render import age, printable
-
-    if args.action == "add":
-        entry = await covey.log_add(args.summary, _body(args), args.tag)
-        _emit(args, entry.model_dump(mode="json"), f"Logged: {printable(entry.summary)}")
-        return 0
 
     entries = await covey.log(args.since, args.author, args.tag_filter, args.limit)
     lines = []
@@ -293,45 +287,11 @@ async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime, timedelta
-
+async def cmd_dead_list(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator import dead
-    from coordinator.errors import ExitCode
     from coordinator.render import age, printable
 
-    action = args.action or "list"
-    gateway = await covey.gateway()
-    prefix = covey.settings.user_prefix
-    if action == "purge":
-        cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
-        gone = await dead.purge(gateway, prefix, dead.older_than(cutoff))
-        _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
-        return 0
-    if action == "replay":
-        sent, kept = await dead.replay(gateway, prefix, dead.by_ids(args.ids))
-        text = "\n".join(f"replayed {printable(x.id)} to {printable(x.replay_key)}" for x in sent)
-        if sent or args.json:
-            replayed = {"replayed": [x.id for x in sent], **({"kept": kept} if kept else {})}
-            _emit(args, replayed, text)
-        for letter_id, why in kept.items():
-            print(
-                f"covey: {printable(letter_id)} is still dead: {printable(why)} (no such "
-                "recipient); add the recipient and run `covey topology apply`, then replay it",
-                file=sys.stderr,
-            )
-        return int(ExitCode.NO_RECIPIENT) if kept else 0
-    letters = await dead.everything(gateway, prefix)
-    if action == "show":
-        # A crash while dead-lettering can leave two copies of one letter: show one.
-        letter = dead.by_ids([args.id])(letters)[0]
-        data = letter.to_dict(with_body=True)
-        fields = [f"{k + ':':<12} {printable(str(v))}" for k, v in data.items() if k != "body"]
-        # The body is whoever published it's: quoted, so no line of it reads as a field.
-        body = printable(data["body"], multiline=True).split("\n")
-        text = "\n".join([*fields, "body:", *(f"> {line}" for line in body)])
-        _emit(args, data, text)
-        return 0
+    letters = await dead.everything(await covey.gateway(), covey.settings.user_prefix)
     lines = [
         f"{printable(x.id[:12])}  {printable(x.reason):<15} {printable(x.routing_key):<24} "
         f"{age(x.dead_at) + ' ago' if x.dead_at else '?':>8}  {printable(x.detail)[:80]}"
@@ -339,6 +299,54 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         for x in letters
     ]
     _emit(args, [x.to_dict() for x in letters], "\n".join(lines) or "No dead letters.")
+    return 0
+
+
+async def cmd_dead_show(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator import dead
+    from coordinator.render import printable
+
+    letters = await dead.everything(await covey.gateway(), covey.settings.user_prefix)
+    # A crash while dead-lettering can leave two copies of one letter: show one.
+    letter = dead.by_ids([args.id])(letters)[0]
+    data = letter.to_dict(with_body=True)
+    fields = [f"{k + ':':<12} {printable(str(v))}" for k, v in data.items() if k != "body"]
+    # The body is whoever published it's: quoted, so no line of it reads as a field.
+    body = printable(data["body"], multiline=True).split("\n")
+    text = "\n".join([*fields, "body:", *(f"> {line}" for line in body)])
+    _emit(args, data, text)
+    return 0
+
+
+async def cmd_dead_replay(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator import dead
+    from coordinator.errors import ExitCode
+    from coordinator.render import printable
+
+    gateway = await covey.gateway()
+    sent, kept = await dead.replay(gateway, covey.settings.user_prefix, dead.by_ids(args.ids))
+    text = "\n".join(f"replayed {printable(x.id)} to {printable(x.replay_key)}" for x in sent)
+    if sent or args.json:
+        replayed = {"replayed": [x.id for x in sent], **({"kept": kept} if kept else {})}
+        _emit(args, replayed, text)
+    for letter_id, why in kept.items():
+        print(
+            f"covey: {printable(letter_id)} is still dead: {printable(why)} (no such "
+            "recipient); add the recipient and run `covey topology apply`, then replay it",
+            file=sys.stderr,
+        )
+    return int(ExitCode.NO_RECIPIENT) if kept else 0
+
+
+async def cmd_dead_purge(covey: Covey, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from coordinator import dead
+
+    cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
+    gateway = await covey.gateway()
+    gone = await dead.purge(gateway, covey.settings.user_prefix, dead.older_than(cutoff))
+    _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
     return 0
 
 
@@ -533,7 +541,7 @@ def _add_changelog_commands(commands: _Commands) -> None:
     add.add_argument("summary", help="one line")
     _body_options(add)
     add.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
-    add.set_defaults(handler=cmd_log)
+    add.set_defaults(handler=cmd_log_add)
 
     digest = commands.add("digest", cmd_digest, "what an agent would be told at start, right now")
     digest.add_argument("name", help="the agent")
@@ -549,23 +557,25 @@ def _add_changelog_commands(commands: _Commands) -> None:
 
 
 def _add_dead_commands(commands: _Commands) -> None:
-    dead = commands.add("dead", cmd_dead, "dead and unroutable letters: list, show, replay, purge")
+    # `covey dead` alone lists, as `covey dead list` does.
+    dead = commands.add(
+        "dead", cmd_dead_list, "dead and unroutable letters: list, show, replay, purge"
+    )
     actions = dead.add_subparsers(dest="action", metavar="ACTION")
 
-    def action(name: str, help: str) -> argparse.ArgumentParser:
-        return actions.add_parser(name, parents=[commands.common], help=help)
+    def action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[commands.common], help=help)
+        sub.set_defaults(handler=handler)
+        return sub
 
-    action("list", "every dead letter, with its reason")
-    action("show", "one dead letter, whole").add_argument("id")
-    action("replay", "send dead letters to their recipients again").add_argument(
+    action("list", cmd_dead_list, "every dead letter, with its reason")
+    action("show", cmd_dead_show, "one dead letter, whole").add_argument("id")
+    action("replay", cmd_dead_replay, "send dead letters to their recipients again").add_argument(
         "ids", nargs="+", metavar="ID"
     )
-    action("purge", "drop old dead letters").add_argument(
+    action("purge", cmd_dead_purge, "drop old dead letters").add_argument(
         "--older-than", type=_duration, required=True, metavar="DURATION"
     )
-    # `covey dead` alone lists, as `covey dead list` does.
-    for sub in (dead, *actions.choices.values()):
-        sub.set_defaults(handler=cmd_dead)
 
 
 def _add_supervision_commands(commands: _Commands) -> None:
