@@ -104,19 +104,10 @@ async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
 async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator import runner
     from coordinator.display import printable
-    from coordinator.errors import NoRecipient
-    from coordinator.events import Event
 
     agent = covey.roster.agent(args.name)
     if args.via_supervisor:
-        request = Event(kind="run.requested", agent=agent.name, requested_by=_asker(covey))
-        try:
-            await (await covey.gateway()).publish_event(request, mandatory=True)
-        except NoRecipient:
-            raise NoRecipient(
-                "no supervisor is listening for run requests: start `covey supervise`, "
-                f"or run it here with `covey run {agent.name}`"
-            ) from None
+        await covey.namespace.request_run(agent.name, requested_by=_asker(covey))
         _emit(args, {"requested": agent.name}, f"Asked the supervisor to run {agent.name}.")
         return 0
     wait = 0.0 if args.skip_if_busy else args.wait_lock
@@ -245,13 +236,16 @@ def _took(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}s"
 
 
+async def cmd_log_add(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.render import printable
+
+    entry = await covey.log_add(args.summary, _body(args), args.tag)
+    _emit(args, entry.model_dump(mode="json"), f"Logged: {printable(entry.summary)}")
+    return 0
+
+
 async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.render import age, printable
-
-    if args.action == "add":
-        entry = await covey.log_add(args.summary, _body(args), args.tag)
-        _emit(args, entry.model_dump(mode="json"), f"Logged: {printable(entry.summary)}")
-        return 0
 
     entries = await covey.log(args.since, args.author, args.tag_filter, args.limit)
     lines = []
@@ -293,45 +287,11 @@ async def cmd_digest(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime, timedelta
-
+async def cmd_dead_list(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator import dead
-    from coordinator.errors import ExitCode
     from coordinator.render import age, printable
 
-    action = args.action or "list"
-    gateway = await covey.gateway()
-    prefix = covey.settings.user_prefix
-    if action == "purge":
-        cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
-        gone = await dead.purge(gateway, prefix, dead.older_than(cutoff))
-        _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
-        return 0
-    if action == "replay":
-        sent, kept = await dead.replay(gateway, prefix, dead.by_ids(args.ids))
-        text = "\n".join(f"replayed {printable(x.id)} to {printable(x.replay_key)}" for x in sent)
-        if sent or args.json:
-            replayed = {"replayed": [x.id for x in sent], **({"kept": kept} if kept else {})}
-            _emit(args, replayed, text)
-        for letter_id, why in kept.items():
-            print(
-                f"covey: {printable(letter_id)} is still dead: {printable(why)} (no such "
-                "recipient); add the recipient and run `covey topology apply`, then replay it",
-                file=sys.stderr,
-            )
-        return int(ExitCode.NO_RECIPIENT) if kept else 0
-    letters = await dead.everything(gateway, prefix)
-    if action == "show":
-        # A crash while dead-lettering can leave two copies of one letter: show one.
-        letter = dead.by_ids([args.id])(letters)[0]
-        data = letter.to_dict(with_body=True)
-        fields = [f"{k + ':':<12} {printable(str(v))}" for k, v in data.items() if k != "body"]
-        # The body is whoever published it's: quoted, so no line of it reads as a field.
-        body = printable(data["body"], multiline=True).split("\n")
-        text = "\n".join([*fields, "body:", *(f"> {line}" for line in body)])
-        _emit(args, data, text)
-        return 0
+    letters = await dead.everything(await covey.gateway(), covey.settings.user_prefix)
     lines = [
         f"{printable(x.id[:12])}  {printable(x.reason):<15} {printable(x.routing_key):<24} "
         f"{age(x.dead_at) + ' ago' if x.dead_at else '?':>8}  {printable(x.detail)[:80]}"
@@ -339,6 +299,54 @@ async def cmd_dead(covey: Covey, args: argparse.Namespace) -> int:
         for x in letters
     ]
     _emit(args, [x.to_dict() for x in letters], "\n".join(lines) or "No dead letters.")
+    return 0
+
+
+async def cmd_dead_show(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator import dead
+    from coordinator.render import printable
+
+    letters = await dead.everything(await covey.gateway(), covey.settings.user_prefix)
+    # A crash while dead-lettering can leave two copies of one letter: show one.
+    letter = dead.by_ids([args.id])(letters)[0]
+    data = letter.to_dict(with_body=True)
+    fields = [f"{k + ':':<12} {printable(str(v))}" for k, v in data.items() if k != "body"]
+    # The body is whoever published it's: quoted, so no line of it reads as a field.
+    body = printable(data["body"], multiline=True).split("\n")
+    text = "\n".join([*fields, "body:", *(f"> {line}" for line in body)])
+    _emit(args, data, text)
+    return 0
+
+
+async def cmd_dead_replay(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator import dead
+    from coordinator.errors import ExitCode
+    from coordinator.render import printable
+
+    gateway = await covey.gateway()
+    sent, kept = await dead.replay(gateway, covey.settings.user_prefix, dead.by_ids(args.ids))
+    text = "\n".join(f"replayed {printable(x.id)} to {printable(x.replay_key)}" for x in sent)
+    if sent or args.json:
+        replayed = {"replayed": [x.id for x in sent], **({"kept": kept} if kept else {})}
+        _emit(args, replayed, text)
+    for letter_id, why in kept.items():
+        print(
+            f"covey: {printable(letter_id)} is still dead: {printable(why)} (no such "
+            "recipient); add the recipient and run `covey topology apply`, then replay it",
+            file=sys.stderr,
+        )
+    return int(ExitCode.NO_RECIPIENT) if kept else 0
+
+
+async def cmd_dead_purge(covey: Covey, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from coordinator import dead
+
+    cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
+    gateway = await covey.gateway()
+    gone = await dead.purge(gateway, covey.settings.user_prefix, dead.older_than(cutoff))
+    _emit(args, {"purged": [x.id for x in gone]}, f"Purged {len(gone)} dead letters.")
     return 0
 
 
@@ -402,11 +410,6 @@ def _body(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--as", dest="identity", metavar="NAME", help="act as this participant")
-    common.add_argument("--json", action="store_true", help="print JSON for programs")
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-
     parser = argparse.ArgumentParser(
         prog="covey",
         description="Durable mail, locks and memory for agents, on RabbitMQ.",
@@ -415,59 +418,97 @@ def build_parser() -> argparse.ArgumentParser:
         "70 a bug in covey.",
     )
     parser.add_argument("--version", action="version", version=f"covey {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = _Commands(parser)
+    # In this order `covey --help` lists them: mail first, since models use it most.
+    _add_mail_commands(commands)
+    _add_topology_command(commands)
+    _add_run_command(commands)
+    _add_changelog_commands(commands)
+    _add_dead_commands(commands)
+    _add_supervision_commands(commands)
+    _add_setup_commands(commands)
+    return parser
 
-    def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+
+class _Commands:
+    """The `covey COMMAND` parsers as they are built, and the options all of them take."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.common = argparse.ArgumentParser(add_help=False)
+        self.common.add_argument(
+            "--as", dest="identity", metavar="NAME", help="act as this participant"
+        )
+        self.common.add_argument("--json", action="store_true", help="print JSON for programs")
+        self.common.add_argument(
+            "-v", "--verbose", action="store_true", help="log progress to stderr"
+        )
+        self.parsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(self, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        """A command with the common options, run by `handler`, its help its description."""
+        sub = self.parsers.add_parser(name, parents=[self.common], help=help, description=help)
         sub.set_defaults(handler=handler)
         return sub
 
-    def body_options(sub: argparse.ArgumentParser) -> None:
-        source = sub.add_mutually_exclusive_group()
-        source.add_argument("--body", help="the message text; '-' reads standard input")
-        source.add_argument("--body-file", metavar="PATH", help="read the message text from PATH")
-        sub.add_argument(
-            "--timeout",
-            dest="send_timeout",
-            type=_positive_seconds,
-            metavar="SECONDS",
-            help="give up (exit 4) if the broker has not taken it by then (default 10)",
-        )
 
-    send = command("send", cmd_send, "send mail; prints its id once the broker has it")
+def _body_options(sub: argparse.ArgumentParser) -> None:
+    """Where a message's text comes from, and how long its sending may take."""
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument("--body", help="the message text; '-' reads standard input")
+    source.add_argument("--body-file", metavar="PATH", help="read the message text from PATH")
+    sub.add_argument(
+        "--timeout",
+        dest="send_timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="give up (exit 4) if the broker has not taken it by then (default 10)",
+    )
+
+
+def _add_mail_commands(commands: _Commands) -> None:
+    send = commands.add("send", cmd_send, "send mail; prints its id once the broker has it")
     send.add_argument("to", help="agent:NAME, NAME, team:NAME, human:NAME or all")
     send.add_argument("subject")
-    body_options(send)
+    _body_options(send)
     send.add_argument("--reply-to", metavar="ID", help="join the thread of message ID")
 
-    reply = command("reply", cmd_reply, "answer a message's sender, in its thread")
+    reply = commands.add("reply", cmd_reply, "answer a message's sender, in its thread")
     reply.add_argument("id")
     reply.add_argument("--subject", help="default: Re: <original subject>")
-    body_options(reply)
+    _body_options(reply)
 
-    inbox = command("inbox", cmd_inbox, "fetch new mail, then list what is not done")
+    inbox = commands.add("inbox", cmd_inbox, "fetch new mail, then list what is not done")
     inbox.add_argument("--all", action="store_true", help="include done messages")
 
-    read = command("read", cmd_read, "show a whole message and mark it read")
+    read = commands.add("read", cmd_read, "show a whole message and mark it read")
     read.add_argument("id", help="a message id, or a unique prefix of one")
 
-    done = command("done", cmd_done, "archive messages: no longer listed, still searchable")
+    done = commands.add("done", cmd_done, "archive messages: no longer listed, still searchable")
     done.add_argument("ids", nargs="+", metavar="ID")
 
-    wait = command("wait", cmd_wait, "block until new mail arrives, then list it")
+    wait = commands.add("wait", cmd_wait, "block until new mail arrives, then list it")
     wait.add_argument("--timeout", type=_seconds, default=300.0, help="seconds (default 300)")
 
-    search = command("search", cmd_search, "full-text search of the mailbox, done included")
+    search = commands.add("search", cmd_search, "full-text search of the mailbox, done included")
     search.add_argument("text")
 
-    topology = commands.add_parser("topology", help="the broker topology")
-    topology_commands = topology.add_subparsers(dest="action", required=True, metavar="ACTION")
-    apply = topology_commands.add_parser(
-        "apply", parents=[common], help="declare exchanges, queues and bindings for the roster"
+
+def _add_topology_command(commands: _Commands) -> None:
+    # A group, not a command: `covey topology` alone asks for its ACTION.
+    topology = commands.parsers.add_parser("topology", help="the broker topology")
+    actions = topology.add_subparsers(dest="action", required=True, metavar="ACTION")
+    apply = actions.add_parser(
+        "apply",
+        parents=[commands.common],
+        help="declare exchanges, queues and bindings for the roster",
     )
     apply.set_defaults(handler=cmd_topology_apply)
 
-    run = command("run", cmd_run, "run an agent once: lock, preflight, digest, process, outcome")
+
+def _add_run_command(commands: _Commands) -> None:
+    run = commands.add(
+        "run", cmd_run, "run an agent once: lock, preflight, digest, process, outcome"
+    )
     run.add_argument("name", help="the agent's name (its folder under agents/)")
     busy = run.add_mutually_exclusive_group()
     busy.add_argument(
@@ -481,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--via-supervisor", action="store_true", help="ask a running `covey supervise` instead"
     )
 
-    log = command("log", cmd_log, "the changelog: read it, or `covey log add` to it")
+
+def _add_changelog_commands(commands: _Commands) -> None:
+    log = commands.add("log", cmd_log, "the changelog: read it, or `covey log add` to it")
     log.add_argument(
         "--since",
         type=_since,
@@ -491,16 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--author", help="only this participant's entries")
     log.add_argument("--tag", dest="tag_filter", metavar="TAG", help="only entries with TAG")
     log.add_argument("--limit", type=_positive_int, default=20, help="how many (default 20)")
-    log_actions = log.add_subparsers(dest="action", metavar="ACTION")
-    add = log_actions.add_parser(
-        "add", parents=[common], help="tell the others what you changed", description=None
+    actions = log.add_subparsers(dest="action", metavar="ACTION")
+    add = actions.add_parser(
+        "add", parents=[commands.common], help="tell the others what you changed", description=None
     )
     add.add_argument("summary", help="one line")
-    body_options(add)
+    _body_options(add)
     add.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
-    add.set_defaults(handler=cmd_log)
+    add.set_defaults(handler=cmd_log_add)
 
-    digest = command("digest", cmd_digest, "what an agent would be told at start, right now")
+    digest = commands.add("digest", cmd_digest, "what an agent would be told at start, right now")
     digest.add_argument("name", help="the agent")
     digest.add_argument(
         "--format",
@@ -512,26 +555,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--advance", action="store_true", help="move the agent's cursor past what is shown"
     )
 
-    dead = command("dead", cmd_dead, "dead and unroutable letters: list, show, replay, purge")
-    dead_actions = dead.add_subparsers(dest="action", metavar="ACTION")
-    dead_actions.add_parser("list", parents=[common], help="every dead letter, with its reason")
-    show = dead_actions.add_parser("show", parents=[common], help="one dead letter, whole")
-    show.add_argument("id")
-    replay = dead_actions.add_parser(
-        "replay", parents=[common], help="send dead letters to their recipients again"
-    )
-    replay.add_argument("ids", nargs="+", metavar="ID")
-    purge = dead_actions.add_parser("purge", parents=[common], help="drop old dead letters")
-    purge.add_argument("--older-than", type=_duration, required=True, metavar="DURATION")
-    for sub in (dead, *dead_actions.choices.values()):
-        sub.set_defaults(handler=cmd_dead)
 
-    runs = command("runs", cmd_runs, "recent runs and how they ended, oldest first")
+def _add_dead_commands(commands: _Commands) -> None:
+    # `covey dead` alone lists, as `covey dead list` does.
+    dead = commands.add(
+        "dead", cmd_dead_list, "dead and unroutable letters: list, show, replay, purge"
+    )
+    actions = dead.add_subparsers(dest="action", metavar="ACTION")
+
+    def action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[commands.common], help=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    action("list", cmd_dead_list, "every dead letter, with its reason")
+    action("show", cmd_dead_show, "one dead letter, whole").add_argument("id")
+    action("replay", cmd_dead_replay, "send dead letters to their recipients again").add_argument(
+        "ids", nargs="+", metavar="ID"
+    )
+    action("purge", cmd_dead_purge, "drop old dead letters").add_argument(
+        "--older-than", type=_duration, required=True, metavar="DURATION"
+    )
+
+
+def _add_supervision_commands(commands: _Commands) -> None:
+    runs = commands.add("runs", cmd_runs, "recent runs and how they ended, oldest first")
     runs.add_argument("agent", nargs="?", help="only this agent's runs")
     runs.add_argument("--limit", type=_positive_int, default=20, help="how many (default 20)")
 
-    command("status", cmd_status, "agents: pending mail, running or not, locks, last and next run")
-    supervise = command(
+    commands.add(
+        "status", cmd_status, "agents: pending mail, running or not, locks, last and next run"
+    )
+    supervise = commands.add(
         "supervise", cmd_supervise, "the daemon: run agents on cron, on mail and on request"
     )
     supervise.add_argument(
@@ -542,7 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     supervise.add_argument("--no-metrics", action="store_true", help="serve no metrics")
 
-    provision = command(
+
+def _add_setup_commands(commands: _Commands) -> None:
+    provision = commands.add(
         "provision", cmd_provision, "a broker user per participant and supervisor host"
     )
     provision.add_argument(
@@ -553,8 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     provision.add_argument("--host", help="the supervisor host's name (default: this machine's)")
 
-    command("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
-    return parser
+    commands.add("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
 
 
 def _since(text: str) -> int | datetime:

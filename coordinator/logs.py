@@ -3,10 +3,14 @@ COVEY_LOG_FORMAT=json.
 
 covey's modules log through `get_logger`, which sits on a stdlib logger: in a
 program that has not configured logging, covey (a library there) stays quiet
-below WARNING. The `covey` command calls `configure`, which renders every line
-— covey's and its libraries' — the same way, with the run's `agent` and
-`run_id` bound through context variables. Logs go to stderr and command
-results to stdout, so a model or a script reads an answer without log lines in it.
+below WARNING. A program that has gets covey's records (loggers `coordinator.*`,
+each message structlog's event dict) through its own handlers, at its own
+levels: importing covey and its Python API configure nothing, neither logging
+nor structlog (tests/test_logging.py holds them to it). Only the `covey`
+command calls `configure`, which renders every line — covey's and its
+libraries' — the same way, with the run's `agent` and `run_id` bound through
+context variables. Logs go to stderr and command results to stdout, so a model
+or a script reads an answer without log lines in it.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ def _neutralised(
 
 
 def configure(log_format: str = "console", level: str = "warning") -> None:
-    """Send every log line to stderr, rendered once; called by the entry point only."""
+    """Send every log line to stderr, rendered once. It takes over the process's logging
+    (the root logger's handlers and level, aio-pika's and aiormq's levels), so only the
+    `covey` command's entry point may call it, never the library."""
     renderers: list[structlog.typing.Processor] = (
         [structlog.processors.JSONRenderer()]
         if log_format == "json"

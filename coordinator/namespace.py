@@ -194,3 +194,21 @@ class Namespace:
         async with await LockSession.open(self.settings, holder) as locks:
             await locks.acquire(LockSpec.for_agent(agent), wait=wait)
             await changelog.advance(locks.gateway, agent, offset)
+
+    # -- runs, for any agent -------------------------------------------------------------
+
+    async def request_run(self, agent: str, requested_by: str | None = None) -> None:
+        """Ask a running supervisor to run `agent` now; returns once the broker has the
+        request. NoRecipient when no supervisor listens: nobody would ever run it."""
+        from coordinator.errors import NoRecipient
+        from coordinator.events import Event
+
+        name = self.roster.agent(agent).name  # an unknown or broken agent is refused here
+        request = Event(kind="run.requested", agent=name, requested_by=requested_by)
+        try:
+            await (await self.gateway()).publish_event(request, mandatory=True)
+        except NoRecipient:
+            raise NoRecipient(
+                "no supervisor is listening for run requests: start `covey supervise`, "
+                f"or run it here with `covey run {name}`"
+            ) from None
