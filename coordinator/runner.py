@@ -22,14 +22,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
 import structlog
 
 from coordinator import changelog, digest, preflight
-from coordinator.errors import BadInput, CoveyError, ExitCode
+from coordinator.errors import BadInput, CoveyError
 from coordinator.events import Event
 from coordinator.gateway import translated
 from coordinator.guard import Guard
@@ -37,6 +36,7 @@ from coordinator.identity import url_for
 from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
 from coordinator.namespace import Namespace
+from coordinator.outcome import Outcome as Outcome  # re-exported: `runner.Outcome` still works
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
 from coordinator.settings import Settings
 
@@ -45,31 +45,6 @@ log = get_logger(__name__)
 CHUNK_BYTES = 64 * 1024
 Echo = Callable[[str], None]
 Observer = Callable[[Event], None]
-
-
-class Outcome(StrEnum):
-    OK = "ok"
-    FAILED = "failed"
-    TIMEOUT = "timeout"
-    SKIPPED_BUSY = "skipped:busy"
-    SKIPPED_PREFLIGHT = "skipped:preflight"
-    LOCK_LOST = "lock-lost"
-    STOPPED = "stopped"  # told to stop (SIGTERM, or the supervisor's grace ran out)
-
-    @property
-    def exit_code(self) -> ExitCode:
-        return _EXIT_CODES[self]
-
-
-_EXIT_CODES = {
-    Outcome.OK: ExitCode.OK,
-    Outcome.FAILED: ExitCode.FAILED,
-    Outcome.TIMEOUT: ExitCode.TIMED_OUT,
-    Outcome.SKIPPED_BUSY: ExitCode.SKIPPED_BUSY,
-    Outcome.SKIPPED_PREFLIGHT: ExitCode.SKIPPED_PREFLIGHT,
-    Outcome.LOCK_LOST: ExitCode.LOCK_LOST,
-    Outcome.STOPPED: ExitCode.FAILED,
-}
 
 
 @dataclass(frozen=True, slots=True)
