@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.envelope import now
+from coordinator.outcome import Outcome
 
 EVENT_TYPE = "covey.event.v1"
 
@@ -39,11 +40,13 @@ class Event(BaseModel):
     agent: str | None = None
     run_id: str | None = None
     trigger: str | None = None  # run.*: schedule, mail, manual, request
-    outcome: str | None = None  # run.finished
+    # run.finished: an Outcome's value, kept as text so that an outcome a newer publisher
+    # added still reads (`run_outcome` is the Outcome, when this version knows it)
+    outcome: str | None = None
     exit_code: int | None = None  # run.finished: the agent's own exit code
     duration_seconds: float | None = None  # run.finished
     reason: str | None = None  # run.finished: why it was skipped or failed
-    hook: str | None = None  # run.finished, skipped:preflight: the check that failed
+    hook: str | None = None  # run.finished, Outcome.SKIPPED_PREFLIGHT: the check that failed
     lock: str | None = None  # lock.*
     wait_seconds: float | None = None  # lock.acquired: how long it took to get
     held_seconds: float | None = None  # lock.released: how long it was held
@@ -54,6 +57,10 @@ class Event(BaseModel):
     fencing_tokens: dict[str, int] | None = None  # run.*: every lock of the run, by name
     takeover: bool | None = None  # lock.acquired: its previous holder did not release it
     lease_wait_seconds: float | None = None  # run.*: spent waiting out that holder's lease
+
+    @property
+    def run_outcome(self) -> Outcome | None:
+        return Outcome.parse(self.outcome)
 
     @property
     def routing_key(self) -> str:

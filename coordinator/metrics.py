@@ -39,6 +39,7 @@ from coordinator.gateway import Gateway, in_parallel
 from coordinator.lock import LockSpec, slot_state
 from coordinator.logs import get_logger
 from coordinator.namespace import Namespace
+from coordinator.outcome import Outcome
 from coordinator.records import recent_runs
 from coordinator.roster import GLOBAL_LOCK
 from coordinator.schedule import Schedule
@@ -49,7 +50,6 @@ log = get_logger(__name__)
 REFRESH_SECONDS = 5.0
 CURSOR_REFRESH_SECONDS = 60.0
 PARALLEL_CHANNELS = 8
-FAILED_OUTCOMES = {"failed", "timeout", "lock-lost"}
 
 
 @dataclass
@@ -158,19 +158,21 @@ class Metrics:
             self._cursors_moved.add(agent)
 
     def _finished(self, agent: str, event: Event) -> None:
-        outcome = event.outcome or "unknown"
+        label = event.outcome or "unknown"
+        outcome = event.run_outcome  # None for one this version does not know
         self.running.labels(agent).set(0)
-        self.runs.labels(agent, outcome, event.trigger or "unknown").inc()
-        self.last_run.labels(agent, outcome).set(event.at.timestamp())
-        if event.duration_seconds is not None and not outcome.startswith("skipped"):
+        self.runs.labels(agent, label, event.trigger or "unknown").inc()
+        self.last_run.labels(agent, label).set(event.at.timestamp())
+        skipped = outcome is not None and outcome.is_skip
+        if event.duration_seconds is not None and not skipped:
             self.run_duration.labels(agent).observe(event.duration_seconds)
-        if outcome == "ok":
+        if outcome is Outcome.OK:
             self.failures_in_a_row.labels(agent).set(0)
-        elif outcome in FAILED_OUTCOMES:
+        elif outcome is not None and outcome.is_failure:
             self.failures_in_a_row.labels(agent).inc()
-        if outcome == "lock-lost":
+        if outcome is Outcome.LOCK_LOST:
             self.lock_lost.labels(agent).inc()
-        if outcome == "skipped:preflight":
+        if outcome is Outcome.SKIPPED_PREFLIGHT:
             self.preflight_failures.labels(agent, event.hook or "unknown").inc()
 
     async def remember_last_runs(self) -> None:

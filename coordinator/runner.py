@@ -1,18 +1,23 @@
 """One run of an agent, through the whole lifecycle:
 
-    locks -> preflight -> digest -> the agent's process -> outcome -> release
+    prepare -> locks -> preflight -> digest -> wait out a previous holder
+      -> the agent's process -> advance its cursor -> release -> record
 
 `covey run NAME` (the crontab form, no daemon needed) and `covey supervise`
 both run agents through `run`. Each run takes the agent's own lock (so an
 agent never runs twice at once, on any host) and the lock its agent.toml names
 (`global` unless it says another, or `none`). Every run ends in a
 `run.finished` event with its outcome, kept in the `covey.runs` stream.
+
+A run goes by the `RunContext` it took when it started (settings and roster
+included), and writes its agent's output on a thread of its own (`RunLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,23 +25,25 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
+from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import structlog
 
 from coordinator import changelog, digest, preflight
-from coordinator.errors import BadInput, CoveyError, ExitCode
+from coordinator.errors import BadInput, CoveyError
 from coordinator.events import Event
 from coordinator.gateway import translated
 from coordinator.guard import Guard
 from coordinator.identity import url_for
 from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
 from coordinator.logs import get_logger
-from coordinator.namespace import Namespace
+from coordinator.namespace import Namespace, Snapshot
+from coordinator.outcome import Outcome as Outcome  # re-exported: `runner.Outcome` still works
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
 from coordinator.settings import Settings
 
@@ -45,31 +52,7 @@ log = get_logger(__name__)
 CHUNK_BYTES = 64 * 1024
 Echo = Callable[[str], None]
 Observer = Callable[[Event], None]
-
-
-class Outcome(StrEnum):
-    OK = "ok"
-    FAILED = "failed"
-    TIMEOUT = "timeout"
-    SKIPPED_BUSY = "skipped:busy"
-    SKIPPED_PREFLIGHT = "skipped:preflight"
-    LOCK_LOST = "lock-lost"
-    STOPPED = "stopped"  # told to stop (SIGTERM, or the supervisor's grace ran out)
-
-    @property
-    def exit_code(self) -> ExitCode:
-        return _EXIT_CODES[self]
-
-
-_EXIT_CODES = {
-    Outcome.OK: ExitCode.OK,
-    Outcome.FAILED: ExitCode.FAILED,
-    Outcome.TIMEOUT: ExitCode.TIMED_OUT,
-    Outcome.SKIPPED_BUSY: ExitCode.SKIPPED_BUSY,
-    Outcome.SKIPPED_PREFLIGHT: ExitCode.SKIPPED_PREFLIGHT,
-    Outcome.LOCK_LOST: ExitCode.LOCK_LOST,
-    Outcome.STOPPED: ExitCode.FAILED,
-}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +129,83 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a run ended, before it is recorded."""
+
+    outcome: Outcome
+    reason: str | None = None
+    exit_code: int | None = None  # the agent's own, when it ran to the end
+    hook: str | None = None  # the preflight check that failed
+    log_path: Path | None = None  # the agent's output, once it was started
+
+
+class NotStarted(Exception):
+    """The run ends before the agent's process starts: busy, a failing preflight check,
+    a stop, a lost lock. Raised by the steps before the start; recorded once."""
+
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.reason)
+        self.ending = ending
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What one run goes by, from its start to its record. `snapshot` is the settings and
+    roster as they were when it started: a reload meanwhile (SIGHUP) changes nothing for
+    it; the namespace is there for its broker connection."""
+
+    namespace: Namespace
+    snapshot: Snapshot
+    agent: Agent
+    trigger: str
+    run_id: str
+    launch: Launch
+    wait_lock: float  # how long to wait for each lock
+    stop: asyncio.Event  # set: stop the agent, or do not start it
+    echo: Echo | None
+    record: _Recorder
+
+    @classmethod
+    def prepare(
+        cls,
+        namespace: Namespace,
+        agent: Agent,
+        trigger: str,
+        *,
+        wait_lock: float | None,
+        stop: asyncio.Event | None,
+        echo: Echo | None,
+        observe: Observer | None,
+    ) -> RunContext:
+        """Bad input (no command, no workdir) raises BadInput here, before any lock."""
+        snapshot = namespace.snapshot
+        run_id = new_run_id()
+        return cls(
+            namespace=namespace,
+            snapshot=snapshot,
+            agent=agent,
+            trigger=trigger,
+            run_id=run_id,
+            launch=Launch.prepare(snapshot.settings, agent, run_id),
+            wait_lock=agent.config.wait_lock if wait_lock is None else wait_lock,
+            stop=stop or asyncio.Event(),
+            echo=echo,
+            record=_Recorder(namespace, agent.name, run_id, trigger, observe),
+        )
+
+    @property
+    def settings(self) -> Settings:
+        return self.snapshot.settings
+
+    @property
+    def lock_specs(self) -> list[LockSpec]:
+        """The agent's own lock first (its fencing token is the run's), then the one its
+        agent.toml names, if any."""
+        shared = configured_lock(self.settings, self.agent)
+        return [LockSpec.for_agent(self.agent.name), *([shared] if shared else [])]
+
+
 async def run(
     namespace: Namespace,
     agent: Agent,
@@ -159,114 +219,81 @@ async def run(
     """Run `agent` once. Bad input (no command, no workdir) raises BadInput before any
     lock is taken; everything else ends as a RunResult with an outcome. `observe` sees
     each of the run's events as it happens (the supervisor's metrics count them)."""
-    run_id = new_run_id()
-    launch = Launch.prepare(namespace.settings, agent, run_id)
-    with structlog.contextvars.bound_contextvars(agent=agent.name, run_id=run_id):
-        return await _lifecycle(
-            namespace, agent, trigger, run_id, launch, wait_lock, stop, echo, observe
-        )
+    context = RunContext.prepare(
+        namespace, agent, trigger, wait_lock=wait_lock, stop=stop, echo=echo, observe=observe
+    )
+    with structlog.contextvars.bound_contextvars(agent=agent.name, run_id=context.run_id):
+        return await _lifecycle(context)
 
 
-async def _lifecycle(
-    namespace: Namespace,
-    agent: Agent,
-    trigger: str,
-    run_id: str,
-    launch: Launch,
-    wait_lock: float | None,
-    stop: asyncio.Event | None,
-    echo: Echo | None,
-    observe: Observer | None,
-) -> RunResult:
-    started = time.monotonic()
-    record = _Recorder(namespace, agent.name, run_id, trigger, started, observe)
+async def _lifecycle(run: RunContext) -> RunResult:
+    """The run after `RunContext.prepare`, step by step. A step that finds the agent must
+    not start raises NotStarted; either way the locks are freed, then the run recorded."""
     # The crontab form may be the first thing to touch a namespace: make sure the
     # events exchange, the run records and the changelog exist (idempotent, cached).
-    await namespace.ensure_participants([agent.address])
-
-    async with await LockSession.open(namespace.settings, Holder.me(agent.name, run_id)) as locks:
+    await run.namespace.ensure_participants([run.agent.address])
+    holder = Holder.me(run.agent.name, run.run_id)
+    async with await LockSession.open(run.settings, holder) as locks:
         try:
-            specs = [LockSpec.for_agent(agent.name)]
-            # One wait for every lock the run needs: `--wait-lock` waits for another run
-            # of this same agent too, not only for the lock it shares with others.
-            wait = agent.config.wait_lock if wait_lock is None else wait_lock
-            waits = [wait]
-            if (spec := configured_lock(namespace.settings, agent)) is not None:
-                specs.append(spec)
-                waits.append(wait)
-            for spec, wait in zip(specs, waits, strict=True):
-                asked = time.monotonic()
-                taken = await locks.acquire(spec, wait=wait, stop=stop)
-                await record.lock_acquired(taken, time.monotonic() - asked)
-        except (LockBusy, Interrupted) as not_now:
-            held = list(locks.held)
-            await locks.close()  # free what was taken before announcing it
-            await record.locks_released(held)
-            outcome = Outcome.SKIPPED_BUSY if isinstance(not_now, LockBusy) else Outcome.STOPPED
-            log.info("not run", outcome=str(outcome), reason=str(not_now))
-            return await record.finished(outcome, reason=str(not_now))
-        held = list(locks.held)
-
-        for hook in agent.config.preflight:
-            if reason := await preflight.failure(hook, launch.cwd, launch.env):
-                await locks.close()  # free the locks at once, not after the bookkeeping
-                await record.locks_released(held)
-                log.info("skipped, preflight failed", reason=reason)
-                return await record.finished(
-                    Outcome.SKIPPED_PREFLIGHT, reason=reason, hook=hook.label
-                )
-        if stop is not None and stop.is_set():  # asked to stop during the checks: don't start
-            await locks.close()
-            await record.locks_released(held)
-            return await record.finished(Outcome.STOPPED, reason="told to stop before it started")
-
-        news = await _digest(namespace, agent)
-        tokens = {lock.spec.name: lock.token for lock in held}
-        launch.env["COVEY_FENCING_TOKEN"] = str(tokens[specs[0].name])  # the agent's own lock
-        launch.env["COVEY_FENCING_TOKENS"] = ",".join(f"{k}={v}" for k, v in tokens.items())
-        record.tokens = tokens
-        if waited := await _outwait_previous_holders(held, locks, stop):
-            record.lease_wait = waited
-        if not locks.valid() or (stop is not None and stop.is_set()):
-            lost = not locks.valid()
-            await locks.close()
-            await record.locks_released(held)
-            outcome = Outcome.LOCK_LOST if lost else Outcome.STOPPED
-            reason = (
-                "lost the lock before the agent started"
-                if lost
-                else "told to stop before it started"
-            )
-            return await record.finished(outcome, reason=reason)
-        await record.started()
-        log_path = launch.run_dir / f"{run_id}.log"
-        log.info("started", command=launch.argv, log=str(log_path))
-        try:
-            stdin = _inject(launch, agent, news.text)
-            with log_path.open("a", encoding="utf-8") as output:
-                outcome, code, reason = await _execute(
-                    launch, agent, locks, stop or asyncio.Event(), output, echo, stdin
-                )
-        except OSError as err:  # a full disk, an unreadable AGENT.md, an exec that fails
-            outcome, code, reason = Outcome.FAILED, None, f"could not run it: {err}"
-        if outcome is Outcome.OK and news.upto is not None and locks.valid():
-            # Still under the agent's lock: nobody else moves this cursor meanwhile.
-            await _advance(locks, agent, news.upto)
-    await record.locks_released(held)
-    log.info("finished", outcome=str(outcome), exit_code=code)
-    return await record.finished(outcome, exit_code=code, reason=reason, log_path=log_path)
+            await _take_locks(run, locks)
+            await _preflight(run)
+            news = await _digest(run)
+            _hand_out_fencing_tokens(run, locks)
+            await _outwait_previous_holders(run, locks)
+            _check_clear_to_start(run, locks)
+            ending = await _execute(run, locks, news.text)
+            if ending.outcome is Outcome.OK and news.upto is not None and locks.valid():
+                # Still under the agent's lock: nobody else moves this cursor meanwhile.
+                await _advance(locks, run.agent, news.upto)
+        except NotStarted as not_started:
+            ending = not_started.ending
+            log.info("not run", outcome=str(ending.outcome), reason=ending.reason)
+    # Leaving the block closed the lock session: the locks are free before the bookkeeping.
+    await run.record.locks_released()
+    return await run.record.finished(ending)
 
 
-async def _outwait_previous_holders(
-    held: list[HeldLock], locks: LockSession, stop: asyncio.Event | None
-) -> float | None:
+async def _take_locks(run: RunContext, locks: LockSession) -> None:
+    """Each lock in turn, with one wait for each: `--wait-lock` waits for another run of
+    this same agent too, not only for the lock it shares with others."""
+    try:
+        for spec in run.lock_specs:
+            asked = time.monotonic()
+            taken = await locks.acquire(spec, wait=run.wait_lock, stop=run.stop)
+            await run.record.lock_acquired(taken, time.monotonic() - asked)
+    except (LockBusy, Interrupted) as not_now:
+        outcome = Outcome.SKIPPED_BUSY if isinstance(not_now, LockBusy) else Outcome.STOPPED
+        raise NotStarted(Ending(outcome, reason=str(not_now))) from not_now
+
+
+async def _preflight(run: RunContext) -> None:
+    """The agent's preflight checks, in order; the first that fails skips the run."""
+    for hook in run.agent.config.preflight:
+        if reason := await preflight.failure(hook, run.launch.cwd, run.launch.env):
+            raise NotStarted(Ending(Outcome.SKIPPED_PREFLIGHT, reason=reason, hook=hook.label))
+    if run.stop.is_set():  # asked to stop during the checks: don't start
+        raise NotStarted(Ending(Outcome.STOPPED, reason=STOPPED_BEFORE_START))
+
+
+STOPPED_BEFORE_START = "told to stop before it started"
+
+
+def _hand_out_fencing_tokens(run: RunContext, locks: LockSession) -> None:
+    """To the agent, in its environment, and to the run's events."""
+    tokens = {lock.spec.name: lock.token for lock in locks.held}
+    run.launch.env["COVEY_FENCING_TOKEN"] = str(tokens[run.lock_specs[0].name])  # its own lock's
+    run.launch.env["COVEY_FENCING_TOKENS"] = ",".join(f"{k}={v}" for k, v in tokens.items())
+    run.record.tokens = tokens
+
+
+async def _outwait_previous_holders(run: RunContext, locks: LockSession) -> None:
     """Where a lock's previous holder did not release it cleanly, its agent may still be
     running until its guard stops it: wait out that bound (the lease, the guard's kill
-    grace and a margin) before starting ours. Returns how long that was, if at all."""
-    wait = max((lock.takeover_wait() for lock in held), default=0.0)
+    grace and a margin) before starting ours. The run's events say how long that was."""
+    wait = max((lock.takeover_wait() for lock in locks.held), default=0.0)
     if wait <= 0:
-        return None
-    names = ", ".join(lock.spec.name for lock in held if lock.takeover)
+        return
+    names = ", ".join(lock.spec.name for lock in locks.held if lock.takeover)
     log.info(
         "waiting out the lease of a previous holder that did not release",
         locks=names,
@@ -274,20 +301,29 @@ async def _outwait_previous_holders(
     )
     started = time.monotonic()
     lost = asyncio.create_task(locks.lost.wait())
-    stopped = asyncio.create_task((stop or asyncio.Event()).wait())
+    stopped = asyncio.create_task(run.stop.wait())
     try:
         await asyncio.wait({lost, stopped}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
     finally:
         lost.cancel()
         stopped.cancel()
-    return round(time.monotonic() - started, 3)
+    run.record.lease_wait = round(time.monotonic() - started, 3) or None
 
 
-async def _digest(namespace: Namespace, agent: Agent) -> digest.Digest:
+def _check_clear_to_start(run: RunContext, locks: LockSession) -> None:
+    """The last word before the agent starts: the locks still ours, no stop asked for."""
+    if not locks.valid():
+        raise NotStarted(Ending(Outcome.LOCK_LOST, reason="lost the lock before the agent started"))
+    if run.stop.is_set():
+        raise NotStarted(Ending(Outcome.STOPPED, reason=STOPPED_BEFORE_START))
+
+
+async def _digest(run: RunContext) -> digest.Digest:
     """The changelog digest for this run; a broker hiccup here costs the digest, not the run."""
+    agent = run.agent
     try:
-        gateway = await namespace.gateway()
-        senders = namespace.snapshot.senders  # who may write as whom
+        gateway = await run.namespace.gateway()
+        senders = run.snapshot.senders  # who may write as whom
         with translated("read the changelog"):
             return await digest.build(
                 gateway, agent.name, agent.config.digest, str(agent.address), senders
@@ -298,7 +334,8 @@ async def _digest(namespace: Namespace, agent: Agent) -> digest.Digest:
 
 
 def _inject(launch: Launch, agent: Agent, text: str) -> bytes | None:
-    """Put the digest where the agent reads it; return what goes on its stdin, if anything."""
+    """Put the digest where the agent reads it; return what goes on its stdin, if anything.
+    (Files: run off the event loop.)"""
     launch.run_dir.mkdir(parents=True, exist_ok=True)
     Path(launch.env["COVEY_DIGEST_FILE"]).write_text(text)
     if agent.config.instructions:
@@ -336,13 +373,12 @@ class _Recorder:
         agent: str,
         run_id: str,
         trigger: str,
-        started: float,
         observe: Observer | None,
     ) -> None:
         self.namespace, self.agent, self.run_id, self.trigger = namespace, agent, run_id, trigger
-        self.started_at = started
+        self.started_at = time.monotonic()
         self.observe = observe
-        self._acquired: dict[str, float] = {}
+        self._acquired: dict[str, float] = {}  # when each lock was taken, by name, in order
         self.tokens: dict[str, int] = {}  # fencing tokens, by lock, once all are taken
         self.lease_wait: float | None = None  # spent waiting out a previous holder's lease
 
@@ -373,18 +409,20 @@ class _Recorder:
             )
         )
 
-    async def locks_released(self, held: list[HeldLock]) -> None:
-        for lock in held:
-            taken = self._acquired.pop(lock.spec.name, None)
+    async def locks_released(self) -> None:
+        """Every lock `lock_acquired` recorded, in the order they were taken."""
+        released = time.monotonic()
+        for name, taken in self._acquired.items():
             await self._publish(
                 Event(
                     kind="lock.released",
-                    lock=lock.spec.name,
+                    lock=name,
                     agent=self.agent,
                     run_id=self.run_id,
-                    held_seconds=None if taken is None else round(time.monotonic() - taken, 4),
+                    held_seconds=round(released - taken, 4),
                 )
             )
+        self._acquired.clear()
 
     async def started(self) -> None:
         await self._publish(
@@ -399,15 +437,7 @@ class _Recorder:
             )
         )
 
-    async def finished(
-        self,
-        outcome: Outcome,
-        *,
-        exit_code: int | None = None,
-        reason: str | None = None,
-        hook: str | None = None,
-        log_path: Path | None = None,
-    ) -> RunResult:
+    async def finished(self, ending: Ending) -> RunResult:
         duration = time.monotonic() - self.started_at
         await self._publish(
             Event(
@@ -415,18 +445,25 @@ class _Recorder:
                 agent=self.agent,
                 run_id=self.run_id,
                 trigger=self.trigger,
-                outcome=str(outcome),
-                exit_code=exit_code,
+                outcome=str(ending.outcome),
+                exit_code=ending.exit_code,
                 duration_seconds=round(duration, 3),
-                reason=reason,
-                hook=hook,
+                reason=ending.reason,
+                hook=ending.hook,
                 fencing_token=self.token,
                 fencing_tokens=self.tokens or None,
                 lease_wait_seconds=self.lease_wait,
             )
         )
         return RunResult(
-            self.agent, self.run_id, self.trigger, outcome, exit_code, reason, duration, log_path
+            self.agent,
+            self.run_id,
+            self.trigger,
+            ending.outcome,
+            ending.exit_code,
+            ending.reason,
+            duration,
+            ending.log_path,
         )
 
 
@@ -461,19 +498,30 @@ def _before_exec(parent: int, guard: Guard) -> Callable[[], None]:
     return before_exec
 
 
-async def _execute(
-    launch: Launch,
-    agent: Agent,
-    locks: LockSession,
-    stop: asyncio.Event,
-    output: IO[str],
-    echo: Echo | None,
-    stdin: bytes | None,
-) -> tuple[Outcome, int | None, str | None]:
+async def _execute(run: RunContext, locks: LockSession, news: str) -> Ending:
+    """Start the agent's process, guarded, and see it to its end; its output goes to the
+    run's log, all of it written and the file closed before this returns."""
+    await run.record.started()
+    log_path = run.launch.run_dir / f"{run.run_id}.log"
+    log.info("started", command=run.launch.argv, log=str(log_path))
+    try:
+        stdin = await asyncio.to_thread(_inject, run.launch, run.agent, news)
+        async with RunLog(log_path) as output:
+            ending = await _guarded(run, locks, output, stdin)
+    except OSError as err:  # a full disk, an unreadable AGENT.md, an exec that fails
+        ending = Ending(Outcome.FAILED, reason=f"could not run it: {err}")
+    log.info("finished", outcome=str(ending.outcome), exit_code=ending.exit_code)
+    return dataclasses.replace(ending, log_path=log_path)
+
+
+async def _guarded(
+    run: RunContext, locks: LockSession, output: RunLog, stdin: bytes | None
+) -> Ending:
     """Run the process, guarded, to its end, its timeout, a lost lock or a stop; say which."""
-    guard = await Guard.start(locks.valid_until, f"{agent.name} run {launch.env['COVEY_RUN_ID']}")
+    guard = await Guard.start(locks.valid_until, f"{run.agent.name} run {run.run_id}")
     locks.on_renew.append(guard.renew)
     try:
+        launch = run.launch
         process = await asyncio.create_subprocess_exec(
             *launch.argv,
             cwd=launch.cwd,
@@ -484,7 +532,7 @@ async def _execute(
             start_new_session=True,  # its own process group: a timeout ends its children too
             preexec_fn=_before_exec(os.getpid(), guard),
         )
-        return await _supervise(process, agent, locks, guard, stop, output, echo, stdin)
+        return await _supervise(process, run, locks, guard, output, stdin)
     finally:
         locks.on_renew.remove(guard.renew)
         await guard.finish()
@@ -492,53 +540,57 @@ async def _execute(
 
 async def _supervise(
     process: asyncio.subprocess.Process,
-    agent: Agent,
+    run: RunContext,
     locks: LockSession,
     guard: Guard,
-    stop: asyncio.Event,
-    output: IO[str],
-    echo: Echo | None,
+    output: RunLog,
     stdin: bytes | None,
-) -> tuple[Outcome, int | None, str | None]:
+) -> Ending:
     assert process.stdout is not None
-    pump = asyncio.create_task(_pump(process.stdout, output, echo))
+    pump = asyncio.create_task(_pump(process.stdout, output, run.echo))
     feeding = None
     if stdin is not None:
         assert process.stdin is not None
         feeding = asyncio.create_task(_feed(process.stdin, stdin))
     exited = asyncio.create_task(process.wait())
     lost = asyncio.create_task(locks.lost.wait())
-    stopped = asyncio.create_task(stop.wait())
+    stopped = asyncio.create_task(run.stop.wait())
     unguarded = asyncio.create_task(guard.process.wait())
+    config = run.agent.config
     try:
         done, _ = await asyncio.wait(
             {exited, lost, stopped, unguarded},
-            timeout=agent.config.timeout,
+            timeout=config.timeout,
             return_when=asyncio.FIRST_COMPLETED,
         )
         # A run that wakes from a stall past its lease has lost its locks, whatever
         # else it finds done (its guard has stopped the agent meanwhile).
         if not locks.valid():
-            await _terminate(process, agent.config.grace)
-            return Outcome.LOCK_LOST, None, LOCK_LOST_REASON
+            await _terminate(process, config.grace)
+            return Ending(Outcome.LOCK_LOST, reason=LOCK_LOST_REASON)
         if exited in done:
             code = exited.result()
-            return (Outcome.OK if code == 0 else Outcome.FAILED), code, None
-        await _terminate(process, agent.config.grace)
+            return Ending(Outcome.OK if code == 0 else Outcome.FAILED, exit_code=code)
+        await _terminate(process, config.grace)
         if stopped in done:
-            return Outcome.STOPPED, None, "told to stop; the agent was stopped"
+            return Ending(Outcome.STOPPED, reason="told to stop; the agent was stopped")
         if unguarded in done:
-            return Outcome.FAILED, None, "its guard process died; the agent was stopped"
-        return Outcome.TIMEOUT, None, f"ran past its {agent.config.timeout:g} s timeout"
+            return Ending(Outcome.FAILED, reason="its guard process died; the agent was stopped")
+        return Ending(Outcome.TIMEOUT, reason=f"ran past its {config.timeout:g} s timeout")
     finally:
-        for task in (exited, lost, stopped, unguarded, feeding):
-            if task is not None:
-                task.cancel()
-        # Output still buffered is worth keeping; a child that holds the pipe open is not
-        # worth waiting for.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(pump), 2.0)
-        pump.cancel()
+        await _wind_down(pump, exited, lost, stopped, unguarded, feeding)
+
+
+async def _wind_down(pump: asyncio.Task[None], *watchers: asyncio.Task[object] | None) -> None:
+    """Once the agent is done: stop watching it, and let its last output through."""
+    for task in watchers:
+        if task is not None:
+            task.cancel()
+    # Output still buffered is worth keeping; a child that holds the pipe open is not
+    # worth waiting for.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(pump), 2.0)
+    pump.cancel()
 
 
 LOCK_LOST_REASON = "the lock connection dropped or its lease lapsed; the agent was stopped"
@@ -553,7 +605,7 @@ async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
     pipe.close()
 
 
-async def _pump(stream: asyncio.StreamReader, output: IO[str], echo: Echo | None) -> None:
+async def _pump(stream: asyncio.StreamReader, output: RunLog, echo: Echo | None) -> None:
     """Copy the agent's output line by line, timestamped, to its run log (and `echo`).
 
     It reads chunks, not lines, so a line of any length (a model dumping a JSON blob
@@ -561,18 +613,62 @@ async def _pump(stream: asyncio.StreamReader, output: IO[str], echo: Echo | None
     pending = b""
     while chunk := await stream.read(CHUNK_BYTES):
         *lines, pending = (pending + chunk).split(b"\n")
-        for raw in lines:
-            _copy_line(raw, output, echo)
+        await _copy_lines(lines, output, echo)
     if pending:
-        _copy_line(pending, output, echo)
+        await _copy_lines([pending], output, echo)
 
 
-def _copy_line(raw: bytes, output: IO[str], echo: Echo | None) -> None:
-    line = raw.decode(errors="replace")
-    output.write(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {line}\n")
-    output.flush()
+async def _copy_lines(raw: list[bytes], output: RunLog, echo: Echo | None) -> None:
+    if not raw:
+        return  # a chunk with no line end yet
+    lines = [line.decode(errors="replace") for line in raw]
+    at = datetime.now(UTC).isoformat(timespec="milliseconds")  # when they arrived
+    await output.write([f"{at} {line}\n" for line in lines])
     if echo is not None:
-        echo(line)
+        for line in lines:
+            echo(line)
+
+
+class RunLog:
+    """A run's output file, written on a thread of the run's own: a slow disk holds up
+    this run's copying, never the event loop, which serves every other run (and this
+    run's lock lease). Each batch of lines is written and flushed before the next is
+    read, so lines keep their order, and a slow disk slows the agent (its pipe fills)
+    rather than piling its output up in memory. OSError reaches the caller, as it would
+    from a file written inline. Use `async with`: leaving it waits until every line is
+    written and the file closed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covey-run-log")
+        self._file: IO[str] | None = None
+
+    async def __aenter__(self) -> RunLog:
+        try:
+            self._file = await self._on_thread(partial(self.path.open, "a", encoding="utf-8"))
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._file is not None
+        try:
+            # Queued behind any write still under way (one thread, first come first served).
+            await self._on_thread(self._file.close)
+        finally:
+            self._thread.shutdown(wait=False)  # nothing is left for it: it ends by itself
+
+    async def write(self, lines: list[str]) -> None:
+        await self._on_thread(partial(self._write, lines))
+
+    def _write(self, lines: list[str]) -> None:  # on the thread
+        assert self._file is not None
+        self._file.writelines(lines)
+        self._file.flush()
+
+    async def _on_thread(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
 
 
 async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
