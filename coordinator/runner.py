@@ -508,6 +508,9 @@ async def _execute(run: RunContext, locks: LockSession, news: str) -> Ending:
         stdin = await asyncio.to_thread(_inject, run.launch, run.agent, news)
         async with RunLog(log_path) as output:
             ending = await _guarded(run, locks, output, stdin)
+        if output.failure is not None and ending.outcome in (Outcome.OK, Outcome.FAILED):
+            # It may have done its work, but nobody can read what it said: not `ok`.
+            ending = Ending(Outcome.FAILED, exit_code=ending.exit_code, reason=output.failure)
     except OSError as err:  # a full disk, an unreadable AGENT.md, an exec that fails
         ending = Ending(Outcome.FAILED, reason=f"could not run it: {err}")
     log.info("finished", outcome=str(ending.outcome), exit_code=ending.exit_code)
@@ -634,14 +637,19 @@ class RunLog:
     this run's copying, never the event loop, which serves every other run (and this
     run's lock lease). Each batch of lines is written and flushed before the next is
     read, so lines keep their order, and a slow disk slows the agent (its pipe fills)
-    rather than piling its output up in memory. OSError reaches the caller, as it would
-    from a file written inline. Use `async with`: leaving it waits until every line is
-    written and the file closed."""
+    rather than piling its output up in memory. Use `async with`: leaving it waits
+    until every line is written and the file closed.
+
+    A write that fails (a full disk) costs the log, not the run: the rest of the output
+    is still read — an agent blocked on a full pipe would hold its locks until its
+    timeout — but dropped and counted, and `failure` says what was lost and why."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covey-run-log")
         self._file: IO[str] | None = None
+        self._error: OSError | None = None
+        self._lost = 0  # lines not in the log because of `_error`
 
     async def __aenter__(self) -> RunLog:
         try:
@@ -656,11 +664,30 @@ class RunLog:
         try:
             # Queued behind any write still under way (one thread, first come first served).
             await self._on_thread(self._file.close)
+        except OSError as err:  # flushing the last lines failed (the file is closed anyway)
+            self._error = self._error or err
         finally:
             self._thread.shutdown(wait=False)  # nothing is left for it: it ends by itself
 
     async def write(self, lines: list[str]) -> None:
-        await self._on_thread(partial(self._write, lines))
+        if self._error is None:
+            try:
+                await self._on_thread(partial(self._write, lines))
+                return
+            except OSError as err:
+                self._error = err
+                log.warning("run log unwritable; the rest of the output is dropped", error=str(err))
+        self._lost += len(lines)  # at worst a few of these reached the file before it failed
+
+    @property
+    def failure(self) -> str | None:
+        """Why the log is incomplete, if it is."""
+        if self._error is None:
+            return None
+        return (
+            f"could not write its output to {self.path} ({self._error.strerror or self._error}); "
+            f"{self._lost} lines lost"
+        )
 
     def _write(self, lines: list[str]) -> None:  # on the thread
         assert self._file is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -295,3 +296,31 @@ def test_a_first_run_in_a_fresh_namespace_sets_up_what_it_records_to(world: Worl
     assert "could not publish" not in result.stderr
     (record,) = world.json("runs", "pioneer")
     assert record["outcome"] == "ok"
+
+
+def test_a_run_log_on_a_full_disk_costs_the_log_not_the_agent_or_its_locks(
+    applied: World,
+) -> None:
+    """Injected: the agent's run folder on a 1 MiB tmpfs, and an agent that prints 8 MiB
+    and exits 0. Its log fills the disk: the run keeps reading (and dropping) the output,
+    so the agent finishes as soon as it would have, rather than blocking on a full pipe
+    while it holds its locks until its timeout; the run is failed, naming the log."""
+    from test_mailbox_hardening import needs_root, tmpfs
+
+    needs_root()
+    applied.add_agent(
+        "chatty",
+        'command = "yes 0123456789abcdef0123456789abcdef | head -c 8388608; echo done"\n'
+        'timeout = "90s"\nlock = "global"\n',
+    )
+    with tmpfs(applied.state_dir / "runs" / "chatty", "1m"):
+        started = time.monotonic()
+        result = applied.covey("run", "chatty", "--json")
+        took = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert took < 45, f"the run took {took:.1f} s: the agent blocked on its output"
+    reason = json.loads(result.stdout)["reason"]
+    assert "chatty" in reason and "No space left" in reason and "lost" in reason, reason
+    # The locks went with the run: the next one starts at once.
+    applied.add_agent("quick", 'command = "true"\nlock = "global"\n')
+    assert applied.covey("run", "quick", "--skip-if-busy").returncode == 0
