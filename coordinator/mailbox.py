@@ -686,27 +686,12 @@ class _Filing:
         False, with `failure` set, when the store refuses: then and ever after (a
         drain stops at the first failed write), and nothing of `batch` is kept.
         The store's part runs in a thread, one hop and one fsync per batch, while the
-        event loop goes on serving the broker and everything else."""
+        event loop goes on serving the broker and everything else; parsing stays
+        here, as CPU work holds the interpreter wherever it runs."""
         if self.failure is not None:
             return False
         if not batch:
             return True
-        try:
-            added, rejected = await asyncio.to_thread(self._check_and_add, batch)
-        except (MailboxUnusable, MailboxBusy) as err:
-            self.failure = err
-            return False
-        self.added += added
-        self._rejected += rejected  # dead-lettered by `settle`, with the batch committed
-        return True
-
-    def _check_and_add(
-        self, batch: Sequence[AbstractIncomingMessage]
-    ) -> tuple[list[Envelope], list[tuple[AbstractIncomingMessage, InvalidEnvelope]]]:
-        """What `commit` does off the loop: parse, check, and add to the store in one
-        transaction; returns what was new and what was refused. It reads only the
-        deliveries' bodies and properties (never their channel), the store and the
-        limits, and changes nothing here: the loop does, with what it returns."""
         rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
         parsed: list[tuple[AbstractIncomingMessage, Envelope]] = []
         for delivery in batch:
@@ -714,14 +699,32 @@ class _Filing:
                 parsed.append((delivery, Envelope.from_delivery(delivery)))
             except InvalidEnvelope as invalid:
                 rejected.append((delivery, invalid))
+        try:
+            added, refused = await asyncio.to_thread(self._check_and_add, parsed)
+        except (MailboxUnusable, MailboxBusy) as err:
+            self.failure = err
+            return False
+        self.added += added
+        self._rejected += rejected + refused  # dead-lettered by `settle`, once committed
+        return True
+
+    def _check_and_add(
+        self, parsed: Sequence[tuple[AbstractIncomingMessage, Envelope]]
+    ) -> tuple[list[Envelope], list[tuple[AbstractIncomingMessage, InvalidEnvelope]]]:
+        """The store's part of `commit`, in a thread: check each envelope against what
+        the store holds and the limits, and add those that pass in one transaction.
+        Returns what was new and what was refused; changes nothing of this object
+        (the loop does, with what it returns), and reads of a delivery only its
+        properties, never its channel."""
         stored = self.store.stored(envelope.id for _, envelope in parsed)
         valid: list[Envelope] = []
+        refused: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
         for delivery, envelope in parsed:
             try:
                 valid.append(self._check(delivery, envelope, stored.get(envelope.id)))
             except InvalidEnvelope as invalid:
-                rejected.append((delivery, invalid))
-        return self.store.add(valid), rejected
+                refused.append((delivery, invalid))
+        return self.store.add(valid), refused
 
     async def settle(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         """Dead-letter what `commit` refused (confirmed), then ack the whole batch."""
