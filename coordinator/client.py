@@ -32,8 +32,8 @@ from coordinator.logs import get_logger
 from coordinator.mailbox import (
     Admission,
     Mail,
+    MailStatus,
     MailStore,
-    Status,
     Subscription,
     drain,
     store_path,
@@ -304,13 +304,13 @@ class Covey:
     def read(self, message_id: str) -> Mail:
         """One message, marked read."""
         full_id = self.store.resolve(message_id)
-        self.store.mark([full_id], Status.READ)
+        self.store.mark([full_id], MailStatus.READ)
         return self.store.get(full_id)
 
     def done(self, message_ids: Iterable[str]) -> list[str]:
         """Archive messages: no longer listed by `inbox`, still found by `search`."""
         full_ids = [self.store.resolve(message_id) for message_id in message_ids]
-        self.store.mark(full_ids, Status.DONE)
+        self.store.mark(full_ids, MailStatus.DONE)
         return full_ids
 
     def search(self, text: str) -> list[Mail]:

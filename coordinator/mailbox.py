@@ -102,7 +102,10 @@ _COLUMNS = (
 )
 
 
-class Status(StrEnum):
+class MailStatus(StrEnum):
+    """What the participant did with a message. The values are what the store keeps
+    (its `status` column): never change them."""
+
     UNREAD = "unread"
     READ = "read"
     DONE = "done"
@@ -113,7 +116,7 @@ class Mail:
     """One message in a mailbox, with what the participant did with it."""
 
     envelope: Envelope
-    status: Status
+    status: MailStatus
     received_at: datetime
 
     def to_dict(self, with_body: bool = False) -> dict[str, Any]:
@@ -372,7 +375,7 @@ class MailStore:
             raise BadInput(f"message id {id_or_prefix!r} is ambiguous: give more characters")
         return matches[0]
 
-    def mark(self, ids: Iterable[str], status: Status) -> None:
+    def mark(self, ids: Iterable[str], status: MailStatus) -> None:
         """Set the status of messages; `read` never undoes `done`."""
         with self._sql(), self._transaction() as db:
             for message_id in ids:
@@ -424,7 +427,7 @@ def _mail(row: tuple[Any, ...]) -> Mail:
         created_at=datetime.fromisoformat(created),
         expires_at=datetime.fromisoformat(expires) if expires else None,
     )
-    return Mail(envelope, Status(status), datetime.fromisoformat(received))
+    return Mail(envelope, MailStatus(status), datetime.fromisoformat(received))
 
 
 # -- draining the queue into the store ----------------------------------------
