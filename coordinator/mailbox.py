@@ -464,6 +464,7 @@ async def drain(
     comes, and the acks go at the end: a drain killed mid-round hands back
     deliveries the store already holds (they come back once, recognised), and
     mail that no store holds is exposed only for the moment it takes to commit.
+    The store's work runs in a thread, so the event loop never waits on the disk.
     """
     from coordinator.gateway import translated  # the broker is only needed here
 
