@@ -19,11 +19,11 @@ _EXPORTS = {
     "ExitCode": "coordinator.errors",
     "Gateway": "coordinator.gateway",
     "Mail": "coordinator.mailbox",
+    "MailStatus": "coordinator.mailbox",
     "MailStore": "coordinator.mailbox",
     "Namespace": "coordinator.namespace",
     "Roster": "coordinator.roster",
     "Settings": "coordinator.settings",
-    "Status": "coordinator.mailbox",
 }
 
 # Spelled out, not computed, so that static tools can read it.
@@ -35,11 +35,11 @@ __all__ = [
     "ExitCode",
     "Gateway",
     "Mail",
+    "MailStatus",
     "MailStore",
     "Namespace",
     "Roster",
     "Settings",
-    "Status",
 ]
 
 if TYPE_CHECKING:
@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from coordinator.errors import ExitCode as ExitCode
     from coordinator.gateway import Gateway as Gateway
     from coordinator.mailbox import Mail as Mail
+    from coordinator.mailbox import MailStatus as MailStatus
     from coordinator.mailbox import MailStore as MailStore
-    from coordinator.mailbox import Status as Status
     from coordinator.names import Address as Address
     from coordinator.namespace import Namespace as Namespace
     from coordinator.roster import Roster as Roster

@@ -17,6 +17,7 @@ and the broker connection; operations that need no identity live there.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -31,8 +32,8 @@ from coordinator.logs import get_logger
 from coordinator.mailbox import (
     Admission,
     Mail,
+    MailStatus,
     MailStore,
-    Status,
     Subscription,
     drain,
     store_path,
@@ -260,7 +261,8 @@ class Covey:
     async def inbox(self, include_done: bool = False) -> list[Mail]:
         """Drain, then list what is not done (everything with `include_done`), oldest first."""
         await self.drain()
-        return self.store.messages(include_done=include_done)
+        # In a thread, as all the store's work from async code (see MailStore).
+        return await asyncio.to_thread(self.store.messages, include_done)
 
     async def wait(self, timeout: float) -> list[Mail]:
         """Block until new mail arrives (at most `timeout` seconds); return it, or []."""
@@ -274,8 +276,9 @@ class Covey:
                 with contextlib.suppress(CoveyError):
                     await subscription.close()
                 raise
-            if new:
-                return self.store.messages(include_done=True, ids=[e.id for e in new])
+            if new:  # read in a thread: the subscription may be committing meanwhile
+                ids = [envelope.id for envelope in new]
+                return await asyncio.to_thread(self.store.messages, include_done=True, ids=ids)
         return []
 
     async def mail(self, poll: float = 60.0) -> AsyncIterator[Mail]:
@@ -301,13 +304,13 @@ class Covey:
     def read(self, message_id: str) -> Mail:
         """One message, marked read."""
         full_id = self.store.resolve(message_id)
-        self.store.mark([full_id], Status.READ)
+        self.store.mark([full_id], MailStatus.READ)
         return self.store.get(full_id)
 
     def done(self, message_ids: Iterable[str]) -> list[str]:
         """Archive messages: no longer listed by `inbox`, still found by `search`."""
         full_ids = [self.store.resolve(message_id) for message_id in message_ids]
-        self.store.mark(full_ids, Status.DONE)
+        self.store.mark(full_ids, MailStatus.DONE)
         return full_ids
 
     def search(self, text: str) -> list[Mail]:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -101,7 +102,10 @@ _COLUMNS = (
 )
 
 
-class Status(StrEnum):
+class MailStatus(StrEnum):
+    """What the participant did with a message. The values are what the store keeps
+    (its `status` column): never change them."""
+
     UNREAD = "unread"
     READ = "read"
     DONE = "done"
@@ -112,7 +116,7 @@ class Mail:
     """One message in a mailbox, with what the participant did with it."""
 
     envelope: Envelope
-    status: Status
+    status: MailStatus
     received_at: datetime
 
     def to_dict(self, with_body: bool = False) -> dict[str, Any]:
@@ -132,13 +136,29 @@ def store_path(state_dir: Path, amqp_url: str, participant: str) -> Path:
 
 
 class MailStore:
-    """One participant's mailbox file. Every write commits before it returns."""
+    """One participant's mailbox file. Every write commits before it returns.
+
+    Its methods are blocking (a commit waits for an fsync, a write for another
+    process's lock) and safe to call from any thread: the sync API calls them
+    directly, and async code (a drain, a subscription) through `asyncio.to_thread`
+    so that the event loop never waits on the disk.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # One connection, usable from any thread, and one lock that every use of it
+        # holds (see `_sql`), rather than a single-thread executor owning it: the sync
+        # API (`Covey.read`, `done`, `search`) then stays a plain call on the caller's
+        # thread, async code needs nothing more than `asyncio.to_thread`, and a method
+        # calling another (`stored` calls `messages`; tests wrap `add`) cannot deadlock
+        # on a queue it is itself running on. The lock also keeps a transaction whole:
+        # statements of two threads never interleave within one BEGIN ... COMMIT.
+        self._lock = threading.RLock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+            self._db = sqlite3.connect(
+                path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False
+            )
             self._into_wal()
             # FULL: a commit is on disk before the broker hears the ack, even if the
             # machine, not just the process, goes down right after.
@@ -156,7 +176,8 @@ class MailStore:
             ) from None
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:  # after a commit still running in a thread (its drain cancelled)
+            self._db.close()
 
     def _into_wal(self) -> None:
         """Put the file in WAL mode (it stays so). Turning a new file to WAL needs it to
@@ -175,17 +196,19 @@ class MailStore:
 
     @contextlib.contextmanager
     def _sql(self) -> Iterator[None]:
-        """Turn SQLite's failures that the user can fix into one line that says how;
-        the rest (a bug in covey's SQL) stays what it is."""
-        try:
-            yield
-        except sqlite3.Error as err:
-            if self._db.in_transaction:  # a failed COMMIT can leave it open
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-            if unusable := self._unusable(err):
-                raise unusable from None
-            raise
+        """Hold the connection (the lock) for one statement or transaction, and turn
+        SQLite's failures that the user can fix into one line that says how; the rest
+        (a bug in covey's SQL) stays what it is."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as err:
+                if self._db.in_transaction:  # a failed COMMIT can leave it open
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                if unusable := self._unusable(err):
+                    raise unusable from None
+                raise
 
     def _unusable(self, err: sqlite3.Error) -> CoveyError | None:
         name = getattr(err, "sqlite_errorname", "")
@@ -352,7 +375,7 @@ class MailStore:
             raise BadInput(f"message id {id_or_prefix!r} is ambiguous: give more characters")
         return matches[0]
 
-    def mark(self, ids: Iterable[str], status: Status) -> None:
+    def mark(self, ids: Iterable[str], status: MailStatus) -> None:
         """Set the status of messages; `read` never undoes `done`."""
         with self._sql(), self._transaction() as db:
             for message_id in ids:
@@ -404,7 +427,7 @@ def _mail(row: tuple[Any, ...]) -> Mail:
         created_at=datetime.fromisoformat(created),
         expires_at=datetime.fromisoformat(expires) if expires else None,
     )
-    return Mail(envelope, Status(status), datetime.fromisoformat(received))
+    return Mail(envelope, MailStatus(status), datetime.fromisoformat(received))
 
 
 # -- draining the queue into the store ----------------------------------------
@@ -441,39 +464,28 @@ async def drain(
     comes, and the acks go at the end: a drain killed mid-round hands back
     deliveries the store already holds (they come back once, recognised), and
     mail that no store holds is exposed only for the moment it takes to commit.
+    The store's work runs in a thread, so the event loop never waits on the disk.
     """
     from coordinator.gateway import translated  # the broker is only needed here
 
-    store.check_writable()
+    await asyncio.to_thread(store.check_writable)
     filing = _Filing(gateway, store, queue_name, limits)
     target: int | None = None  # how many this drain takes in all: what was waiting
-    first_wait = wait
-    sound = False  # checked before the first delivery is taken, if any is
-    channel = None
-    try:
-        with translated(f"fetch mail from {queue_name}"):
-            channel = await gateway.open_channel()  # one for every round
+    first_wait = wait  # only a first round may wait for mail to come
+    with translated(f"fetch mail from {queue_name}"):
+        async with gateway.operation_channel() as channel:  # one for every round
             while target is None or filing.taken < target:
                 queue = await gateway.queue(queue_name, channel)
                 ready = queue.declaration_result.message_count or 0
                 if ready == 0 and first_wait is None:
-                    # Nothing waiting: none came, or another drain of this mailbox took what
-                    # was (it files it). Only a first round may wait for mail to come, and
-                    # only as long as `wait`: a consumer waiting for nothing never returns.
+                    # Nothing waiting: none came, or another drain of this mailbox took
+                    # what was (it files it). A consumer waiting for nothing never returns.
                     break
-                if not sound:
-                    store.check_sound()
-                    sound = True
                 if target is None:
                     target = filing.taken + max(ready, 1)
-                # No more than the free space holds at worst: a write that fails hands back
-                # every delivery still in the window (a count each towards the limit).
-                room = store.room(limits.max_body_bytes)
-                window = min(max(ready, 1), MAX_PREFETCH, room)
-                first_timeout = (
-                    first_wait if ready == 0 and first_wait is not None else IDLE_SECONDS
-                )
-                batch = await _take(queue, window, first_timeout, filing)
+                window = await _window(store, limits, ready, first=filing.taken == 0)
+                timeout = IDLE_SECONDS if ready or first_wait is None else first_wait
+                batch = await _take(queue, window, timeout, filing)
                 await filing.settle(batch)
                 if filing.failure is not None:
                     # Stop at the first failed write: what was filed is acked; closing the
@@ -481,13 +493,21 @@ async def drain(
                     raise filing.failure
                 if len(batch) < window:
                     break  # waited long enough, or another consumer took some
-                if first_wait is not None and ready == 0:
+                if ready == 0:  # the first round, waiting (any other stops when none is ready)
                     target = None  # mail came while we waited: take what is waiting now, too
                 first_wait = None
-    finally:
-        if channel is not None and not channel.is_closed:
-            await channel.close()
     return filing.added
+
+
+async def _window(store: MailStore, limits: Admission, ready: int, first: bool) -> int:
+    """How many deliveries a round takes: those `ready` (or one to wait for), at most
+    MAX_PREFETCH, and no more than the free space holds at worst: a write that fails
+    hands back every delivery still in the window (a count each towards the limit).
+    The `first` round checks that the file is sound before it takes any (in a thread:
+    that reads every page)."""
+    if first:
+        await asyncio.to_thread(store.check_sound)
+    return min(max(ready, 1), MAX_PREFETCH, store.room(limits.max_body_bytes))
 
 
 async def _take(
@@ -495,9 +515,10 @@ async def _take(
 ) -> list[AbstractIncomingMessage]:
     """Consume up to `window` deliveries: wait `first_timeout` for the first, then
     IDLE_SECONDS for each next one. They are committed as they come, COMMIT_BATCH
-    at a time or after COMMIT_SECONDS without more (see `_Filing.commit`); none is
-    acked yet, so the window stays full. Returns what was committed; at the first
-    commit that fails it stops (`filing.failure` says why)."""
+    at a time or after COMMIT_SECONDS without more (see `_Filing.commit`; what comes
+    meanwhile waits in `deliveries`); none is acked yet, so the window stays full.
+    Returns what was committed; at the first commit that fails it stops
+    (`filing.failure` says why)."""
     deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
 
     # A closed channel (broker gone, connection cut) ends the wait at once.
@@ -526,10 +547,10 @@ async def _take(
                 arrived.append(delivery)
                 timeout = IDLE_SECONDS
             if delivery is None or len(arrived) >= COMMIT_BATCH:
-                if not filing.commit(arrived):
+                if not await filing.commit(arrived):
                     return batch
                 batch, arrived = batch + arrived, []
-        if not filing.commit(arrived):
+        if not await filing.commit(arrived):
             return batch
         batch += arrived
     finally:
@@ -544,7 +565,7 @@ async def _take(
         while not deliveries.empty():
             if (delivery := deliveries.get_nowait()) is not None:
                 late.append(delivery)
-        if filing.commit(late):
+        if await filing.commit(late):
             batch += late
     return batch
 
@@ -583,9 +604,8 @@ class Subscription:
         """Subscribe; raises TopologyMissing when the queue does not exist."""
         from coordinator.gateway import translated
 
-        store.check_writable()  # see there and at `drain`
-        store.check_sound()
-        window = min(MAX_PREFETCH, store.room(limits.max_body_bytes))
+        await asyncio.to_thread(store.check_writable)  # see there and at `drain`
+        window = await _window(store, limits, MAX_PREFETCH, first=True)
         with translated(f"subscribe to {queue_name}"):
             channel = await gateway.open_channel(prefetch=window)
             queue = await gateway.queue(queue_name, channel)
@@ -660,20 +680,22 @@ class _Filing:
 
     async def file(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         """Commit, dead-letter what is not fit, then ack: the whole of filing a batch."""
-        if not self.commit(batch) and self.failure is not None:
+        if not await self.commit(batch) and self.failure is not None:
             raise self.failure  # nothing acked: the batch goes back with the channel
         await self.settle(batch)
 
-    def commit(self, batch: Sequence[AbstractIncomingMessage]) -> bool:
+    async def commit(self, batch: Sequence[AbstractIncomingMessage]) -> bool:
         """Commit the valid envelopes to the store; keep the rest for `settle`.
         From here on, a crash costs a redelivery that the store recognises.
         False, with `failure` set, when the store refuses: then and ever after (a
-        drain stops at the first failed write), and nothing of `batch` is kept."""
+        drain stops at the first failed write), and nothing of `batch` is kept.
+        The store's part runs in a thread, one hop and one fsync per batch, while the
+        event loop goes on serving the broker and everything else; parsing stays
+        here, as CPU work holds the interpreter wherever it runs."""
         if self.failure is not None:
             return False
         if not batch:
             return True
-        valid: list[Envelope] = []
         rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
         parsed: list[tuple[AbstractIncomingMessage, Envelope]] = []
         for delivery in batch:
@@ -682,18 +704,31 @@ class _Filing:
             except InvalidEnvelope as invalid:
                 rejected.append((delivery, invalid))
         try:
-            stored = self.store.stored(envelope.id for _, envelope in parsed)
-            for delivery, envelope in parsed:
-                try:
-                    valid.append(self._check(delivery, envelope, stored.get(envelope.id)))
-                except InvalidEnvelope as invalid:
-                    rejected.append((delivery, invalid))
-            self.added += self.store.add(valid)
+            added, refused = await asyncio.to_thread(self._check_and_add, parsed)
         except (MailboxUnusable, MailboxBusy) as err:
             self.failure = err
             return False
-        self._rejected += rejected  # dead-lettered by `settle`, with the batch committed
+        self.added += added
+        self._rejected += rejected + refused  # dead-lettered by `settle`, once committed
         return True
+
+    def _check_and_add(
+        self, parsed: Sequence[tuple[AbstractIncomingMessage, Envelope]]
+    ) -> tuple[list[Envelope], list[tuple[AbstractIncomingMessage, InvalidEnvelope]]]:
+        """The store's part of `commit`, in a thread: check each envelope against what
+        the store holds and the limits, and add those that pass in one transaction.
+        Returns what was new and what was refused; changes nothing of this object
+        (the loop does, with what it returns), and reads of a delivery only its
+        properties, never its channel."""
+        stored = self.store.stored(envelope.id for _, envelope in parsed)
+        valid: list[Envelope] = []
+        refused: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
+        for delivery, envelope in parsed:
+            try:
+                valid.append(self._check(delivery, envelope, stored.get(envelope.id)))
+            except InvalidEnvelope as invalid:
+                refused.append((delivery, invalid))
+        return self.store.add(valid), refused
 
     async def settle(self, batch: Sequence[AbstractIncomingMessage]) -> None:
         """Dead-letter what `commit` refused (confirmed), then ack the whole batch."""

@@ -24,7 +24,7 @@ from yarl import URL
 
 from coordinator.client import Covey
 from coordinator.localbroker import LocalBroker
-from coordinator.mailbox import Mail, MailStore, Status, store_path
+from coordinator.mailbox import Mail, MailStatus, MailStore, store_path
 from coordinator.names import Address
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def mark_all_done(state_dir: Path, amqp_url: str, participant: str) -> None:
         return
     store = MailStore(path)
     try:
-        store.mark([m.envelope.id for m in store.messages()], Status.DONE)
+        store.mark([m.envelope.id for m in store.messages()], MailStatus.DONE)
     finally:
         store.close()
 
