@@ -77,8 +77,14 @@ class Covey:
         None); connect on first use. `identity` wins over COVEY_AGENT, which wins over
         the configured default. A broken agent is left out, with its problem in
         `roster.broken`."""
-        named = identity or os.environ.get(IDENTITY_VARIABLE) or "(no identity)"
-        return cls(Namespace.load(home, name=f"covey {named}", **settings), identity)
+        namespace = Namespace.load(home, **settings)
+        text = identity or os.environ.get(IDENTITY_VARIABLE) or namespace.settings.identity
+        try:  # the broker shows who a connection is for; fault tests cut it by this name
+            named = str(Address.participant(text)) if text else "(no identity)"
+        except CoveyError:
+            named = text or "(no identity)"  # reported when it is used, not here
+        namespace.name = f"covey {named}"
+        return cls(namespace, identity)
 
     @classmethod
     async def connect(
