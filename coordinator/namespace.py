@@ -150,7 +150,9 @@ class Namespace:
                 return
             roster, settings = snapshot.roster, snapshot.settings
             parts = [topology.for_participant(p, roster.teams_of(p), settings) for p in todo]
-            plan = topology.Topology.combine([topology.core(settings.changelog), *parts])
+            plan = topology.Topology.combine(
+                [topology.core(settings.changelog, settings.sessions), *parts]
+            )
             await (await self.gateway()).apply(plan)
             self._declared.update(todo)
 

@@ -98,6 +98,16 @@ class ChangelogConfig(BaseModel):
     max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
 
 
+class SessionsConfig(BaseModel):
+    """`[sessions]` in covey.toml: how long the broker keeps runs' live output (every
+    run's, in one stream), and how many bytes of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_age: str = Field(default="7D", pattern=r"^[1-9][0-9]*[YMDhms]$")  # RabbitMQ's units
+    max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
+
+
 class Settings(BaseSettings):
     """covey's settings; see the module docstring for where each value comes from."""
 
@@ -146,6 +156,7 @@ class Settings(BaseSettings):
     humans: dict[str, HumanConfig] = Field(default_factory=dict)
     locks: dict[str, LockConfig] = Field(default_factory=dict)
     changelog: ChangelogConfig = Field(default_factory=ChangelogConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
 
     @field_validator("amqp_url")
     @classmethod

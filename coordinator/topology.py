@@ -46,7 +46,7 @@ from typing import Any, Literal, TypedDict
 
 from coordinator.names import Address
 from coordinator.roster import Roster
-from coordinator.settings import ChangelogConfig, Settings
+from coordinator.settings import ChangelogConfig, SessionsConfig, Settings
 
 MAIL_EXCHANGE = "covey"
 UNROUTED = "covey.unrouted"
@@ -55,6 +55,7 @@ EVENTS_EXCHANGE = "covey.events"
 NOTES_EXCHANGE = "covey.notes"  # see Gateway.write_note
 CHANGELOG_EXCHANGE = "covey.changelog"  # to the stream of the same name (see changelog.append)
 RUNS_STREAM = "covey.runs"
+SESSIONS = "covey.sessions"  # every run's live output: the stream, and the exchange to it
 CHANGELOG_STREAM = "covey.changelog"
 SEGMENT_BYTES = 8 * 1024 * 1024  # retention removes whole segments, so keep them small
 BROADCAST_KEY = "broadcast"
@@ -175,8 +176,9 @@ class Topology:
         return cls(tuple(exchanges), tuple(queues), tuple(bindings))
 
 
-def core(changelog: ChangelogConfig) -> Topology:
+def core(changelog: ChangelogConfig, sessions: SessionsConfig | None = None) -> Topology:
     """The exchanges and queues every covey namespace has, whoever is in the roster."""
+    sessions = sessions or SessionsConfig()
     return Topology(
         exchanges=(
             ExchangeSpec(
@@ -187,6 +189,7 @@ def core(changelog: ChangelogConfig) -> Topology:
             ExchangeSpec(EVENTS_EXCHANGE, "topic"),
             ExchangeSpec(NOTES_EXCHANGE, "topic"),
             ExchangeSpec(CHANGELOG_EXCHANGE, "fanout"),
+            ExchangeSpec(SESSIONS, "fanout"),
         ),
         # Neither holding queue dead-letters further or has a delivery limit: they
         # are where messages end up, to be listed and replayed by a person.
@@ -216,6 +219,17 @@ def core(changelog: ChangelogConfig) -> Topology:
                     }
                 ),
             ),
+            # Every run's live output, one stream for all (see session.py for why).
+            StreamSpec(
+                SESSIONS,
+                StreamArguments(
+                    {
+                        "x-max-age": sessions.max_age,
+                        "x-max-length-bytes": sessions.max_bytes,
+                        "x-stream-max-segment-size-bytes": min(SEGMENT_BYTES, sessions.max_bytes),
+                    }
+                ),
+            ),
         ),
         bindings=(
             BindingSpec(UNROUTED, UNROUTED, ""),
@@ -223,6 +237,7 @@ def core(changelog: ChangelogConfig) -> Topology:
             BindingSpec(RUNS_STREAM, EVENTS_EXCHANGE, "run.started.*"),
             BindingSpec(RUNS_STREAM, EVENTS_EXCHANGE, "run.finished.*"),
             BindingSpec(CHANGELOG_STREAM, CHANGELOG_EXCHANGE, ""),
+            BindingSpec(SESSIONS, SESSIONS, ""),
         ),
     )
 
@@ -252,7 +267,7 @@ def for_roster(roster: Roster, settings: Settings) -> Topology:
     """Everything `covey topology apply` declares: the core plus every participant."""
     return Topology.combine(
         [
-            core(settings.changelog),
+            core(settings.changelog, settings.sessions),
             *(
                 for_participant(address, roster.teams_of(address), settings)
                 for address in roster.participants()

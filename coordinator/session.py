@@ -1,0 +1,71 @@
+"""A session: one run's live output and what its agent says of its progress, kept on the broker.
+
+A run's session is the ordered sequence of its events: `opened`, every line the
+agent prints, the events it emits itself (`progress`, `token`, `tool`, `status`,
+`result`), and `closed` with the outcome. Each event's id is its offset in the
+`covey.sessions` stream, so ids only grow, and a client that saw id N resumes at
+N + 1 with nothing lost and nothing repeated.
+
+Every run's session is in one stream, `covey.sessions`, rather than one stream
+per agent: a roster of 1,000 agents is one stream on the broker, not 1,000 (each
+a log with processes and files of its own). Reading one run still costs only what
+was written while it ran: a reader starts at the run's first offset, skips other
+runs' events by a header without parsing them, and stops at its `closed`. The
+price is shared retention (`[sessions] max_age` and `max_bytes` in covey.toml):
+sized for every run together.
+
+Within a run, `seq` numbers the events its writer made (0 for `opened`): a reader
+can tell a gap the writer announced (a `missing` event, when the broker could not
+take them all; the run log on disk has every line) from events retention removed
+(`expired`, which a reader makes itself when the stream no longer starts where it
+asked).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.envelope import now
+from coordinator.topology import SESSIONS
+
+SESSION_TYPE = "covey.session.v1"  # the AMQP `type` of a session event
+RUN_HEADER = "x-covey-run"  # the run id, so a reader skips other runs unparsed
+STREAM = SESSIONS
+
+# What an agent may emit itself; the others are the writer's (or a reader's) own.
+EMITTED_KINDS = ("progress", "token", "tool", "status", "result")
+Kind = Literal[
+    "opened",  # seq 0: the run started (data: command, trigger)
+    "line",  # one line the agent printed (stdout and stderr, as the run log has them)
+    "progress",  # data: {"fraction": 0.0..1.0}; text: what it is doing
+    "token",  # a text delta, for an agent streaming a model's output
+    "tool",  # a tool call: text is its name and a one-line summary
+    "status",  # a short free-form status
+    "result",  # the run's final answer
+    "missing",  # seqs the writer could not publish: data {"seqs": [[a, b], ...], "log": path}
+    "closed",  # the run ended: data {"outcome", "exit_code", "reason"}
+    "expired",  # made by a reader: ids retention removed, data {"from": a, "to": b}
+]
+MAX_TEXT_CHARS = 64 * 1024  # one event's text; longer is cut (the run log keeps it whole)
+
+
+class SessionEvent(BaseModel):
+    """One event of a run's session; the JSON body of a stream message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    agent: str
+    seq: int = Field(ge=0)
+    kind: Kind
+    at: datetime = Field(default_factory=now)
+    text: str = Field(default="", max_length=MAX_TEXT_CHARS)
+    data: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> bool:
+        """The last event of its run."""
+        return self.kind == "closed"
