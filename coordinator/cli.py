@@ -619,8 +619,9 @@ def _since(text: str) -> int | datetime:
 
     from coordinator.durations import parse_duration
 
-    if text.lstrip("#").isdigit():
-        return int(text.lstrip("#"))
+    offset = text.lstrip("#")
+    if offset.isascii() and offset.isdigit():  # "²" is a digit to isdigit, not to int
+        return int(offset)
     try:
         moment = datetime.fromisoformat(text)
         return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
