@@ -213,10 +213,14 @@ async def test_json_gives_ids_and_from_id_resumes_exactly_after(applied: World) 
     assert [e["seq"] for e in everything] == list(range(8))
     assert all(e["run_id"] == run.run_id for e in everything)
     seen = everything[3]["id"]  # the last id a reader saw: it resumes after it
-    rest = ids_of(await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", str(seen), "--json"))
+    rest = ids_of(
+        await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", str(seen), "--json")
+    )
     assert rest == everything[4:]
     # `--from now` on a run that has ended shows only how it ended.
-    now = ids_of(await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", "now", "--json"))
+    now = ids_of(
+        await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", "now", "--json")
+    )
     assert [e["kind"] for e in now] == ["closed"]
 
 
@@ -328,6 +332,15 @@ async def _first_offset(url: str) -> int:
         return int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
 
 
+async def _retention_removed_something(url: str, within: float = 60.0) -> None:
+    """Return once the oldest segment is gone (retention runs as segments roll over)."""
+    deadline = time.monotonic() + within
+    for _ in range(int(within / 0.5)):
+        if await _first_offset(url) > 0 or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.5)
+
+
 @pytest.mark.slow
 async def test_retention_is_explicit_a_notice_first_or_exit_9(world: World) -> None:
     """Retention made to remove data: this test's vhost declares covey.sessions with
@@ -349,15 +362,15 @@ async def test_retention_is_explicit_a_notice_first_or_exit_9(world: World) -> N
         await flood.open()
         for _ in range(40):
             await flood.lines(["x" * 10_000] * 10)
-        deadline = time.monotonic() + 60
-        while await _first_offset(world.amqp_url) == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
+        await _retention_removed_something(world.amqp_url)
         await run.lines(["late"])
         await run.close()
     first = await _first_offset(world.amqp_url)
     assert first > 20, "retention removed nothing"
     # Resuming from an id retention removed: the notice first, naming the ids.
-    resumed = ids_of(await asyncio.to_thread(world.ok, "attach", run.run_id, "--from", "2", "--json"))
+    resumed = ids_of(
+        await asyncio.to_thread(world.ok, "attach", run.run_id, "--from", "2", "--json")
+    )
     assert resumed[0]["kind"] == "expired"
     assert resumed[0]["data"] == {"from": 3, "to": first - 1}
     assert [e["text"] for e in resumed[1:] if e["kind"] == "line"] == ["late"]
