@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -382,3 +383,26 @@ async def test_retention_is_explicit_a_notice_first_or_exit_9(world: World) -> N
     assert result.returncode == 9, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "no longer retained" in result.stderr
+
+
+async def test_ctrl_c_detaches_with_130_and_leaves_the_run_alone(applied: World) -> None:
+    async with FakeRun(applied.amqp_url) as run:
+        await run.open()
+        await run.lines(["working"])
+        out = Output(start(applied, "attach", run.run_id))
+        try:
+            await asyncio.to_thread(out.wait_for, lambda t: t == "working")
+            out.process.send_signal(signal.SIGINT)
+            code = await asyncio.to_thread(out.finish)
+        finally:
+            stop(out.process)
+        # The run goes on: its next lines and its end are there for the next reader.
+        await run.lines(["still working"])
+        await run.close()
+    assert code == 130
+    assert out.process.stderr is not None
+    said = out.process.stderr.read()
+    assert "detached" in said and f"covey attach {run.run_id} --from " in said
+    resumed_from = said.split("--from ")[1].split("`")[0]
+    rest = await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", resumed_from)
+    assert rest.splitlines()[0] == "still working"
