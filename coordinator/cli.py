@@ -740,7 +740,7 @@ def _session_start(text: str) -> int | str:
     """`start`, `now`, or an event id (a stream offset: a whole number, 0 or more)."""
     if text in ("start", "now"):
         return text
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # not "²", which isdigit() too
         return int(text)
     raise argparse.ArgumentTypeError(f"{text!r} is not start, now or an event id (a number)")
 
