@@ -47,6 +47,7 @@ PREFETCH = 500
 # this much earlier covers a skew between the two, at the cost of skipping (unparsed) what
 # other runs wrote in that time.
 CLOCK_MARGIN = timedelta(seconds=30)
+AGENT_RUNS_SCANNED = 20  # an agent's newest runs, among which its newest that started
 RECORDS_SCANNED = 1000  # runs looked at in covey.runs to tell "never ran" from "gone"
 LOST_POLL_SECONDS = 0.5  # how often a quiet reader checks its connection is still there
 RECONNECT_GIVE_UP_SECONDS = 60.0  # a broker away longer than this ends the attach (exit 4)
@@ -84,10 +85,12 @@ async def find_run(namespace: Namespace, run_or_agent: str) -> RunSession:
     run_id, since = run_or_agent, run_started_at(run_or_agent)
     record: records.RunRecord | None = None
     if run_or_agent in namespace.roster.agents:
-        newest = await records.recent_runs(gateway, run_or_agent, limit=1)
-        if not newest:
+        # A run skipped (lock busy, preflight) never started: it has no session.
+        recent = await records.recent_runs(gateway, run_or_agent, limit=AGENT_RUNS_SCANNED)
+        started = [r for r in recent if r.started_at is not None]
+        if not started:
             raise NotFound(f"{run_or_agent} has no recorded run yet: `covey sessions` lists runs")
-        record = newest[-1]
+        record = started[-1]
         run_id, since = record.run_id, run_started_at(record.run_id) or record.started_at
     elif since is None:  # no moment in it: only a run record can say when it was
         record = await _record_of(gateway, run_id)
