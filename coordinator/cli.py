@@ -179,6 +179,85 @@ async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_attach(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.display import printable
+    from coordinator.session_view import SessionPrinter
+
+    printer = SessionPrinter(sys.stdout, as_json=args.json)
+    events = covey.namespace.attach(args.run, args.start, follow=not args.no_follow)
+    reading = asyncio.ensure_future(_show_session(events, printer))
+    # Ctrl-C detaches: it stops this reader and nothing else (the run is another process's).
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, reading.cancel)
+    try:
+        await reading
+    except asyncio.CancelledError:
+        if not reading.cancelled():
+            raise
+        printer.end_tokens()
+        resume = f" --from {printer.last_id}" if printer.last_id is not None else ""
+        print(
+            f"covey: detached; `covey attach {printable(args.run)}{resume}` resumes",
+            file=sys.stderr,
+        )
+        return 130  # the shell's "interrupted": a script tells a detach from an ended run
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    printer.end_tokens()
+    return 0
+
+
+async def _show_session(events: Any, printer: Any) -> None:
+    async with contextlib.aclosing(events):
+        async for event_id, event in events:
+            printer.show(event_id, event)
+
+
+async def cmd_sessions(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.session_reader import list_sessions, watch_sessions
+
+    namespace = covey.namespace
+    async with contextlib.AsyncExitStack() as stack:
+        # Listening starts before the list is read, so nothing opens unseen in between.
+        opened = await stack.enter_async_context(watch_sessions(namespace)) if args.follow else None
+        runs = await list_sessions(namespace, args.limit)
+        if args.json:
+            for record in runs:
+                print(json.dumps(record.to_dict()))
+        else:
+            print(_SESSIONS_HEADER)
+            print("\n".join(_session_row(r.to_dict()) for r in runs) or "No sessions yet.")
+        sys.stdout.flush()
+        seen = {r.run_id for r in runs}
+        if opened is None:
+            return 0
+        async for event in opened:
+            if event.run_id in seen:
+                continue
+            seen.add(event.run_id or "")
+            row = {
+                "agent": event.agent,
+                "run_id": event.run_id,
+                "outcome": "running",
+                "started_at": (event.since or event.at).isoformat(),
+                "first_id": event.first_id,
+            }
+            print(json.dumps(row) if args.json else _session_row(row), flush=True)
+    return 0
+
+
+_SESSIONS_HEADER = f"{'AGENT':<16} {'RUN':<24} {'STATE':<12} STARTED"
+
+
+def _session_row(row: dict[str, Any]) -> str:
+    from coordinator.render import printable as p
+
+    started = str(row.get("started_at") or "-")[:19]
+    return (
+        f"{p(str(row['agent'])):<16} {p(str(row['run_id'])):<24} {p(row['outcome']):<12} {started}"
+    )
+
+
 async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.names import Address
     from coordinator.render import age
@@ -415,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Durable mail, locks and memory for agents, on RabbitMQ.",
         epilog="Exit codes: 0 ok, 1 failed, 2 bad input, 3 no such recipient, 4 broker "
         "unavailable, 5 skipped (lock busy), 6 skipped (preflight), 7 timed out, 8 lock lost, "
-        "70 a bug in covey.",
+        "9 session no longer retained, 70 a bug in covey.",
     )
     parser.add_argument("--version", action="version", version=f"covey {__version__}")
     commands = _Commands(parser)
@@ -583,6 +662,29 @@ def _add_supervision_commands(commands: _Commands) -> None:
     runs.add_argument("agent", nargs="?", help="only this agent's runs")
     runs.add_argument("--limit", type=_positive_int, default=20, help="how many (default 20)")
 
+    attach = commands.add(
+        "attach", cmd_attach, "show a run's session from its start (or later) and follow it"
+    )
+    attach.add_argument(
+        "run", metavar="RUN_ID|AGENT", help="a run id, or an agent: its live run, else its last"
+    )
+    attach.add_argument(
+        "--from",
+        dest="start",
+        type=_session_start,
+        default="start",
+        metavar="start|now|ID",
+        help="from its start (default), from now, or after id ID (the last one you saw)",
+    )
+    attach.add_argument(
+        "--no-follow", action="store_true", help="stop at what is there now, live or not"
+    )
+    sessions = commands.add("sessions", cmd_sessions, "live and recent sessions, oldest first")
+    sessions.add_argument(
+        "--follow", action="store_true", help="then print each new one as it opens"
+    )
+    sessions.add_argument("--limit", type=_positive_int, default=20, help="how many (default 20)")
+
     commands.add(
         "status", cmd_status, "agents: pending mail, running or not, locks, last and next run"
     )
@@ -633,6 +735,15 @@ def _since(text: str) -> int | datetime:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an offset, an ISO time or a duration (e.g. 120, 2026-11-26T08:00, 2h)"
         ) from None
+
+
+def _session_start(text: str) -> int | str:
+    """`start`, `now`, or an event id (a stream offset: a whole number, 0 or more)."""
+    if text in ("start", "now"):
+        return text
+    if text.isascii() and text.isdigit():  # not "²", which isdigit() too
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not start, now or an event id (a number)")
 
 
 def _duration(text: str) -> float:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,8 @@ from coordinator.topology import CHANGELOG_STREAM
 if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
     from coordinator.changelog import Entry, Logged
     from coordinator.gateway import Gateway
+    from coordinator.session import SessionEvent
+    from coordinator.session_reader import Start
 
 IDENTITY_VARIABLE = "COVEY_AGENT"
 
@@ -379,3 +381,9 @@ class Covey:
         finally:
             await entries.aclose()  # a stream consumer must be cancelled, not left
         return found
+
+    def attach(
+        self, run_or_agent: str, start: Start = "start", follow: bool = True
+    ) -> AsyncGenerator[tuple[int, SessionEvent], None]:
+        """A run's session as `(id, event)`, as `Namespace.attach` (needs no identity)."""
+        return self.namespace.attach(run_or_agent, start, follow)

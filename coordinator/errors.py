@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     SKIPPED_PREFLIGHT = 6  # `covey run`: a preflight check failed
     TIMED_OUT = 7  # `covey run`: the agent ran past its timeout and was stopped
     LOCK_LOST = 8  # `covey run`: the lock connection dropped mid-run; the agent was stopped
+    NOT_RETAINED = 9  # `covey attach`: retention removed the session ([sessions] in covey.toml)
     INTERNAL = 70  # a bug in covey (EX_SOFTWARE)
 
 
@@ -65,6 +66,13 @@ class BrokerUnavailable(CoveyError):
     """RabbitMQ could not be reached or refused the connection."""
 
     exit_code = ExitCode.BROKER_UNAVAILABLE
+
+
+class NotRetained(CoveyError):
+    """The run is known (its record says so) but retention has removed its whole session:
+    nothing left to show; its run log on the host that ran it has every line."""
+
+    exit_code = ExitCode.NOT_RETAINED
 
 
 class InvalidEnvelope(ValueError):

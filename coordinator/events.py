@@ -26,6 +26,7 @@ EventKind = Literal[
     "lock.acquired",
     "lock.released",
     "session.opened",
+    "session.closed",
 ]
 
 
@@ -57,6 +58,9 @@ class Event(BaseModel):
     fencing_tokens: dict[str, int] | None = None  # run.*: every lock of the run, by name
     takeover: bool | None = None  # lock.acquired: its previous holder did not release it
     lease_wait_seconds: float | None = None  # run.*: spent waiting out that holder's lease
+    stream: str | None = None  # session.*: the stream the run's session is in
+    first_id: int | None = None  # session.*: the offset of its `opened` event, when known
+    since: datetime | None = None  # session.*: when it opened (its `opened` event's `at`)
 
     @property
     def run_outcome(self) -> Outcome | None:

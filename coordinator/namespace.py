@@ -22,7 +22,7 @@ topology, an agent's digest, moving a cursor) live here, not on `Covey`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # aio-pika is the heaviest import: reading mail never needs i
     from coordinator.client import Covey
     from coordinator.digest import Digest
     from coordinator.gateway import Gateway
+    from coordinator.session import SessionEvent
+    from coordinator.session_reader import Start
 
 T = TypeVar("T")
 
@@ -214,3 +216,15 @@ class Namespace:
                 "no supervisor is listening for run requests: start `covey supervise`, "
                 f"or run it here with `covey run {name}`"
             ) from None
+
+    # -- sessions, of any run ----------------------------------------------------------
+
+    def attach(
+        self, run_or_agent: str, start: Start = "start", follow: bool = True
+    ) -> AsyncGenerator[tuple[int, SessionEvent], None]:
+        """`(id, event)` of a run's session (a run id, or an agent: its live run, else its
+        last) from `start` (`start`, `now`, or after an id seen) until it closes; see
+        session_reader.follow."""
+        from coordinator.session_reader import follow as following
+
+        return following(self, run_or_agent, start, follow)

@@ -1,0 +1,408 @@
+"""Reading sessions back (issue #13): `covey attach`, `covey sessions`, and the Python API.
+
+Until `covey run` publishes sessions itself, a `FakeRun` here writes what a run's writer
+would, exactly as the design says: `SessionEvent`s to the `covey.sessions` exchange
+(persistent, type covey.session.v1, the run in the `x-covey-run` header, JSON body), the
+`session.opened`/`session.closed` control events, and the run's `run.started` and
+`run.finished` records. Everything else is real: the broker, the `covey` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+from conftest import World, start
+from faultkit import cut, stop, world_on
+
+from coordinator.events import EVENT_TYPE, Event
+from coordinator.localbroker import LocalBroker
+from coordinator.runner import new_run_id
+from coordinator.session import RUN_HEADER, SESSION_TYPE, STREAM, SessionEvent
+from coordinator.topology import EVENTS_EXCHANGE
+
+
+class FakeRun:
+    """Publishes one run's session as its writer would, on a connection of its own."""
+
+    def __init__(self, url: str, agent: str = "scout") -> None:
+        self.url, self.agent, self.run_id = url, agent, new_run_id()
+        self.seq = 0
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def __aenter__(self) -> FakeRun:
+        self.connection = await aio_pika.connect(
+            self.url, client_properties={"connection_name": f"fake run {self.run_id}"}
+        )
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.connection is not None
+        await self.connection.close()
+
+    async def emit(self, kind: str, text: str = "", data: dict[str, Any] | None = None) -> None:
+        await self.emit_many([(kind, text, data)])
+
+    async def emit_many(self, events: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+        """Publish a batch, then await its confirms together (as the writer does)."""
+        assert self.channel is not None
+        exchange = await self.channel.get_exchange(STREAM, ensure=False)
+        confirms = []
+        for kind, text, data in events:
+            event = SessionEvent(
+                run_id=self.run_id, agent=self.agent, seq=self.seq, kind=kind, text=text, data=data
+            )  # type: ignore[arg-type]
+            self.seq += 1
+            message = aio_pika.Message(
+                event.model_dump_json().encode(),
+                content_type="application/json",
+                type=SESSION_TYPE,
+                headers={RUN_HEADER: self.run_id},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            confirms.append(exchange.publish(message, ""))
+        await asyncio.gather(*confirms)
+
+    async def lines(self, texts: list[str]) -> None:
+        await self.emit_many([("line", t, None) for t in texts])
+
+    async def control(self, kind: str, **fields: Any) -> None:
+        assert self.channel is not None
+        event = Event(kind=kind, agent=self.agent, run_id=self.run_id, **fields)  # type: ignore[arg-type]
+        exchange = await self.channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+        message = aio_pika.Message(
+            event.model_dump_json(exclude_none=True).encode(),
+            content_type="application/json",
+            type=EVENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await exchange.publish(message, event.routing_key)
+
+    async def open(self) -> None:
+        await self.control("run.started", trigger="manual")
+        await self.emit("opened", data={"command": ["python", "agent.py"], "trigger": "manual"})
+        await self.control("session.opened", stream=STREAM, first_id=None)
+
+    async def close(self, outcome: str = "ok", exit_code: int = 0) -> None:
+        data = {"outcome": outcome, "exit_code": exit_code, "reason": None}
+        await self.emit("closed", data=data)
+        await self.control("session.closed", stream=STREAM, first_id=None)
+        await self.control("run.finished", outcome=outcome, exit_code=exit_code)
+
+
+class Output:
+    """A background process's stdout, read line by line as it comes (with when)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.lines: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def texts(self) -> list[str]:
+        return [text for _, text in self.lines]
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> float:
+        """Wait until a line satisfies `predicate`; return when it was read."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, text in list(self.lines):
+                if predicate(text):
+                    return at
+            if self.process.poll() is not None and not self._thread.is_alive():
+                break
+            time.sleep(0.01)
+        raise AssertionError(f"no such line within {timeout} s; got {self.texts()[-20:]}")
+
+    def finish(self, timeout: float = 60.0) -> int:
+        code = self.process.wait(timeout)
+        self._thread.join(10)
+        return code
+
+
+def ids_of(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+# -- after the run, and during it ----------------------------------------------------------
+
+
+async def test_attach_after_a_run_shows_everything_once_in_order(applied: World) -> None:
+    async with FakeRun(applied.amqp_url) as run, FakeRun(applied.amqp_url, "writer") as other:
+        await run.open()
+        await other.open()
+        await run.lines(["one", "two"])
+        await other.lines(["not scout's"])
+        await run.emit("progress", "halfway", {"fraction": 0.4})
+        await run.emit_many([("token", "Hel", None), ("token", "lo", None)])
+        await run.emit("tool", "grep: 3 matches")
+        await run.lines(["red \x1b[31mALERT\x1b[0m\rover"])
+        await run.emit("status", "thinking")
+        await run.emit("result", "42")
+        await other.lines(["still not scout's"])
+        await run.close("ok", 0)
+    result = await asyncio.to_thread(applied.covey, "attach", run.run_id)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"[opened] run {run.run_id} of scout")
+    assert lines[1:] == [
+        "one",
+        "two",
+        "[progress  40%] halfway",
+        "Hello",
+        "[tool] grep: 3 matches",
+        "red \\x1b[31mALERT\\x1b[0m\\x0dover",  # neutralised: no escape reaches the terminal
+        "[status] thinking",
+        "[result] 42",
+        f"[closed] run {run.run_id} of scout: ok (exit code 0)",
+    ]
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    # By agent: its last run, the same session.
+    by_agent = await asyncio.to_thread(applied.covey, "attach", "scout")
+    assert by_agent.returncode == 0 and by_agent.stdout == result.stdout
+
+
+async def test_attach_during_a_run_follows_it_to_the_end(applied: World) -> None:
+    async with FakeRun(applied.amqp_url) as run:
+        await run.open()
+        await run.lines([f"early {n}" for n in range(5)])
+        out = Output(start(applied, "attach", "scout"))
+        try:
+            await asyncio.to_thread(out.wait_for, lambda t: t == "early 4")
+            for n in range(5):
+                await run.lines([f"late {n}"])
+                await asyncio.sleep(0.05)
+            await run.close("failed", 3)
+            code = await asyncio.to_thread(out.finish)
+        finally:
+            stop(out.process)
+    assert code == 0
+    texts = out.texts()
+    assert texts[1:] == [
+        *(f"early {n}" for n in range(5)),
+        *(f"late {n}" for n in range(5)),
+        f"[closed] run {run.run_id} of scout: failed (exit code 3)",
+    ]
+
+
+async def test_json_gives_ids_and_from_id_resumes_exactly_after(applied: World) -> None:
+    async with FakeRun(applied.amqp_url) as run, FakeRun(applied.amqp_url, "writer") as other:
+        await run.open()
+        for n in range(6):
+            await run.lines([f"line {n}"])
+            await other.lines([f"other {n}"])
+        await run.close()
+    everything = ids_of(await asyncio.to_thread(applied.ok, "attach", run.run_id, "--json"))
+    ids = [e["id"] for e in everything]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) == 8
+    assert [e["kind"] for e in everything] == ["opened", *["line"] * 6, "closed"]
+    assert [e["seq"] for e in everything] == list(range(8))
+    assert all(e["run_id"] == run.run_id for e in everything)
+    seen = everything[3]["id"]  # the last id a reader saw: it resumes after it
+    rest = ids_of(
+        await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", str(seen), "--json")
+    )
+    assert rest == everything[4:]
+    # `--from now` on a run that has ended shows only how it ended.
+    now = ids_of(
+        await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", "now", "--json")
+    )
+    assert [e["kind"] for e in now] == ["closed"]
+
+
+async def test_no_follow_stops_at_what_is_there_and_the_api_reads_the_same(
+    applied: World,
+) -> None:
+    async with FakeRun(applied.amqp_url) as run:
+        await run.open()
+        await run.lines(["a", "b"])
+        result = await asyncio.to_thread(applied.covey, "attach", run.run_id, "--no-follow")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[1:] == ["a", "b"]
+        await run.close()
+    async with applied.open() as covey:
+        events = [(i, e) async for i, e in covey.attach(run.run_id)]
+    assert [e.kind for _, e in events] == ["opened", "line", "line", "closed"]
+    assert [i for i, _ in events] == sorted({i for i, _ in events})
+
+
+def test_an_unknown_run_is_one_line_and_exit_2(applied: World) -> None:
+    for name in ("20200101T000000-abcdef", "no-such-run"):
+        result = applied.covey("attach", name)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert "no run" in result.stderr
+
+
+# -- the control channel ------------------------------------------------------------------
+
+
+async def test_sessions_follow_sees_a_new_session_within_a_second(applied: World) -> None:
+    async with FakeRun(applied.amqp_url) as before:
+        await before.open()
+        await before.close()
+    out = Output(start(applied, "sessions", "--follow"))
+    try:
+        await asyncio.to_thread(out.wait_for, lambda t: before.run_id in t)
+        async with FakeRun(applied.amqp_url, "writer") as run:
+            await run.open()
+            opened_at = time.monotonic()
+            seen_at = await asyncio.to_thread(out.wait_for, lambda t: run.run_id in t, 10.0)
+            await run.close()
+    finally:
+        stop(out.process)
+    assert seen_at - opened_at < 1.0, f"seen {seen_at - opened_at:.2f} s after it opened"
+    listed = applied.ok("sessions", "--json")
+    rows = [json.loads(line) for line in listed.splitlines()]
+    assert [r["run_id"] for r in rows] == [before.run_id, run.run_id]
+    assert [r["outcome"] for r in rows] == ["ok", "ok"]
+
+
+# -- a cut connection, and retention (a private node; a vhost with tiny retention) -----------
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[LocalBroker]:
+    with LocalBroker() as broker:
+        yield broker
+
+
+@pytest.mark.slow
+async def test_a_cut_attach_connection_resumes_with_no_gap_and_no_duplicate(
+    world: World, node: LocalBroker
+) -> None:
+    """Injected: `rabbitmqctl close_connection` on the attaching `covey attach`'s connection
+    (named `covey human:ada`) while the run writes. Asserted: every line once, in order."""
+    with world_on(node, world, "attach") as on:
+        vhost = on.amqp_url.rsplit("/", 1)[1]
+        async with FakeRun(on.amqp_url) as run:
+            await run.open()
+            await run.lines([f"line {n}" for n in range(100)])
+            out = Output(start(on, "attach", run.run_id, "--json"))
+            try:
+                await asyncio.to_thread(out.wait_for, lambda t: '"line 99"' in t)
+                writing = asyncio.ensure_future(_write_slowly(run, 100, 200))
+                cuts = await asyncio.to_thread(cut, node, vhost, "covey human:ada")
+                await writing
+                await run.lines([f"line {n}" for n in range(200, 300)])
+                await run.close()
+                code = await asyncio.to_thread(out.finish)
+            finally:
+                stop(out.process)
+    events = [json.loads(t) for t in out.texts()]
+    lines = [e["text"] for e in events if e["kind"] == "line"]
+    print(f"TALLY attach-cut: cuts={cuts} lines={len(lines)} events={len(events)}")
+    assert cuts == 1
+    assert code == 0, out.process.stderr.read() if out.process.stderr else ""
+    assert lines == [f"line {n}" for n in range(300)]
+    ids = [e["id"] for e in events]
+    assert ids == sorted(set(ids))
+
+
+async def _write_slowly(run: FakeRun, first: int, last: int) -> None:
+    for n in range(first, last, 5):
+        await run.lines([f"line {m}" for m in range(n, n + 5)])
+        await asyncio.sleep(0.02)
+
+
+async def _first_offset(url: str) -> int:
+    """The offset of the oldest message `covey.sessions` still keeps."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=10)
+        queue = await channel.declare_queue(STREAM, passive=True)
+        got: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(got.put, arguments={"x-stream-offset": "first"})
+        message = await asyncio.wait_for(got.get(), 10)
+        return int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
+
+
+async def _retention_removed_something(url: str, within: float = 60.0) -> None:
+    """Return once the oldest segment is gone (retention runs as segments roll over)."""
+    deadline = time.monotonic() + within
+    for _ in range(int(within / 0.5)):
+        if await _first_offset(url) > 0 or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.slow
+async def test_retention_is_explicit_a_notice_first_or_exit_9(world: World) -> None:
+    """Retention made to remove data: this test's vhost declares covey.sessions with
+    `[sessions] max_bytes` at its minimum (1 MiB, so 1 MiB segments), and other runs write
+    4 MiB after the runs under test began. The broker then drops the oldest segments."""
+    config = world.home / "covey.toml"
+    config.write_text(config.read_text() + "\n[sessions]\nmax_bytes = 1048576\n")
+    world.ok("topology", "apply")
+    async with (
+        FakeRun(world.amqp_url, "loner") as gone,
+        FakeRun(world.amqp_url) as run,
+        FakeRun(world.amqp_url, "writer") as flood,
+    ):
+        await gone.open()
+        await gone.lines(["soon gone"])
+        await gone.close()
+        await run.open()
+        await run.lines([f"early {n}" for n in range(10)])
+        await flood.open()
+        for _ in range(40):
+            await flood.lines(["x" * 10_000] * 10)
+        await _retention_removed_something(world.amqp_url)
+        await run.lines(["late"])
+        await run.close()
+    first = await _first_offset(world.amqp_url)
+    assert first > 20, "retention removed nothing"
+    # Resuming from an id retention removed: the notice first, naming the ids.
+    resumed = ids_of(
+        await asyncio.to_thread(world.ok, "attach", run.run_id, "--from", "2", "--json")
+    )
+    assert resumed[0]["kind"] == "expired"
+    assert resumed[0]["data"] == {"from": 3, "to": first - 1}
+    assert [e["text"] for e in resumed[1:] if e["kind"] == "line"] == ["late"]
+    assert resumed[-1]["kind"] == "closed"
+    text = await asyncio.to_thread(world.ok, "attach", run.run_id)
+    assert text.splitlines()[0].startswith("[expired] the first 11 events of this run")
+    # A session retention removed entirely: one line, exit 9.
+    result = await asyncio.to_thread(world.covey, "attach", gone.run_id)
+    assert result.returncode == 9, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no longer retained" in result.stderr
+
+
+async def test_ctrl_c_detaches_with_130_and_leaves_the_run_alone(applied: World) -> None:
+    async with FakeRun(applied.amqp_url) as run:
+        await run.open()
+        await run.lines(["working"])
+        out = Output(start(applied, "attach", run.run_id))
+        try:
+            await asyncio.to_thread(out.wait_for, lambda t: t == "working")
+            out.process.send_signal(signal.SIGINT)
+            code = await asyncio.to_thread(out.finish)
+        finally:
+            stop(out.process)
+        # The run goes on: its next lines and its end are there for the next reader.
+        await run.lines(["still working"])
+        await run.close()
+    assert code == 130
+    assert out.process.stderr is not None
+    said = out.process.stderr.read()
+    assert "detached" in said and f"covey attach {run.run_id} --from " in said
+    resumed_from = said.split("--from ")[1].split("`")[0]
+    rest = await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", resumed_from)
+    assert rest.splitlines()[0] == "still working"
