@@ -546,7 +546,7 @@ def _add_run_command(commands: _Commands) -> None:
     )
 
     # Not `commands.add`: --as and --json (for output) mean nothing here, and --json is DATA.
-    emit_help = "inside `covey run`: add an event of the agent's own to the run's session"
+    emit_help = "inside `covey run`: add an event to the run's session"
     emit = commands.parsers.add_parser("emit", help=emit_help, description=emit_help)
     emit.add_argument("kind", metavar="KIND", help="progress, token, tool, status or result")
     emit.add_argument("text", nargs="?", default="", metavar="TEXT", help="what to say")

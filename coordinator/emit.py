@@ -76,6 +76,7 @@ class EmitServer:
         self._private_dir = private_dir  # made for the socket (a long run folder), removed after
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._closing = False  # a connection accepted as it closes is turned away
 
     @classmethod
     async def start(cls, run_dir: Path, run_id: str, on_event: OnEvent) -> EmitServer:
@@ -107,9 +108,14 @@ class EmitServer:
 
     async def close(self) -> None:
         """Stop serving, end every connection, remove the socket. After this returns,
-        `on_event` is not called again: the writer may then write `closed`."""
+        `on_event` is not called again: the writer may then write `closed`.
+
+        A connection the loop accepted in the instant before this is neither served
+        nor closed by Python 3.11's asyncio (its transport fails to attach to a closed
+        server); its client gets no answer and gives up after ANSWER_SECONDS."""
         import asyncio
 
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for connection in list(self._connections):
@@ -136,6 +142,8 @@ class EmitServer:
         task = asyncio.current_task()
         assert task is not None
         try:
+            if self._closing:
+                return
             if len(self._connections) >= MAX_CONNECTIONS:
                 await _answer(writer, f"error: the run takes {MAX_CONNECTIONS} connections at once")
                 return
