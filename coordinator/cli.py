@@ -548,6 +548,7 @@ def _add_run_command(commands: _Commands) -> None:
     # Not `commands.add`: --as and --json (for output) mean nothing here, and --json is DATA.
     emit_help = "inside `covey run`: add an event to the run's session"
     emit = commands.parsers.add_parser("emit", help=emit_help, description=emit_help)
+    emit.set_defaults(handler=cmd_emit)  # run by `_run_locally`, not `_run`
     emit.add_argument("kind", metavar="KIND", help="progress, token, tool, status or result")
     emit.add_argument("text", nargs="?", default="", metavar="TEXT", help="what to say")
     emit.add_argument("--json", dest="data", metavar="DATA", help="a JSON object to attach")
@@ -720,7 +721,7 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "emit":
+        if args.handler is cmd_emit:
             return _run_locally(cmd_emit, args)
         import asyncio  # not for `emit`: a third of its start-up
 
