@@ -11,7 +11,6 @@ standard library at start; each command imports what it needs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
@@ -102,6 +101,8 @@ async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
+    import asyncio
+
     from coordinator import runner
     from coordinator.display import printable
 
@@ -132,6 +133,28 @@ async def cmd_run(covey: Covey, args: argparse.Namespace) -> int:
     }
     _emit(args, data, printable(result.summary()))  # a busy lock's holder is named in it
     return int(result.outcome.exit_code)
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    """Not a `Handler`: emitting needs no settings, roster or broker, only the run's
+    socket, and an agent may call it once per step, so it starts with no more than
+    the standard library and errors.py."""
+    from coordinator.emit import emit_blocking
+    from coordinator.errors import BadInput
+
+    data = None
+    if args.data is not None:
+        try:
+            data = json.loads(args.data)
+        except ValueError as err:
+            raise BadInput(f"--json DATA is not JSON ({err})") from None
+    if args.fraction is not None:
+        if not isinstance(data, dict | None):
+            raise BadInput("--json DATA is a JSON object")
+        data = {**(data or {}), "fraction": args.fraction}
+    # Silent on success: what the agent prints is its session's lines already.
+    emit_blocking(args.kind, args.text, data)
+    return 0
 
 
 async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
@@ -601,6 +624,17 @@ def _add_run_command(commands: _Commands) -> None:
         "--via-supervisor", action="store_true", help="ask a running `covey supervise` instead"
     )
 
+    # Not `commands.add`: --as and --json (for output) mean nothing here, and --json is DATA.
+    emit_help = "inside `covey run`: add an event to the run's session"
+    emit = commands.parsers.add_parser("emit", help=emit_help, description=emit_help)
+    emit.set_defaults(handler=cmd_emit)  # run by `_run_locally`, not `_run`
+    emit.add_argument("kind", metavar="KIND", help="progress, token, tool, status or result")
+    emit.add_argument("text", nargs="?", default="", metavar="TEXT", help="what to say")
+    emit.add_argument("--json", dest="data", metavar="DATA", help="a JSON object to attach")
+    emit.add_argument(
+        "--fraction", type=_fraction, metavar="F", help="for progress: how far, from 0 to 1"
+    )
+
 
 def _add_changelog_commands(commands: _Commands) -> None:
     log = commands.add("log", cmd_log, "the changelog: read it, or `covey log add` to it")
@@ -776,6 +810,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # NaN included
+        raise argparse.ArgumentTypeError(f"{text} is not from 0 to 1")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -789,9 +833,29 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.handler is cmd_emit:
+            return _run_locally(cmd_emit, args)
+        import asyncio  # not for `emit`: a third of its start-up
+
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 130
+
+
+def _run_locally(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """A command that needs no namespace: its errors reported as `_run` reports them."""
+    from coordinator.display import printable
+    from coordinator.errors import CoveyError
+
+    try:
+        return command(args)
+    except CoveyError as err:
+        print(f"covey: {printable(str(err))}", file=sys.stderr)
+        return int(err.exit_code)
+    except Exception as err:
+        if os.environ.get("COVEY_DEBUG"):
+            raise
+        return _bug(err)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -823,16 +887,22 @@ async def _run(args: argparse.Namespace) -> int:
         if _lost_broker(err):
             print(f"covey: lost RabbitMQ ({err}); check that it runs, then retry", file=sys.stderr)
             return int(ExitCode.BROKER_UNAVAILABLE)
-        print(
-            f"covey: internal error: {type(err).__name__}: {err} (a bug in covey; "
-            "COVEY_DEBUG=1 shows the traceback)",
-            file=sys.stderr,
-        )
-        return int(ExitCode.INTERNAL)
+        return _bug(err)
     finally:
         if covey is not None:
             with contextlib.suppress(Exception):  # the answer is given; closing is best effort
                 await covey.close()
+
+
+def _bug(err: Exception) -> int:
+    from coordinator.errors import ExitCode
+
+    print(
+        f"covey: internal error: {type(err).__name__}: {err} (a bug in covey; "
+        "COVEY_DEBUG=1 shows the traceback)",
+        file=sys.stderr,
+    )
+    return int(ExitCode.INTERNAL)
 
 
 def _warn_broken(covey: Covey, args: argparse.Namespace, daemon: bool) -> None:

@@ -10,6 +10,8 @@ the first time something needs it (`Covey.connect` opens it at once).
             ...
         async for mail in covey.mail():  # follow new mail as it comes
             ...
+        async with covey.session() as s:  # inside `covey run`: the run's session
+            await s.progress(0.5, "halfway")
 
 A handle is built on a `Namespace` (namespace.py), which owns the configuration
 and the broker connection; operations that need no identity live there.
@@ -46,6 +48,7 @@ from coordinator.topology import CHANGELOG_STREAM
 
 if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
     from coordinator.changelog import Entry, Logged
+    from coordinator.emit import Emitter
     from coordinator.gateway import Gateway
     from coordinator.session import SessionEvent
     from coordinator.session_reader import Start
@@ -323,6 +326,17 @@ class Covey:
 
     def search(self, text: str) -> list[Mail]:
         return self.store.search(text)
+
+    # -- the run's session ---------------------------------------------------------
+
+    def session(self) -> Emitter:
+        """Inside `covey run`: `async with covey.session() as s: await s.emit(...)` adds
+        the agent's own events (progress, token, tool, status, result) to its run's
+        session, over one connection to the run for the context's life. The run, not
+        this handle, publishes them: no broker connection is needed."""
+        from coordinator.emit import Emitter
+
+        return Emitter()
 
     # -- the changelog -----------------------------------------------------------
 
