@@ -203,6 +203,8 @@ async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_attach(covey: Covey, args: argparse.Namespace) -> int:
+    import asyncio
+
     from coordinator.display import printable
     from coordinator.session_view import SessionPrinter
 
