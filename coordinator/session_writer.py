@@ -349,8 +349,9 @@ class SessionWriter:
         self.write("closed", data=ending)
         if not await self._drained(FLUSH_STALL_SECONDS if flushed else FINAL_SECONDS):
             missing = ranges([*missing, *(await self._take_unsent())])
-        if self._tasks and not self._tasks[1].done():  # `session.opened` never made it
-            self._tasks[1].cancel()
+        # `session.opened` (and the first id) before `session.closed`, if it comes soon.
+        await asyncio.wait({self._tasks[1]}, timeout=FLUSH_STALL_SECONDS if flushed else 0)
+        self._tasks[1].cancel()
         summary = SessionSummary(self.first_id, self.since, missing)
         timeout = FLUSH_STALL_SECONDS if flushed else FINAL_SECONDS
         await self._control(
