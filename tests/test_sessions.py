@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from conftest import World, covey_command, start
 from faultkit import world_on
+from test_security import as_user, credentials, secured  # noqa: F401 (a fixture)
 
 from coordinator.localbroker import LocalBroker
 from coordinator.session import RUN_HEADER, SESSION_TYPE, SessionEvent
@@ -95,9 +97,26 @@ async def covey_run(world: World, *args: str, timeout: float = 120) -> tuple[int
     return process.returncode, out.decode() + err.decode()
 
 
-def last_run(world: World, agent: str) -> dict[str, Any]:
-    runs = world.json("runs", agent)
-    return runs[-1] if isinstance(runs, list) else runs
+async def stream_bodies(url: str, name: str) -> list[dict[str, Any]]:
+    """The JSON bodies of every message in stream `name`, from its start."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        stream = await channel.declare_queue(name, passive=True)
+        deliveries: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        tag = await stream.consume(deliveries.put, arguments={"x-stream-offset": "first"})
+        found = []
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(deliveries.get(), 3)
+                except TimeoutError:
+                    return found
+                await message.ack()
+                found.append(json.loads(message.body))
+        finally:
+            await stream.cancel(tag)
 
 
 def run_id_of(log_dir: Path) -> str:
@@ -148,9 +167,14 @@ def test_a_run_publishes_its_session_in_order_and_announces_it(applied: World) -
         assert datetime.fromisoformat(event["since"]) == opened.at
     assert by_kind["session.closed"]["outcome"] == "failed"
     assert "session_missing" not in by_kind["session.closed"]
-    # The run's record says where its session is too.
-    record = last_run(world, "talker")
-    assert record.get("first_id", events[0][0]) == events[0][0]
+    # The run's record (run.finished, kept in covey.runs) says where its session is too.
+    (finished,) = [
+        e
+        for e in asyncio.run(stream_bodies(world.amqp_url, "covey.runs"))
+        if e["kind"] == "run.finished" and e["run_id"] == run_id
+    ]
+    assert finished["stream"] == "covey.sessions" and finished["first_id"] == events[0][0]
+    assert "session_missing" not in finished
 
 
 def test_100000_lines_all_arrive_in_order(applied: World) -> None:
@@ -192,25 +216,7 @@ def test_a_run_that_never_starts_has_no_session(applied: World) -> None:
 
 async def read_all(url: str) -> list[tuple[str, str]]:
     """(agent, kind) of every event in covey.sessions."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=100)
-        stream = await channel.declare_queue("covey.sessions", passive=True)
-        deliveries: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
-        tag = await stream.consume(deliveries.put, arguments={"x-stream-offset": "first"})
-        found = []
-        try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(deliveries.get(), 3)
-                except TimeoutError:
-                    return found
-                await message.ack()
-                event = SessionEvent.model_validate_json(message.body)
-                found.append((event.agent, event.kind))
-        finally:
-            await stream.cancel(tag)
+    return [(e["agent"], e["kind"]) for e in await stream_bodies(url, "covey.sessions")]
 
 
 # -- a broker that blocks publishers ---------------------------------------------------
@@ -293,3 +299,33 @@ def assert_whole_or_announced(events: Read, lines: int) -> None:
     assert numbers == sorted(numbers)
     if not missing:
         assert numbers == list(range(lines))
+
+
+# -- a provisioned namespace ------------------------------------------------------------
+
+
+def test_a_provisioned_run_publishes_its_session_for_anyone_to_read(
+    secured: World,  # noqa: F811 (the fixture, from test_security)
+) -> None:
+    world = secured
+    world.add_agent("echo", "command = 'echo provisioned'\n")
+    world.ok("provision", "--host", "testhost")  # echo joined the roster
+    result = world.covey("run", "echo", env=as_user(world, "supervisor.testhost"))
+    assert result.returncode == 0, result.stderr
+    assert "could not publish" not in result.stderr and "not published" not in result.stderr
+    run_id = run_id_of(world.state_dir / "runs" / "echo")
+    for reader in ("human.ada", "agent.scout"):  # people and agents attach
+        events = asyncio.run(read_session(credentials(world, reader), run_id))
+        assert [e.kind for _, e in events] == ["opened", "line", "closed"], reader
+        assert events[1][1].text == "provisioned"
+
+    # An agent publishes nothing to the broker's sessions: its events go through its run.
+    async def forge() -> None:
+        connection = await aio_pika.connect(credentials(world, "agent.scout"))
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            sessions = await channel.get_exchange("covey.sessions", ensure=False)
+            await sessions.publish(aio_pika.Message(b"{}"), "")
+
+    with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+        asyncio.run(forge())
