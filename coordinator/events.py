@@ -4,6 +4,10 @@ Routing keys are `KIND.SUBJECT` — `run.started.scout`, `lock.released.global` 
 so a dashboard subscribes to `#`, a waiter to one lock, a supervisor to
 `run.requested.*`. Run events are also kept in the `covey.runs` stream (bound
 in the topology), where they outlive the processes that published them.
+
+`session.opened.AGENT` and `session.closed.AGENT` say where a run's session is (its
+stream and its first id), so that a client that did not start the run can find it
+and attach; `run.finished` says the same once the run is over.
 """
 
 from __future__ import annotations
@@ -58,9 +62,15 @@ class Event(BaseModel):
     fencing_tokens: dict[str, int] | None = None  # run.*: every lock of the run, by name
     takeover: bool | None = None  # lock.acquired: its previous holder did not release it
     lease_wait_seconds: float | None = None  # run.*: spent waiting out that holder's lease
-    stream: str | None = None  # session.*: the stream the run's session is in
-    first_id: int | None = None  # session.*: the offset of its `opened` event, when known
-    since: datetime | None = None  # session.*: when it opened (its `opened` event's `at`)
+    # session.*, run.finished: where the run's session is kept (see session.py): its
+    # stream, the offset of its `opened` event (None until known), and that event's time
+    # (a reader that lacks `first_id` attaches from there).
+    stream: str | None = None
+    first_id: int | None = None
+    since: datetime | None = None
+    # session.closed, run.finished: seq ranges [first, last] its writer could not publish
+    # (the run log on disk has those lines); absent when the session is whole.
+    session_missing: list[list[int]] | None = None
 
     @property
     def run_outcome(self) -> Outcome | None:

@@ -65,12 +65,14 @@ from coordinator.errors import (
 )
 from coordinator.events import EVENT_TYPE, Event
 from coordinator.identity import url_user
+from coordinator.session import RUN_HEADER, SESSION_TYPE, SessionEvent
 from coordinator.settings import Settings
 from coordinator.topology import (
     DEAD,
     EVENTS_EXCHANGE,
     MAIL_EXCHANGE,
     NOTES_EXCHANGE,
+    SESSIONS,
     BindingSpec,
     ExchangeSpec,
     QueueSpec,
@@ -161,6 +163,21 @@ def to_amqp(envelope: Envelope, user_id: str) -> aio_pika.Message:
         timestamp=envelope.created_at,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         expiration=expiration,
+        app_id="covey",
+        user_id=user_id,
+    )
+
+
+def session_message(event: SessionEvent, user_id: str) -> aio_pika.Message:
+    """A session event as a stream message: its run in a header, so that a reader skips
+    other runs' events without parsing them."""
+    return aio_pika.Message(
+        body=event.model_dump_json(exclude_none=True).encode(),
+        content_type="application/json",
+        type=SESSION_TYPE,
+        headers={RUN_HEADER: event.run_id},
+        timestamp=event.at,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         app_id="covey",
         user_id=user_id,
     )
@@ -396,6 +413,25 @@ class Gateway:
         await self._confirmed(
             target.publish(message, routing_key, mandatory=mandatory, timeout=timeout), what
         )
+
+    async def publish_session(self, events: Sequence[SessionEvent]) -> None:
+        """Publish a run's session events to `covey.sessions`, in order, then wait for all
+        their confirms together: a batch costs one wait for the broker, not one per event.
+        No timeout: a broker that blocks publishers (an alarm) is waited for, since
+        giving up would only send the batch twice; a lost connection raises.
+
+        Raises as `publish_message` does when any of them was not confirmed; the caller
+        then publishes the whole batch again, so an event may land twice (its `seq` tells
+        a repeat from a new one)."""
+        if not events:
+            return
+        channel = await self._publish_channel()
+        target = await channel.get_exchange(SESSIONS, ensure=False)
+        # Tasks start in order and take the channel's lock in order: frames go out in order.
+        confirms = [
+            asyncio.ensure_future(target.publish(session_message(e, self.user), "")) for e in events
+        ]
+        await self._confirmed(_every(confirms), f"session events of run {events[0].run_id}")
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> None:
         """Publish to the recipient's routing key; return once the broker confirmed."""
@@ -726,6 +762,14 @@ async def spread(
             await declare(channels[index], item)
 
     await in_parallel(items, len(channels), run)
+
+
+async def _every(futures: Sequence[asyncio.Future[Any]]) -> None:
+    """Wait for all of `futures`; then raise the first one's error, if any failed (each
+    failure retrieved, so none is reported as never retrieved)."""
+    for outcome in await asyncio.gather(*futures, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def in_parallel(

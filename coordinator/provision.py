@@ -14,8 +14,13 @@ needs (RabbitMQ checks every operation against these regular expressions):
   notes; keeps its own changelog cursor. Topic permissions narrow which notes
   (`covey.notes`) and events (`covey.events`) it may touch by routing key;
 * a human likewise, without locks, notes or cursor;
+* every participant reads every run's session (the `covey.sessions` stream) and
+  listens for `session.*` events, but publishes neither: a session is written by
+  the `covey run` that runs the agent (an agent's own events reach it through the
+  run, not the broker), so no agent can write into another's session;
 * a supervisor host declares the topology, takes every agent's lock, moves
-  cursors and records runs, but may not read anyone's mailbox queue.
+  cursors, records runs and publishes their sessions, but may not read anyone's
+  mailbox queue.
 
 Nobody but the operator may publish to the default exchange, through which one
 could write into any queue. `user_id` does the rest: RabbitMQ refuses a publish
@@ -57,6 +62,7 @@ from coordinator.topology import (
     MAIL_EXCHANGE,
     NOTES_EXCHANGE,
     RUNS_STREAM,
+    SESSIONS,
 )
 
 MANAGEMENT_PORT = {"amqp": 15672, "amqps": 15671}
@@ -126,8 +132,15 @@ def participant_grant(address: Address, prefix: str, locks: Mapping[str, int]) -
     publish_to = [re.escape(x) for x in (MAIL_EXCHANGE, CHANGELOG_EXCHANGE, EVENTS_EXCHANGE, DEAD)]
     # covey.changelog names the stream it reads and the exchange it appends through;
     # covey.events is bound to for lock releases (topic permissions narrow the keys).
-    readable = [re.escape(address.queue), re.escape(CHANGELOG_STREAM), re.escape(EVENTS_EXCHANGE)]
+    # covey.sessions: anyone may attach to any run's session.
+    readable = [
+        re.escape(address.queue),
+        re.escape(CHANGELOG_STREAM),
+        re.escape(EVENTS_EXCHANGE),
+        re.escape(SESSIONS),
+    ]
     waits = r"lock\.released\..*"  # to wait for a lock
+    sessions = r"session\..*"  # to learn of sessions: listened for, never published
     if address.kind == "agent":
         own_lock = LOCK_PREFIX + f"agent.{address.name}"
         slots = [re.escape(q) + SLOT_NOTES for q in (own_lock, *lock_slots(locks))]
@@ -147,7 +160,7 @@ def participant_grant(address: Address, prefix: str, locks: Mapping[str, int]) -
         read=_any_of(*readable, *mine),
         topics={
             NOTES_EXCHANGE: Topic(notes, notes),
-            EVENTS_EXCHANGE: Topic(_any_of(*events), _any_of(*events)),
+            EVENTS_EXCHANGE: Topic(_any_of(*events), _any_of(*events, sessions)),
             # Mail to anyone; and belt and braces: even with read on `covey`, no key to
             # bind with.
             MAIL_EXCHANGE: Topic(write=".*", read=NOTHING),

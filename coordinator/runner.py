@@ -10,7 +10,10 @@ agent never runs twice at once, on any host) and the lock its agent.toml names
 `run.finished` event with its outcome, kept in the `covey.runs` stream.
 
 A run goes by the `RunContext` it took when it started (settings and roster
-included), and writes its agent's output on a thread of its own (`RunLog`).
+included), and writes its agent's output on a thread of its own (`RunLog`). Once
+the agent starts, its output is also published as the run's session (see
+session_writer.py), without ever waiting for the broker: the run log stays the
+durable copy.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import structlog
 
@@ -45,6 +48,8 @@ from coordinator.logs import get_logger
 from coordinator.namespace import Namespace, Snapshot
 from coordinator.outcome import Outcome as Outcome  # re-exported: `runner.Outcome` still works
 from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
+from coordinator.session import STREAM as SESSIONS
+from coordinator.session_writer import SessionSummary, SessionWriter
 from coordinator.settings import Settings
 
 log = get_logger(__name__)
@@ -138,6 +143,7 @@ class Ending:
     exit_code: int | None = None  # the agent's own, when it ran to the end
     hook: str | None = None  # the preflight check that failed
     log_path: Path | None = None  # the agent's output, once it was started
+    session: SessionSummary | None = None  # its session, once it was started
 
 
 class NotStarted(Exception):
@@ -453,6 +459,7 @@ class _Recorder:
                 fencing_token=self.token,
                 fencing_tokens=self.tokens or None,
                 lease_wait_seconds=self.lease_wait,
+                **_session_fields(ending.session),
             )
         )
         return RunResult(
@@ -465,6 +472,18 @@ class _Recorder:
             duration,
             ending.log_path,
         )
+
+
+def _session_fields(session: SessionSummary | None) -> dict[str, Any]:
+    """What `run.finished` says of the run's session: where it is, and what it lacks."""
+    if session is None:  # the agent never started: no session
+        return {}
+    return {
+        "stream": SESSIONS,
+        "first_id": session.first_id,
+        "since": session.since,
+        "session_missing": session.session_missing,
+    }
 
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -504,21 +523,41 @@ async def _execute(run: RunContext, locks: LockSession, news: str) -> Ending:
     await run.record.started()
     log_path = run.launch.run_dir / f"{run.run_id}.log"
     log.info("started", command=run.launch.argv, log=str(log_path))
+    session: SessionWriter | None = None
     try:
         stdin = await asyncio.to_thread(_inject, run.launch, run.agent, news)
+        session = SessionWriter.open(
+            run.settings,
+            run.agent.name,
+            run.run_id,
+            log_path,
+            command=run.launch.argv,
+            trigger=run.trigger,
+        )
         async with RunLog(log_path) as output:
-            ending = await _guarded(run, locks, output, stdin)
+            ending = await _guarded(run, locks, output, session, stdin)
         if output.failure is not None and ending.outcome in (Outcome.OK, Outcome.FAILED):
             # It may have done its work, but nobody can read what it said: not `ok`.
             ending = Ending(Outcome.FAILED, exit_code=ending.exit_code, reason=output.failure)
     except OSError as err:  # a full disk, an unreadable AGENT.md, an exec that fails
         ending = Ending(Outcome.FAILED, reason=f"could not run it: {err}")
+    except BaseException:  # cancelled (a supervisor shutting down): no session to finish
+        if session is not None:
+            session.abandon()
+        raise
+    if session is not None:  # bounded: a broker that is away delays the record by seconds
+        summary = await session.close(str(ending.outcome), ending.exit_code, ending.reason)
+        ending = dataclasses.replace(ending, session=summary)
     log.info("finished", outcome=str(ending.outcome), exit_code=ending.exit_code)
     return dataclasses.replace(ending, log_path=log_path)
 
 
 async def _guarded(
-    run: RunContext, locks: LockSession, output: RunLog, stdin: bytes | None
+    run: RunContext,
+    locks: LockSession,
+    output: RunLog,
+    session: SessionWriter,
+    stdin: bytes | None,
 ) -> Ending:
     """Run the process, guarded, to its end, its timeout, a lost lock or a stop; say which."""
     guard = await Guard.start(locks.valid_until, f"{run.agent.name} run {run.run_id}")
@@ -535,7 +574,7 @@ async def _guarded(
             start_new_session=True,  # its own process group: a timeout ends its children too
             preexec_fn=_before_exec(os.getpid(), guard),
         )
-        return await _supervise(process, run, locks, guard, output, stdin)
+        return await _supervise(process, run, locks, guard, output, session, stdin)
     finally:
         locks.on_renew.remove(guard.renew)
         await guard.finish()
@@ -547,10 +586,11 @@ async def _supervise(
     locks: LockSession,
     guard: Guard,
     output: RunLog,
+    session: SessionWriter,
     stdin: bytes | None,
 ) -> Ending:
     assert process.stdout is not None
-    pump = asyncio.create_task(_pump(process.stdout, output, run.echo))
+    pump = asyncio.create_task(_pump(process.stdout, output, session, run.echo))
     feeding = None
     if stdin is not None:
         assert process.stdin is not None
@@ -608,24 +648,31 @@ async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
     pipe.close()
 
 
-async def _pump(stream: asyncio.StreamReader, output: RunLog, echo: Echo | None) -> None:
-    """Copy the agent's output line by line, timestamped, to its run log (and `echo`).
+async def _pump(
+    stream: asyncio.StreamReader, output: RunLog, session: SessionWriter, echo: Echo | None
+) -> None:
+    """Copy the agent's output line by line, timestamped, to its run log, its session
+    (and `echo`).
 
     It reads chunks, not lines, so a line of any length (a model dumping a JSON blob
     on one line) is copied too, rather than overrunning the reader's line limit."""
     pending = b""
     while chunk := await stream.read(CHUNK_BYTES):
         *lines, pending = (pending + chunk).split(b"\n")
-        await _copy_lines(lines, output, echo)
+        await _copy_lines(lines, output, session, echo)
     if pending:
-        await _copy_lines([pending], output, echo)
+        await _copy_lines([pending], output, session, echo)
 
 
-async def _copy_lines(raw: list[bytes], output: RunLog, echo: Echo | None) -> None:
+async def _copy_lines(
+    raw: list[bytes], output: RunLog, session: SessionWriter, echo: Echo | None
+) -> None:
     if not raw:
         return  # a chunk with no line end yet
     lines = [line.decode(errors="replace") for line in raw]
-    at = datetime.now(UTC).isoformat(timespec="milliseconds")  # when they arrived
+    arrived = datetime.now(UTC)
+    session.lines(lines, arrived)  # queued in memory: it never waits for the broker
+    at = arrived.isoformat(timespec="milliseconds")
     await output.write([f"{at} {line}\n" for line in lines])
     if echo is not None:
         for line in lines:

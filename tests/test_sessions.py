@@ -1,0 +1,331 @@
+"""Sessions, the writing side: what `covey run` publishes to `covey.sessions` as its agent
+runs, and the `session.*` control events. Real broker, real `covey run`; the stream is
+read back with plain aio-pika (a consumer into an asyncio.Queue, never an iterator on a
+stream), not with covey's own reader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiormq
+import pytest
+from conftest import World, covey_command, start
+from faultkit import world_on
+from test_security import as_user, credentials, secured  # noqa: F401 (a fixture)
+
+from coordinator.localbroker import LocalBroker
+from coordinator.session import RUN_HEADER, SESSION_TYPE, SessionEvent
+
+Read = list[tuple[int, SessionEvent]]
+
+
+async def read_session(
+    url: str, run_id: str, first: int | str = "first", quiet: float = 3.0
+) -> Read:
+    """Every event of `run_id` in covey.sessions from offset `first`, up to its `closed`
+    (or until the stream is quiet for `quiet` seconds)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        stream = await channel.declare_queue("covey.sessions", passive=True)
+        deliveries: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        tag = await stream.consume(deliveries.put, arguments={"x-stream-offset": first})
+        found: Read = []
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(deliveries.get(), quiet)
+                except TimeoutError:
+                    return found
+                await message.ack()
+                if (message.headers or {}).get(RUN_HEADER) != run_id:
+                    continue
+                assert message.type == SESSION_TYPE and message.content_type == "application/json"
+                event = SessionEvent.model_validate_json(message.body)
+                found.append((int(message.headers["x-stream-offset"]), event))  # type: ignore[arg-type]
+                if event.kind == "closed":
+                    return found
+        finally:
+            await stream.cancel(tag)
+
+
+@contextlib.asynccontextmanager
+async def control_events(url: str) -> AsyncIterator[list[dict[str, Any]]]:
+    """Collect `session.*` events on covey.events while the block runs (and a moment after)."""
+    seen: list[dict[str, Any]] = []
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind("covey.events", "session.#")
+
+        async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            seen.append({"key": message.routing_key, **json.loads(message.body)})
+
+        await queue.consume(keep, no_ack=True)
+        yield seen
+        for _ in range(100):  # session.closed follows the run's end closely
+            if any(e["kind"] == "session.closed" for e in seen):
+                break
+            await asyncio.sleep(0.1)
+
+
+async def covey_run(world: World, *args: str, timeout: float = 120) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *covey_command(),
+        "run",
+        *args,
+        env=world.env,
+        cwd=world.home,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode() + err.decode()
+
+
+async def stream_bodies(url: str, name: str) -> list[dict[str, Any]]:
+    """The JSON bodies of every message in stream `name`, from its start."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        stream = await channel.declare_queue(name, passive=True)
+        deliveries: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        tag = await stream.consume(deliveries.put, arguments={"x-stream-offset": "first"})
+        found = []
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(deliveries.get(), 3)
+                except TimeoutError:
+                    return found
+                await message.ack()
+                found.append(json.loads(message.body))
+        finally:
+            await stream.cancel(tag)
+
+
+def run_id_of(log_dir: Path) -> str:
+    (log,) = log_dir.glob("*.log")
+    return log.name.removesuffix(".log")
+
+
+def assert_in_order(events: Read) -> None:
+    offsets = [offset for offset, _ in events]
+    assert offsets == sorted(set(offsets)), "ids must only grow"
+    assert [e.seq for _, e in events] == list(range(len(events))), "consecutive seqs"
+
+
+def test_a_run_publishes_its_session_in_order_and_announces_it(applied: World) -> None:
+    world = applied
+    world.add_agent(
+        "talker",
+        "command = \"echo one; echo two >&2; printf 'three\\\\n\\\\nfive'; exit 3\"\n",
+    )
+
+    async def scenario() -> tuple[Read, list[dict[str, Any]], str]:
+        async with control_events(world.amqp_url) as seen:
+            code, output = await covey_run(world, "talker")
+            assert code != 0, output  # the agent failed: so does the run
+        run_id = run_id_of(world.state_dir / "runs" / "talker")
+        return await read_session(world.amqp_url, run_id), seen, run_id
+
+    events, seen, run_id = asyncio.run(scenario())
+    assert_in_order(events)
+    kinds = [e.kind for _, e in events]
+    assert kinds == ["opened", "line", "line", "line", "line", "line", "closed"]
+    opened, closed = events[0][1], events[-1][1]
+    assert opened.data is not None and opened.data["trigger"] == "manual"
+    assert opened.data["command"][-1].startswith("echo one")
+    assert [e.text for _, e in events[1:-1]] == ["one", "two", "three", "", "five"]
+    assert closed.data == {"outcome": "failed", "exit_code": 3, "reason": None}
+    assert {e.run_id for _, e in events} == {run_id} and {e.agent for _, e in events} == {"talker"}
+    ats = [e.at for _, e in events]
+    assert ats == sorted(ats)
+
+    # The control channel: where the session is, from its first id.
+    by_kind = {e["kind"]: e for e in seen}
+    assert [e["key"] for e in seen] == ["session.opened.talker", "session.closed.talker"]
+    for kind in ("session.opened", "session.closed"):
+        event = by_kind[kind]
+        assert event["run_id"] == run_id and event["stream"] == "covey.sessions"
+        assert event["first_id"] == events[0][0], "first_id is the offset of `opened`"
+        assert datetime.fromisoformat(event["since"]) == opened.at
+    assert by_kind["session.closed"]["outcome"] == "failed"
+    assert "session_missing" not in by_kind["session.closed"]
+    # The run's record (run.finished, kept in covey.runs) says where its session is too.
+    (finished,) = [
+        e
+        for e in asyncio.run(stream_bodies(world.amqp_url, "covey.runs"))
+        if e["kind"] == "run.finished" and e["run_id"] == run_id
+    ]
+    assert finished["stream"] == "covey.sessions" and finished["first_id"] == events[0][0]
+    assert "session_missing" not in finished
+
+
+def test_100000_lines_all_arrive_in_order(applied: World) -> None:
+    world = applied
+    world.add_agent("flood", "command = 'seq 1 100000'\nlock = 'none'\n")
+
+    async def scenario() -> Read:
+        code, output = await covey_run(world, "flood", timeout=300)
+        assert code == 0, output
+        run_id = run_id_of(world.state_dir / "runs" / "flood")
+        return await read_session(world.amqp_url, run_id, quiet=10)
+
+    events = asyncio.run(scenario())
+    assert_in_order(events)
+    assert [e.text for _, e in events[1:-1]] == [str(i) for i in range(1, 100_001)]
+    assert events[-1][1].kind == "closed" and events[-1][1].data["outcome"] == "ok"  # type: ignore[index]
+
+
+def test_a_run_that_never_starts_has_no_session(applied: World) -> None:
+    world = applied
+    flag = world.home / "started"
+    world.add_agent("holder", f"command = 'touch {flag}; sleep 30'\n")
+    world.add_agent("other", "command = 'echo never'\n")
+    holding = start(world, "run", "holder")
+    try:
+        deadline = time.monotonic() + 30
+        while not flag.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = world.covey("run", "other", "--skip-if-busy")
+        assert result.returncode == 5, result.stdout + result.stderr
+    finally:
+        holding.send_signal(signal.SIGTERM)
+        holding.wait(30)
+    everything = asyncio.run(read_all(world.amqp_url))
+    assert {agent for agent, _ in everything} == {"holder"}
+    assert [kind for _, kind in everything][-1] == "closed"
+
+
+async def read_all(url: str) -> list[tuple[str, str]]:
+    """(agent, kind) of every event in covey.sessions."""
+    return [(e["agent"], e["kind"]) for e in await stream_bodies(url, "covey.sessions")]
+
+
+# -- a broker that blocks publishers ---------------------------------------------------
+
+TIMED = """
+import sys, time
+n, out = int(sys.argv[1]), sys.argv[2]
+started = time.monotonic()
+for i in range(n):
+    print(f"line {i}", flush=(i % 100 == 0))
+    if i % 1000 == 0:
+        time.sleep(0.02)  # some 0.4 s in all: the alarm comes on while it prints
+with open(out, "w") as f:
+    f.write(str(time.monotonic() - started))
+"""
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[LocalBroker]:
+    with LocalBroker() as broker:
+        yield broker
+
+
+def test_a_memory_alarm_neither_slows_the_agent_nor_leaves_a_silent_gap(
+    world: World, node: LocalBroker
+) -> None:
+    with world_on(node, world, "session-alarm") as on:
+        script = on.home / "timed.py"
+        script.write_text(TIMED)
+        took = on.home / "took"
+        on.add_agent("printer", f'command = ["{sys.executable}", "{script}", "20000", "{took}"]\n')
+        on.ok("run", "printer")  # without an alarm
+        calm = float(took.read_text())
+        for log in (on.state_dir / "runs" / "printer").glob("*.log"):
+            os.unlink(log)
+
+        async def scenario() -> tuple[int, str]:
+            running = asyncio.create_task(covey_run(on, "printer"))
+            await asyncio.sleep(0.3)  # the agent has started
+            node.ctl("set_vm_memory_high_watermark", "0")  # the broker blocks publishers
+            try:
+                await asyncio.sleep(3)
+            finally:
+                node.ctl("set_vm_memory_high_watermark", "0.4")
+            return await running
+
+        code, output = asyncio.run(scenario())
+        assert code == 0, output
+        alarmed = float(took.read_text())
+        assert alarmed < calm * 2 + 1.0, (calm, alarmed)
+        log_dir = on.state_dir / "runs" / "printer"
+        run_id = run_id_of(log_dir)
+        logged = [
+            line.split(" ", 1)[1] for line in (log_dir / f"{run_id}.log").read_text().splitlines()
+        ]
+        assert logged == [f"line {i}" for i in range(20000)]
+        events = asyncio.run(read_session(on.amqp_url, run_id, quiet=10))
+        assert_whole_or_announced(events, 20000)
+
+
+def assert_whole_or_announced(events: Read, lines: int) -> None:
+    """Every line in order, or the gaps named exactly by a `missing` event: no silent gap.
+    (A batch published again after a lost confirm may repeat events: seqs tell.)"""
+    seen: dict[int, SessionEvent] = {}
+    for _, event in events:
+        assert event.seq not in seen or seen[event.seq] == event
+        seen[event.seq] = event
+    assert events[-1][1].kind == "closed"
+    missing: set[int] = set()
+    for event in seen.values():
+        if event.kind == "missing":
+            assert event.data is not None
+            for first, last in event.data["seqs"]:
+                missing.update(range(first, last + 1))
+    present = set(seen)
+    last_seq = max(present)
+    assert present | missing == set(range(last_seq + 1)), "a gap nobody announced"
+    texts = [seen[s].text for s in sorted(present) if seen[s].kind == "line"]
+    numbers = [int(t.split()[1]) for t in texts]
+    assert numbers == sorted(numbers)
+    if not missing:
+        assert numbers == list(range(lines))
+
+
+# -- a provisioned namespace ------------------------------------------------------------
+
+
+def test_a_provisioned_run_publishes_its_session_for_anyone_to_read(
+    secured: World,  # noqa: F811 (the fixture, from test_security)
+) -> None:
+    world = secured
+    world.add_agent("echo", "command = 'echo provisioned'\n")
+    world.ok("provision", "--host", "testhost")  # echo joined the roster
+    result = world.covey("run", "echo", env=as_user(world, "supervisor.testhost"))
+    assert result.returncode == 0, result.stderr
+    assert "could not publish" not in result.stderr and "not published" not in result.stderr
+    run_id = run_id_of(world.state_dir / "runs" / "echo")
+    for reader in ("human.ada", "agent.scout"):  # people and agents attach
+        events = asyncio.run(read_session(credentials(world, reader), run_id))
+        assert [e.kind for _, e in events] == ["opened", "line", "closed"], reader
+        assert events[1][1].text == "provisioned"
+
+    # An agent publishes nothing to the broker's sessions: its events go through its run.
+    async def forge() -> None:
+        connection = await aio_pika.connect(credentials(world, "agent.scout"))
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            sessions = await channel.get_exchange("covey.sessions", ensure=False)
+            await sessions.publish(aio_pika.Message(b"{}"), "")
+
+    with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+        asyncio.run(forge())
