@@ -38,6 +38,7 @@ from typing import IO, Any, TypeVar
 import structlog
 
 from coordinator import changelog, digest, preflight
+from coordinator.emit import EmitServer
 from coordinator.errors import BadInput, CoveyError
 from coordinator.events import Event
 from coordinator.gateway import translated
@@ -534,7 +535,11 @@ async def _execute(run: RunContext, locks: LockSession, news: str) -> Ending:
             command=run.launch.argv,
             trigger=run.trigger,
         )
-        async with RunLog(log_path) as output:
+        # What the agent emits joins its output in the session, in order, with seqs.
+        emitted = await EmitServer.start(run.launch.run_dir, run.run_id, session.emitted)
+        # Closed before the session is: nothing the agent emits can follow `closed`.
+        async with emitted, RunLog(log_path) as output:
+            run.launch.env.update(emitted.env)  # COVEY_SESSION_SOCKET, for `covey emit`
             ending = await _guarded(run, locks, output, session, stdin)
         if output.failure is not None and ending.outcome in (Outcome.OK, Outcome.FAILED):
             # It may have done its work, but nobody can read what it said: not `ok`.

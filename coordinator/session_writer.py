@@ -34,14 +34,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from coordinator import stream
 from coordinator.errors import CoveyError
 from coordinator.events import Event, EventKind
 from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
 from coordinator.logs import get_logger
-from coordinator.session import MAX_TEXT_CHARS, RUN_HEADER, STREAM, Kind, SessionEvent
+from coordinator.session import (
+    EMITTED_KINDS,
+    MAX_TEXT_CHARS,
+    RUN_HEADER,
+    STREAM,
+    Kind,
+    SessionEvent,
+)
 from coordinator.settings import Settings
 
 log = get_logger(__name__)
@@ -169,6 +176,11 @@ class SessionWriter:
             self._drop_oldest()
         self._wake.set()
         return seq
+
+    def emitted(self, kind: str, text: str, data: dict[str, Any] | None) -> None:
+        """What the agent emitted itself (`covey emit`; the run's socket checked it)."""
+        if kind in EMITTED_KINDS:
+            self.write(cast(Kind, kind), text, data)
 
     def lines(self, texts: Iterable[str], at: datetime) -> None:
         """Queue lines the agent printed, that arrived together at `at`."""

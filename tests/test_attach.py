@@ -406,3 +406,33 @@ async def test_ctrl_c_detaches_with_130_and_leaves_the_run_alone(applied: World)
     resumed_from = said.split("--from ")[1].split("`")[0]
     rest = await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", resumed_from)
     assert rest.splitlines()[0] == "still working"
+
+
+def test_a_real_run_with_emitted_events_attaches_end_to_end(applied: World) -> None:
+    """The whole path with nothing faked: `covey run` publishes the agent's lines and what
+    it emits with `covey emit`, in the order they happened; `covey attach` by agent name
+    shows them once each, ids increasing, and ends with the outcome."""
+    applied.add_agent(
+        "reporter",
+        'command = "echo first; covey emit progress halfway --fraction 0.5; echo second; '
+        "covey emit tool 'grep: looked for TODO'; covey emit result 'the answer'; echo last\"\n",
+    )
+    assert applied.covey("run", "reporter").returncode == 0
+    shown = applied.covey("attach", "reporter", "--json")
+    assert shown.returncode == 0, shown.stderr
+    events = [json.loads(line) for line in shown.stdout.splitlines()]
+    kinds = [(e["kind"], e.get("text", "")) for e in events]
+    assert kinds[0][0] == "opened" and kinds[-1][0] == "closed", kinds
+    assert [k for k in kinds[1:-1]] == [
+        ("line", "first"),
+        ("progress", "halfway"),
+        ("line", "second"),
+        ("tool", "grep: looked for TODO"),
+        ("result", "the answer"),
+        ("line", "last"),
+    ], kinds
+    ids = [e["id"] for e in events]
+    assert ids == sorted(set(ids)), ids
+    assert events[-1]["data"]["outcome"] == "ok"
+    text = applied.covey("attach", "reporter")
+    assert text.returncode == 0 and "the answer" in text.stdout and "50%" in text.stdout
