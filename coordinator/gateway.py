@@ -70,8 +70,7 @@ from coordinator.session import (
     FIRST_SEQ_HEADER,
     RUN_HEADER,
     SESSION_TYPE,
-    SessionEvent,
-    batch_body,
+    SessionBatch,
 )
 from coordinator.settings import Settings
 from coordinator.topology import (
@@ -175,17 +174,20 @@ def to_amqp(envelope: Envelope, user_id: str) -> aio_pika.Message:
     )
 
 
-def session_message(events: Sequence[SessionEvent], user_id: str) -> aio_pika.Message:
+def session_message(batch: SessionBatch, user_id: str) -> aio_pika.Message:
     """A batch of one run's consecutive events as one stream message: its run in a header,
     so that a reader skips other runs' messages without parsing them, and the seqs it
     carries (the first, and how many) in two more."""
-    first = events[0]
     return aio_pika.Message(
-        body=batch_body(events),
+        body=batch.body,
         content_type="application/json",
         type=SESSION_TYPE,
-        headers={RUN_HEADER: first.run_id, FIRST_SEQ_HEADER: first.seq, COUNT_HEADER: len(events)},
-        timestamp=first.at,
+        headers={
+            RUN_HEADER: batch.run_id,
+            FIRST_SEQ_HEADER: batch.first_seq,
+            COUNT_HEADER: batch.count,
+        },
+        timestamp=batch.at,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         app_id="covey",
         user_id=user_id,
@@ -423,7 +425,7 @@ class Gateway:
             target.publish(message, routing_key, mandatory=mandatory, timeout=timeout), what
         )
 
-    async def publish_session(self, events: Sequence[SessionEvent]) -> None:
+    async def publish_session(self, batch: SessionBatch) -> None:
         """Publish a batch of a run's consecutive session events to `covey.sessions` as one
         message (see session.py), and wait for its confirm. No timeout: a broker that
         blocks publishers (an alarm) is waited for, since giving up would only send the
@@ -432,13 +434,11 @@ class Gateway:
         Raises as `publish_message` does when it was not confirmed; the caller then
         publishes the batch again, so its events may land twice (their `seq`s tell a
         repeat from a new one, and readers pass repeats by)."""
-        if not events:
-            return
         channel = await self._publish_channel()
         target = await channel.get_exchange(SESSIONS, ensure=False)
         await self._confirmed(
-            target.publish(session_message(events, self.user), ""),
-            f"session events of run {events[0].run_id}",
+            target.publish(session_message(batch, self.user), ""),
+            f"session events of run {batch.run_id}",
         )
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> None:

@@ -50,7 +50,8 @@ from coordinator.session import (
     RUN_HEADER,
     STREAM,
     Kind,
-    SessionEvent,
+    Pending,
+    SessionBatch,
     event_id,
     parse_batch,
 )
@@ -73,8 +74,6 @@ FINAL_SECONDS = 2.0
 FIRST_ID_SECONDS = 30.0  # how long the background search for the `opened` offset may take
 LOOKBACK = timedelta(seconds=1)  # clocks differ: start that search a little early
 LAST_OFFSET = 2**63 - 1
-
-Pending = tuple[int, Kind, datetime, str, dict[str, Any] | None]  # seq, kind, at, text, data
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +175,7 @@ class SessionWriter:
         text = text[:MAX_TEXT_CHARS]  # the run log keeps it whole
         self._queue.append((seq, kind, at or datetime.now(UTC), text, data))
         self._bytes += len(text) + EVENT_BYTES
-        while len(self._queue) > self._max_events or self._bytes > self._max_bytes:
-            self._drop_oldest()
+        self._keep_bound()
         self._wake.set()
         return seq
 
@@ -187,9 +185,21 @@ class SessionWriter:
             self.write(cast(Kind, kind), text, data)
 
     def lines(self, texts: Iterable[str], at: datetime) -> None:
-        """Queue lines the agent printed, that arrived together at `at`."""
-        for text in texts:
-            self.write("line", text, at=at)
+        """Queue lines the agent printed, that arrived together at `at`: as `write` does,
+        all at once (a fast agent's lines come hundreds to a chunk of its output)."""
+        first = self._next_seq
+        lines: list[Pending] = [
+            (first + n, "line", at, text[:MAX_TEXT_CHARS], None) for n, text in enumerate(texts)
+        ]
+        self._next_seq += len(lines)
+        self._queue.extend(lines)
+        self._bytes += sum(len(line[3]) for line in lines) + EVENT_BYTES * len(lines)
+        self._keep_bound()
+        self._wake.set()
+
+    def _keep_bound(self) -> None:
+        while len(self._queue) > self._max_events or self._bytes > self._max_bytes:
+            self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         seq, _, _, text, _ = self._queue.popleft()
@@ -245,19 +255,7 @@ class SessionWriter:
 
     async def _publish(self, batch: list[Pending]) -> None:
         gateway = await self._connected()
-        events = [
-            SessionEvent(
-                run_id=self.run_id,
-                agent=self.agent,
-                seq=seq,
-                kind=kind,
-                at=at,
-                text=text,
-                data=data,
-            )
-            for seq, kind, at, text, data in batch
-        ]
-        await gateway.publish_session(events)
+        await gateway.publish_session(SessionBatch.of(self.run_id, self.agent, batch))
 
     async def _connected(self) -> Gateway:
         """The writer's own gateway: it reconnects by itself once it has connected."""
