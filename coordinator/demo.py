@@ -189,7 +189,8 @@ async def _story(settings: Settings, roster: Roster) -> int:
 
 
 def _prefixed(name: str) -> runner.Echo:
-    def echo(line: str) -> None:
-        print(f"     [{name}] {line}")
+    def echo(lines: list[str]) -> None:
+        for line in lines:
+            print(f"     [{name}] {line}")
 
     return echo

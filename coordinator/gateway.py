@@ -65,7 +65,13 @@ from coordinator.errors import (
 )
 from coordinator.events import EVENT_TYPE, Event
 from coordinator.identity import url_user
-from coordinator.session import RUN_HEADER, SESSION_TYPE, SessionEvent
+from coordinator.session import (
+    COUNT_HEADER,
+    FIRST_SEQ_HEADER,
+    RUN_HEADER,
+    SESSION_TYPE,
+    SessionBatch,
+)
 from coordinator.settings import Settings
 from coordinator.topology import (
     DEAD,
@@ -168,15 +174,20 @@ def to_amqp(envelope: Envelope, user_id: str) -> aio_pika.Message:
     )
 
 
-def session_message(event: SessionEvent, user_id: str) -> aio_pika.Message:
-    """A session event as a stream message: its run in a header, so that a reader skips
-    other runs' events without parsing them."""
+def session_message(batch: SessionBatch, user_id: str) -> aio_pika.Message:
+    """A batch of one run's consecutive events as one stream message: its run in a header,
+    so that a reader skips other runs' messages without parsing them, and the seqs it
+    carries (the first, and how many) in two more."""
     return aio_pika.Message(
-        body=event.model_dump_json(exclude_none=True).encode(),
+        body=batch.body,
         content_type="application/json",
         type=SESSION_TYPE,
-        headers={RUN_HEADER: event.run_id},
-        timestamp=event.at,
+        headers={
+            RUN_HEADER: batch.run_id,
+            FIRST_SEQ_HEADER: batch.first_seq,
+            COUNT_HEADER: batch.count,
+        },
+        timestamp=batch.at,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         app_id="covey",
         user_id=user_id,
@@ -414,24 +425,21 @@ class Gateway:
             target.publish(message, routing_key, mandatory=mandatory, timeout=timeout), what
         )
 
-    async def publish_session(self, events: Sequence[SessionEvent]) -> None:
-        """Publish a run's session events to `covey.sessions`, in order, then wait for all
-        their confirms together: a batch costs one wait for the broker, not one per event.
-        No timeout: a broker that blocks publishers (an alarm) is waited for, since
-        giving up would only send the batch twice; a lost connection raises.
+    async def publish_session(self, batch: SessionBatch) -> None:
+        """Publish a batch of a run's consecutive session events to `covey.sessions` as one
+        message (see session.py), and wait for its confirm. No timeout: a broker that
+        blocks publishers (an alarm) is waited for, since giving up would only send the
+        batch twice; a lost connection raises.
 
-        Raises as `publish_message` does when any of them was not confirmed; the caller
-        then publishes the whole batch again, so an event may land twice (its `seq` tells
-        a repeat from a new one)."""
-        if not events:
-            return
+        Raises as `publish_message` does when it was not confirmed; the caller then
+        publishes the batch again, so its events may land twice (their `seq`s tell a
+        repeat from a new one, and readers pass repeats by)."""
         channel = await self._publish_channel()
         target = await channel.get_exchange(SESSIONS, ensure=False)
-        # Tasks start in order and take the channel's lock in order: frames go out in order.
-        confirms = [
-            asyncio.ensure_future(target.publish(session_message(e, self.user), "")) for e in events
-        ]
-        await self._confirmed(_every(confirms), f"session events of run {events[0].run_id}")
+        await self._confirmed(
+            target.publish(session_message(batch, self.user), ""),
+            f"session events of run {batch.run_id}",
+        )
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> None:
         """Publish to the recipient's routing key; return once the broker confirmed."""
@@ -762,14 +770,6 @@ async def spread(
             await declare(channels[index], item)
 
     await in_parallel(items, len(channels), run)
-
-
-async def _every(futures: Sequence[asyncio.Future[Any]]) -> None:
-    """Wait for all of `futures`; then raise the first one's error, if any failed (each
-    failure retrieved, so none is reported as never retrieved)."""
-    for outcome in await asyncio.gather(*futures, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
 
 
 async def in_parallel(

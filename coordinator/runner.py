@@ -56,7 +56,7 @@ from coordinator.settings import Settings
 log = get_logger(__name__)
 
 CHUNK_BYTES = 64 * 1024
-Echo = Callable[[str], None]
+Echo = Callable[[list[str]], None]  # shows lines of the agent's output, as they come
 Observer = Callable[[Event], None]
 T = TypeVar("T")
 
@@ -680,8 +680,7 @@ async def _copy_lines(
     at = arrived.isoformat(timespec="milliseconds")
     await output.write([f"{at} {line}\n" for line in lines])
     if echo is not None:
-        for line in lines:
-            echo(line)
+        echo(lines)  # the chunk's lines together: a fast agent's are hundreds
 
 
 class RunLog:

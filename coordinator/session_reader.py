@@ -2,10 +2,12 @@
 
 A session's events are in the shared `covey.sessions` stream (see session.py),
 each run's among every other run's. A reader attaches at an offset, skips other
-runs' events by their `x-covey-run` header without parsing them, and stops at
-its run's `closed`. What it yields are `(id, event)` pairs, the id being the
-event's stream offset: a reader that saw id N and comes back asks for what is
-after N, and gets exactly that.
+runs' messages by their `x-covey-run` header without parsing them, and stops at
+its run's `closed`. What it yields are `(id, event)` pairs, one per event though a
+message carries a batch of them, the id being `offset * IDS_PER_OFFSET + index` (see
+session.py): a reader that saw id N and comes back asks for what is after N, and gets
+exactly that. A batch its writer published twice (its confirm lost) shows once: the
+reader passes events whose `seq` it has already passed.
 
 Finding where a run starts costs what was written around its start, not what came
 after it: a run id begins with the moment it was made (`20261203T062340-ab12cd`,
@@ -36,7 +38,14 @@ from coordinator.events import Event
 from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
 from coordinator.logs import get_logger
 from coordinator.namespace import Namespace
-from coordinator.session import RUN_HEADER, STREAM, SessionEvent
+from coordinator.session import (
+    RUN_HEADER,
+    STREAM,
+    SessionEvent,
+    event_id,
+    offset_of,
+    parse_batch,
+)
 from coordinator.topology import EVENTS_EXCHANGE
 
 log = get_logger(__name__)
@@ -60,7 +69,7 @@ class RunSession:
 
     run_id: str
     agent: str
-    first_id: int  # the offset of its first event still retained
+    first_id: int  # the id of its first event still retained
     first_seq: int  # that event's seq: above 0 when retention removed its beginning
     since: datetime  # when that event happened
 
@@ -128,22 +137,16 @@ async def _first_event(gateway: Gateway, run_id: str, since: datetime) -> RunSes
         async for item in items:
             if _run_of(item.message) != run_id:
                 continue
-            event = _parsed(item.body)
-            if event is not None:
-                return RunSession(run_id, event.agent, item.offset, event.seq, event.at)
+            events = parse_batch(item.body)
+            if events:
+                one = events[0]
+                return RunSession(run_id, one.agent, event_id(item.offset, 0), one.seq, one.at)
     return None
 
 
 def _run_of(message: AbstractIncomingMessage) -> str | None:
     value = (message.headers or {}).get(RUN_HEADER)
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
-
-
-def _parsed(body: bytes) -> SessionEvent | None:
-    try:
-        return SessionEvent.model_validate_json(body)
-    except ValidationError:
-        return None  # not a session event; the stream keeps it, a reader passes it by
 
 
 def expired(run: RunSession, first: int | None, last: int, lost_seqs: int | None) -> SessionEvent:
@@ -176,40 +179,60 @@ class _Reader:
     """One run's reading position, kept across connections."""
 
     run: RunSession
-    next_offset: int  # the first offset not yet passed
-    stop_at: int | None  # --no-follow: the head when it began
-    quiet_through: int | None  # "now": events up to here are passed, not shown
+    next_id: int  # the first id not yet passed
+    stop_at: int | None  # --no-follow: the stream's head (an offset) when it began
+    quiet_through: int | None  # "now": events up to this offset are passed, not shown
+    last_seq: int = -1  # the run's highest seq passed: a batch published twice shows once
     done: bool = False
 
     async def read(self, gateway: Gateway) -> AsyncGenerator[tuple[int, SessionEvent], None]:
-        """This run's events from `next_offset`, on one connection, until the end."""
+        """This run's events from `next_id`, on one connection, until the end."""
         channel = await gateway.open_channel(prefetch=PREFETCH)
         try:
-            deliveries = await _consume(gateway, channel, self.next_offset)
+            deliveries = await _consume(gateway, channel, offset_of(self.next_id))
             first = True
             while not self.done:
                 message = await _next(deliveries, gateway, channel)
                 if message is None:  # quiet
-                    self.done = self.stop_at is not None and self.next_offset > self.stop_at
+                    self.done = self.stop_at is not None and offset_of(self.next_id) > self.stop_at
                     continue
                 await message.ack()
                 offset = int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
-                if first and offset > self.next_offset:  # retention took what was asked
-                    yield self.next_offset, expired(self.run, self.next_offset, offset - 1, None)
+                retained = event_id(offset, 0)
+                if first and retained > self.next_id:  # retention took what was asked
+                    yield self.next_id, expired(self.run, self.next_id, retained - 1, None)
                 first = False
-                if offset < self.next_offset:  # the chunk it started in began earlier
+                if offset < offset_of(self.next_id):  # the chunk it started in began earlier
                     continue
-                self.next_offset = offset + 1
-                self.done = self.stop_at is not None and offset >= self.stop_at
-                if _run_of(message) != self.run.run_id or (event := _parsed(message.body)) is None:
-                    continue
-                self.done = self.done or event.final
-                if event.final or self.quiet_through is None or offset > self.quiet_through:
-                    yield offset, event
+                for item in self._passed(message, offset):
+                    yield item
+
         finally:
             if not channel.is_closed:
                 with contextlib.suppress(*BROKER_ERRORS):  # closing cancels the consumer
                     await channel.close()
+
+    def _passed(
+        self, message: AbstractIncomingMessage, offset: int
+    ) -> list[tuple[int, SessionEvent]]:
+        """What of the message at `offset` is to be shown, all of it now passed."""
+        seen_through = self.next_id - 1  # ids up to here a client has had
+        self.next_id = event_id(offset + 1, 0)
+        self.done = self.stop_at is not None and offset >= self.stop_at
+        if _run_of(message) != self.run.run_id:
+            return []
+        shown = []
+        for index, event in enumerate(parse_batch(message.body) or []):
+            repeat = event.seq <= self.last_seq
+            self.last_seq = max(self.last_seq, event.seq)
+            if repeat or event_id(offset, index) <= seen_through:
+                continue
+            self.done = self.done or event.final
+            if event.final or self.quiet_through is None or offset > self.quiet_through:
+                shown.append((event_id(offset, index), event))
+            if event.final:
+                break
+        return shown
 
 
 async def _consume(
@@ -270,7 +293,7 @@ async def follow(
             if now_ > gave_up_at:
                 raise BrokerUnavailable(
                     f"lost RabbitMQ while following run {run.run_id}; "
-                    f"`covey attach {run.run_id} --from {reader.next_offset - 1}` resumes"
+                    f"`covey attach {run.run_id} --from {reader.next_id - 1}` resumes"
                 ) from None
             log.info("session reader reconnecting", run_id=run.run_id, error=str(err))
             await asyncio.sleep(RECONNECT_SECONDS)
@@ -287,7 +310,7 @@ async def _reader(namespace: Namespace, run: RunSession, start: Start, follow: b
         first = start + 1 if run.first_seq > 0 else max(start + 1, run.first_id)
     return _Reader(
         run,
-        next_offset=first,
+        next_id=first,
         stop_at=None if follow else (top if top is not None else -1),
         quiet_through=top if start == "now" else None,
     )

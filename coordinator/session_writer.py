@@ -2,8 +2,9 @@
 
 The agent must never wait for the broker. `write` is synchronous and O(1): it numbers
 the event (`seq`) and appends it to a queue in memory. One background task publishes
-that queue in batches (whatever is queued, up to BATCH events, their confirms awaited
-together) over a connection of the writer's own, which it opens again whenever the
+that queue in batches (whatever is queued, up to MAX_BATCH_EVENTS or MAX_BATCH_BYTES,
+as one stream message, its confirm awaited before the next) over a connection of the
+writer's own, which it opens again whenever the
 broker drops it (every RECONNECT_SECONDS, the outage logged once, not per attempt).
 
 The queue is bounded (MAX_EVENTS, MAX_BYTES). When the broker is gone or blocks
@@ -18,7 +19,7 @@ published before `closed` if the broker allows; what not even that reached is in
 summary `close` returns, for the run's record (`run.finished`'s `session_missing`).
 A session therefore never has a silent gap.
 
-In the background too, the writer finds the offset of its own `opened` event (the
+In the background too, the writer finds the id of its own `opened` event (the
 session's first id) by reading the stream from just before it, and announces the
 session with `session.opened.AGENT` on `covey.events`; `close` ends with
 `session.closed.AGENT`.
@@ -43,17 +44,21 @@ from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
 from coordinator.logs import get_logger
 from coordinator.session import (
     EMITTED_KINDS,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
     MAX_TEXT_CHARS,
     RUN_HEADER,
     STREAM,
     Kind,
-    SessionEvent,
+    Pending,
+    SessionBatch,
+    event_id,
+    parse_batch,
 )
 from coordinator.settings import Settings
 
 log = get_logger(__name__)
 
-BATCH = 500  # events per publish: their confirms are awaited together
 # The bound on unsent events is their memory: 32 MiB is some 130,000 short lines (a
 # backlog a fast agent makes in a second, and a healthy broker clears in seconds).
 MAX_EVENTS = 200_000  # unsent events kept in memory, at most ...
@@ -70,14 +75,12 @@ FIRST_ID_SECONDS = 30.0  # how long the background search for the `opened` offse
 LOOKBACK = timedelta(seconds=1)  # clocks differ: start that search a little early
 LAST_OFFSET = 2**63 - 1
 
-Pending = tuple[int, Kind, datetime, str, dict[str, Any] | None]  # seq, kind, at, text, data
-
 
 @dataclass(frozen=True, slots=True)
 class SessionSummary:
     """What a closed writer tells the run's record."""
 
-    first_id: int | None  # the offset of the `opened` event, when it was found
+    first_id: int | None  # the id of the `opened` event, when it was found
     since: datetime  # when the session opened
     missing: list[list[int]]  # seq ranges [first, last] never confirmed by the broker
 
@@ -172,8 +175,7 @@ class SessionWriter:
         text = text[:MAX_TEXT_CHARS]  # the run log keeps it whole
         self._queue.append((seq, kind, at or datetime.now(UTC), text, data))
         self._bytes += len(text) + EVENT_BYTES
-        while len(self._queue) > self._max_events or self._bytes > self._max_bytes:
-            self._drop_oldest()
+        self._keep_bound()
         self._wake.set()
         return seq
 
@@ -183,9 +185,21 @@ class SessionWriter:
             self.write(cast(Kind, kind), text, data)
 
     def lines(self, texts: Iterable[str], at: datetime) -> None:
-        """Queue lines the agent printed, that arrived together at `at`."""
-        for text in texts:
-            self.write("line", text, at=at)
+        """Queue lines the agent printed, that arrived together at `at`: as `write` does,
+        all at once (a fast agent's lines come hundreds to a chunk of its output)."""
+        first = self._next_seq
+        lines: list[Pending] = [
+            (first + n, "line", at, text[:MAX_TEXT_CHARS], None) for n, text in enumerate(texts)
+        ]
+        self._next_seq += len(lines)
+        self._queue.extend(lines)
+        self._bytes += sum(len(line[3]) for line in lines) + EVENT_BYTES * len(lines)
+        self._keep_bound()
+        self._wake.set()
+
+    def _keep_bound(self) -> None:
+        while len(self._queue) > self._max_events or self._bytes > self._max_bytes:
+            self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         seq, _, _, text, _ = self._queue.popleft()
@@ -226,25 +240,22 @@ class SessionWriter:
             await asyncio.sleep(0)
 
     def _take_batch(self) -> None:
-        count = min(BATCH, len(self._queue))
-        self._batch = [self._queue.popleft() for _ in range(count)]
-        self._bytes -= sum(len(item[3]) + EVENT_BYTES for item in self._batch)
+        """The next message's events: what is queued, up to MAX_BATCH_EVENTS and about
+        MAX_BATCH_BYTES (at least one event, however long)."""
+        batch = [self._queue.popleft()]
+        size = len(batch[0][3]) + EVENT_BYTES
+        while self._queue and len(batch) < MAX_BATCH_EVENTS:
+            cost = len(self._queue[0][3]) + EVENT_BYTES
+            if size + cost > MAX_BATCH_BYTES:
+                break
+            batch.append(self._queue.popleft())
+            size += cost
+        self._batch = batch
+        self._bytes -= size
 
     async def _publish(self, batch: list[Pending]) -> None:
         gateway = await self._connected()
-        events = [
-            SessionEvent(
-                run_id=self.run_id,
-                agent=self.agent,
-                seq=seq,
-                kind=kind,
-                at=at,
-                text=text,
-                data=data,
-            )
-            for seq, kind, at, text, data in batch
-        ]
-        await gateway.publish_session(events)
+        await gateway.publish_session(SessionBatch.of(self.run_id, self.agent, batch))
 
     async def _connected(self) -> Gateway:
         """The writer's own gateway: it reconnects by itself once it has connected."""
@@ -284,7 +295,7 @@ class SessionWriter:
         await self._control("session.opened", self._settings.connect_timeout)
 
     async def _find_first_id(self) -> int | None:
-        """The offset of this run's `opened` event, read from the stream from just
+        """The id of this run's `opened` event, read from the stream from just
         before it was written (a time, not an offset: the cost is what was written
         since, whatever the stream's length). None if it cannot be found in time."""
         deadline = time.monotonic() + FIRST_ID_SECONDS
@@ -307,8 +318,11 @@ class SessionWriter:
                 run = (item.message.headers or {}).get(RUN_HEADER)
                 if isinstance(run, bytes):
                     run = run.decode(errors="replace")
-                if run == self.run_id and SessionEvent.model_validate_json(item.body).seq == 0:
-                    return item.offset
+                if run != self.run_id:
+                    continue
+                for index, event in enumerate(parse_batch(item.body) or []):
+                    if event.seq == 0:
+                        return event_id(item.offset, index)
         return None
 
     async def _control(self, kind: EventKind, timeout: float, **fields: Any) -> None:

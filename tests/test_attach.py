@@ -1,8 +1,9 @@
 """Reading sessions back (issue #13): `covey attach`, `covey sessions`, and the Python API.
 
 Until `covey run` publishes sessions itself, a `FakeRun` here writes what a run's writer
-would, exactly as the design says: `SessionEvent`s to the `covey.sessions` exchange
-(persistent, type covey.session.v1, the run in the `x-covey-run` header, JSON body), the
+would, exactly as the design says: batches of `SessionEvent`s to the `covey.sessions`
+exchange, one message a batch (persistent, type covey.session.v1, the run in the
+`x-covey-run` header, its first seq and count in two more, a JSON array body), the
 `session.opened`/`session.closed` control events, and the run's `run.started` and
 `run.finished` records. Everything else is real: the broker, the `covey` processes.
 """
@@ -26,7 +27,15 @@ from faultkit import cut, stop, world_on
 from coordinator.events import EVENT_TYPE, Event
 from coordinator.localbroker import LocalBroker
 from coordinator.runner import new_run_id
-from coordinator.session import RUN_HEADER, SESSION_TYPE, STREAM, SessionEvent
+from coordinator.session import (
+    COUNT_HEADER,
+    FIRST_SEQ_HEADER,
+    IDS_PER_OFFSET,
+    RUN_HEADER,
+    SESSION_TYPE,
+    STREAM,
+    SessionEvent,
+)
 from coordinator.topology import EVENTS_EXCHANGE
 
 
@@ -38,6 +47,7 @@ class FakeRun:
         self.seq = 0
         self.connection: aio_pika.abc.AbstractConnection | None = None
         self.channel: aio_pika.abc.AbstractChannel | None = None
+        self.last_batch: list[SessionEvent] = []  # to publish again, as after a lost confirm
 
     async def __aenter__(self) -> FakeRun:
         self.connection = await aio_pika.connect(
@@ -54,24 +64,34 @@ class FakeRun:
         await self.emit_many([(kind, text, data)])
 
     async def emit_many(self, events: list[tuple[str, str, dict[str, Any] | None]]) -> None:
-        """Publish a batch, then await its confirms together (as the writer does)."""
-        assert self.channel is not None
-        exchange = await self.channel.get_exchange(STREAM, ensure=False)
-        confirms = []
+        """Publish a batch as one message, and await its confirm (as the writer does)."""
+        batch = []
         for kind, text, data in events:
             event = SessionEvent(
                 run_id=self.run_id, agent=self.agent, seq=self.seq, kind=kind, text=text, data=data
             )  # type: ignore[arg-type]
             self.seq += 1
-            message = aio_pika.Message(
-                event.model_dump_json().encode(),
-                content_type="application/json",
-                type=SESSION_TYPE,
-                headers={RUN_HEADER: self.run_id},
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
-            confirms.append(exchange.publish(message, ""))
-        await asyncio.gather(*confirms)
+            batch.append(event)
+        await self.publish(batch)
+
+    async def publish(self, batch: list[SessionEvent]) -> None:
+        assert self.channel is not None
+        exchange = await self.channel.get_exchange(STREAM, ensure=False)
+        first_seq, count = batch[0].seq, len(batch)
+        headers = {RUN_HEADER: self.run_id, FIRST_SEQ_HEADER: first_seq, COUNT_HEADER: count}
+        message = aio_pika.Message(
+            json.dumps([e.model_dump(mode="json") for e in batch]).encode(),
+            content_type="application/json",
+            type=SESSION_TYPE,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await exchange.publish(message, "")
+        self.last_batch = batch
+
+    async def publish_again(self) -> None:
+        """The last batch once more: its confirm was lost, so the writer sends it again."""
+        await self.publish(self.last_batch)
 
     async def lines(self, texts: list[str]) -> None:
         await self.emit_many([("line", t, None) for t in texts])
@@ -241,6 +261,71 @@ async def test_no_follow_stops_at_what_is_there_and_the_api_reads_the_same(
     assert [i for i, _ in events] == sorted({i for i, _ in events})
 
 
+async def test_a_batch_published_twice_shows_once(applied: World) -> None:
+    """A writer whose confirm was lost publishes the batch again: the stream then holds its
+    events twice, and readers show them once (by seq), ids still increasing."""
+    async with FakeRun(applied.amqp_url) as run, FakeRun(applied.amqp_url, "writer") as other:
+        await run.open()
+        await run.lines(["a", "b", "c"])
+        await other.lines(["not scout's"])
+        await run.publish_again()
+        await run.lines(["d"])
+        await run.publish_again()
+        await run.close()
+    everything = ids_of(await asyncio.to_thread(applied.ok, "attach", run.run_id, "--json"))
+    assert [e["kind"] for e in everything] == ["opened", *["line"] * 4, "closed"]
+    assert [e["text"] for e in everything[1:-1]] == ["a", "b", "c", "d"]
+    assert [e["seq"] for e in everything] == list(range(6))
+    ids = [e["id"] for e in everything]
+    assert ids == sorted(set(ids))
+    # Resumed from each id but the last (`closed`: nothing follows it, it would wait):
+    # exactly what follows it, the repeats passed by there too.
+    for n, seen in enumerate(everything[:-1]):
+        rest = ids_of(
+            await asyncio.to_thread(
+                applied.ok, "attach", run.run_id, "--from", str(seen["id"]), "--json"
+            )
+        )
+        assert rest == everything[n + 1 :], seen
+    async with applied.open() as covey:
+        events = [(i, e) async for i, e in covey.attach(run.run_id)]
+    assert [e.seq for _, e in events] == list(range(6))
+
+
+async def test_resuming_from_an_id_inside_a_batch_gives_exactly_what_follows(
+    applied: World,
+) -> None:
+    async with FakeRun(applied.amqp_url) as run, FakeRun(applied.amqp_url, "writer") as other:
+        await run.open()
+        await run.lines([f"line {n}" for n in range(5)])  # one message, five events
+        await other.lines(["other"])
+        await run.emit_many([("status", "busy", None), ("line", "line 5", None)])
+        await run.close()
+    everything = ids_of(await asyncio.to_thread(applied.ok, "attach", run.run_id, "--json"))
+    texts = [e["text"] for e in everything[1:-1]]
+    assert texts == [*(f"line {n}" for n in range(5)), "busy", "line 5"]
+    ids = [e["id"] for e in everything]
+    assert ids == sorted(set(ids)) and len(ids) == 9
+    batch = ids[1:6]  # the five lines: one message, consecutive ids
+    assert batch == list(range(batch[0], batch[0] + 5))
+    assert batch[0] % IDS_PER_OFFSET == 0
+    for n in (1, 3, 5, 6):  # the first, middle and last of the batch, and the one after
+        rest = ids_of(
+            await asyncio.to_thread(
+                applied.ok, "attach", run.run_id, "--from", str(ids[n]), "--json"
+            )
+        )
+        assert rest == everything[n + 1 :], n
+    text = await asyncio.to_thread(applied.ok, "attach", run.run_id, "--from", str(ids[3]))
+    assert text.splitlines() == [
+        "line 3",
+        "line 4",
+        "[status] busy",
+        "line 5",
+        f"[closed] run {run.run_id} of scout: ok (exit code 0)",
+    ]
+
+
 def test_an_unknown_run_is_one_line_and_exit_2(applied: World) -> None:
     for name in ("20200101T000000-abcdef", "no-such-run"):
         result = applied.covey("attach", name)
@@ -361,8 +446,8 @@ async def test_retention_is_explicit_a_notice_first_or_exit_9(world: World) -> N
         await run.open()
         await run.lines([f"early {n}" for n in range(10)])
         await flood.open()
-        for _ in range(40):
-            await flood.lines(["x" * 10_000] * 10)
+        for _ in range(40):  # 400 messages, in 1 MiB segments, ten confirms awaited together
+            await asyncio.gather(*(flood.lines(["x" * 10_000]) for _ in range(10)))
         await _retention_removed_something(world.amqp_url)
         await run.lines(["late"])
         await run.close()
@@ -373,7 +458,7 @@ async def test_retention_is_explicit_a_notice_first_or_exit_9(world: World) -> N
         await asyncio.to_thread(world.ok, "attach", run.run_id, "--from", "2", "--json")
     )
     assert resumed[0]["kind"] == "expired"
-    assert resumed[0]["data"] == {"from": 3, "to": first - 1}
+    assert resumed[0]["data"] == {"from": 3, "to": first * IDS_PER_OFFSET - 1}
     assert [e["text"] for e in resumed[1:] if e["kind"] == "line"] == ["late"]
     assert resumed[-1]["kind"] == "closed"
     text = await asyncio.to_thread(world.ok, "attach", run.run_id)

@@ -25,7 +25,14 @@ from faultkit import world_on
 from test_security import as_user, credentials, secured  # noqa: F401 (a fixture)
 
 from coordinator.localbroker import LocalBroker
-from coordinator.session import RUN_HEADER, SESSION_TYPE, SessionEvent
+from coordinator.session import (
+    COUNT_HEADER,
+    FIRST_SEQ_HEADER,
+    IDS_PER_OFFSET,
+    RUN_HEADER,
+    SESSION_TYPE,
+    SessionEvent,
+)
 
 Read = list[tuple[int, SessionEvent]]
 
@@ -34,7 +41,8 @@ async def read_session(
     url: str, run_id: str, first: int | str = "first", quiet: float = 3.0
 ) -> Read:
     """Every event of `run_id` in covey.sessions from offset `first`, up to its `closed`
-    (or until the stream is quiet for `quiet` seconds)."""
+    (or until the stream is quiet for `quiet` seconds), with its id: a message carries a
+    batch of the run's events, the id is `offset * IDS_PER_OFFSET + index`."""
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
@@ -53,9 +61,13 @@ async def read_session(
                 if (message.headers or {}).get(RUN_HEADER) != run_id:
                     continue
                 assert message.type == SESSION_TYPE and message.content_type == "application/json"
-                event = SessionEvent.model_validate_json(message.body)
-                found.append((int(message.headers["x-stream-offset"]), event))  # type: ignore[arg-type]
-                if event.kind == "closed":
+                batch = [SessionEvent.model_validate(e) for e in json.loads(message.body)]
+                assert 0 < len(batch) < IDS_PER_OFFSET
+                assert message.headers[COUNT_HEADER] == len(batch)
+                assert message.headers[FIRST_SEQ_HEADER] == batch[0].seq
+                offset = int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
+                found.extend((offset * IDS_PER_OFFSET + i, e) for i, e in enumerate(batch))
+                if batch[-1].kind == "closed":
                     return found
         finally:
             await stream.cancel(tag)
@@ -97,7 +109,7 @@ async def covey_run(world: World, *args: str, timeout: float = 120) -> tuple[int
     return process.returncode, out.decode() + err.decode()
 
 
-async def stream_bodies(url: str, name: str) -> list[dict[str, Any]]:
+async def stream_bodies(url: str, name: str) -> list[Any]:
     """The JSON bodies of every message in stream `name`, from its start."""
     connection = await aio_pika.connect(url)
     async with connection:
@@ -163,7 +175,7 @@ def test_a_run_publishes_its_session_in_order_and_announces_it(applied: World) -
     for kind in ("session.opened", "session.closed"):
         event = by_kind[kind]
         assert event["run_id"] == run_id and event["stream"] == "covey.sessions"
-        assert event["first_id"] == events[0][0], "first_id is the offset of `opened`"
+        assert event["first_id"] == events[0][0], "first_id is the id of `opened`"
         assert datetime.fromisoformat(event["since"]) == opened.at
     assert by_kind["session.closed"]["outcome"] == "failed"
     assert "session_missing" not in by_kind["session.closed"]
@@ -215,8 +227,9 @@ def test_a_run_that_never_starts_has_no_session(applied: World) -> None:
 
 
 async def read_all(url: str) -> list[tuple[str, str]]:
-    """(agent, kind) of every event in covey.sessions."""
-    return [(e["agent"], e["kind"]) for e in await stream_bodies(url, "covey.sessions")]
+    """(agent, kind) of every event in covey.sessions (each message a batch of them)."""
+    batches = await stream_bodies(url, "covey.sessions")
+    return [(e["agent"], e["kind"]) for batch in batches for e in batch]
 
 
 # -- a broker that blocks publishers ---------------------------------------------------
