@@ -247,6 +247,9 @@ with open(out, "w") as f:
 """
 
 
+ALARM_SECONDS = 6.0
+
+
 @pytest.fixture(scope="module")
 def node() -> Iterator[LocalBroker]:
     with LocalBroker() as broker:
@@ -271,7 +274,7 @@ def test_a_memory_alarm_neither_slows_the_agent_nor_leaves_a_silent_gap(
             await asyncio.sleep(0.3)  # the agent has started
             node.ctl("set_vm_memory_high_watermark", "0")  # the broker blocks publishers
             try:
-                await asyncio.sleep(3)
+                await asyncio.sleep(ALARM_SECONDS)
             finally:
                 node.ctl("set_vm_memory_high_watermark", "0.4")
             return await running
@@ -279,7 +282,9 @@ def test_a_memory_alarm_neither_slows_the_agent_nor_leaves_a_silent_gap(
         code, output = asyncio.run(scenario())
         assert code == 0, output
         alarmed = float(took.read_text())
-        assert alarmed < calm * 2 + 1.0, (calm, alarmed)
+        # An agent held up by the alarm would take over ALARM_SECONDS: the bound is generous
+        # for a busy machine and still well below that.
+        assert alarmed < min(calm * 2 + 2.5, ALARM_SECONDS - 1), (calm, alarmed)
         log_dir = on.state_dir / "runs" / "printer"
         run_id = run_id_of(log_dir)
         logged = [
