@@ -232,6 +232,20 @@ async def cmd_attach(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_stop(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.display import printable
+
+    finished = await covey.stop(args.run, reason=args.reason, wait=args.wait)
+    data = finished.model_dump(mode="json", exclude_none=True)
+    what = f"{finished.agent} run {finished.run_id}"
+    if finished.stopped_by is not None:
+        text = f"Stopped {what} after {_took(finished.duration_seconds)} ({finished.reason})."
+    else:  # it ended by itself before the request reached it
+        text = f"{what} ended {finished.outcome} before the stop reached it."
+    _emit(args, data, printable(text))
+    return 0
+
+
 async def _show_session(events: Any, printer: Any) -> None:
     async with contextlib.aclosing(events):
         async for event_id, event in events:
@@ -721,6 +735,15 @@ def _add_supervision_commands(commands: _Commands) -> None:
     attach.add_argument(
         "--no-follow", action="store_true", help="stop at what is there now, live or not"
     )
+    stop = commands.add("stop", cmd_stop, "stop a live run, from anywhere; waits for it to end")
+    stop.add_argument("run", metavar="RUN_ID|AGENT", help="a run id, or an agent: its live run")
+    stop.add_argument("--reason", metavar="TEXT", help="why (kept in the run's record)")
+    stop.add_argument(
+        "--wait",
+        type=_duration,
+        metavar="DURATION",
+        help="how long to wait for it to end (default: its grace plus 30 s)",
+    )
     sessions = commands.add("sessions", cmd_sessions, "live and recent sessions, oldest first")
     sessions.add_argument(
         "--follow", action="store_true", help="then print each new one as it opens"
@@ -892,6 +915,10 @@ async def _run(args: argparse.Namespace) -> int:
     except Exception as err:
         if os.environ.get("COVEY_DEBUG"):
             raise
+        if refused := _refused(err):
+            # The broker said no to this user, which is an answer, not a lost connection.
+            print(f"covey: RabbitMQ refused: {printable(refused)}", file=sys.stderr)
+            return int(ExitCode.BROKER_UNAVAILABLE)
         if _lost_broker(err):
             print(f"covey: lost RabbitMQ ({err}); check that it runs, then retry", file=sys.stderr)
             return int(ExitCode.BROKER_UNAVAILABLE)
@@ -900,6 +927,18 @@ async def _run(args: argparse.Namespace) -> int:
         if covey is not None:
             with contextlib.suppress(Exception):  # the answer is given; closing is best effort
                 await covey.close()
+
+
+def _refused(err: Exception) -> str | None:
+    """The broker's words, when it refused this user an operation (a provisioned
+    participant reaching beyond its permissions); None for any other error."""
+    import aiormq  # loaded already, if a broker was involved
+
+    if not isinstance(err, aiormq.exceptions.ChannelAccessRefused):
+        return None
+    from coordinator.gateway import reply_text
+
+    return f"{reply_text(err)}: this user lacks the permission (`covey provision` grants them)"
 
 
 def _bug(err: Exception) -> int:

@@ -49,6 +49,7 @@ from coordinator.topology import CHANGELOG_STREAM
 if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
     from coordinator.changelog import Entry, Logged
     from coordinator.emit import Emitter
+    from coordinator.events import Event
     from coordinator.gateway import Gateway
     from coordinator.session import SessionEvent
     from coordinator.session_reader import Start
@@ -395,6 +396,20 @@ class Covey:
         finally:
             await entries.aclose()  # a stream consumer must be cancelled, not left
         return found
+
+    async def stop(
+        self, run_or_agent: str, reason: str | None = None, wait: float | None = None
+    ) -> Event:
+        """Stop a live run (a run id, or an agent: its live run) as this participant, and
+        return its `run.finished` once it has ended; see stopping.request_stop. `wait`
+        defaults to the agent's grace plus 30 s."""
+        from coordinator.stopping import request_stop
+
+        try:
+            asker: str | None = str(self.me)
+        except CoveyError:  # nobody named (no --as, COVEY_AGENT or identity): still a stop
+            asker = None
+        return await request_stop(self.namespace, run_or_agent, asker, reason, wait)
 
     def attach(
         self, run_or_agent: str, start: Start = "start", follow: bool = True

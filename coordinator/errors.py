@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     TIMED_OUT = 7  # `covey run`: the agent ran past its timeout and was stopped
     LOCK_LOST = 8  # `covey run`: the lock connection dropped mid-run; the agent was stopped
     NOT_RETAINED = 9  # `covey attach`: retention removed the session ([sessions] in covey.toml)
+    NOT_RUNNING = 10  # `covey stop`: the run has ended, or the agent is not running
     INTERNAL = 70  # a bug in covey (EX_SOFTWARE)
 
 
@@ -73,6 +74,12 @@ class NotRetained(CoveyError):
     nothing left to show; its run log on the host that ran it has every line."""
 
     exit_code = ExitCode.NOT_RETAINED
+
+
+class NotRunning(CoveyError):
+    """`covey stop` found nothing to stop: the run has ended, or the agent is not running."""
+
+    exit_code = ExitCode.NOT_RUNNING
 
 
 class InvalidEnvelope(ValueError):

@@ -1,9 +1,11 @@
-"""Control events on `covey.events`: runs requested, started and finished, locks taken and freed.
+"""Control events on `covey.events`: runs requested, started, stopped and finished; locks; sessions.
 
 Routing keys are `KIND.SUBJECT` — `run.started.scout`, `lock.released.global` —
 so a dashboard subscribes to `#`, a waiter to one lock, a supervisor to
 `run.requested.*`. Run events are also kept in the `covey.runs` stream (bound
 in the topology), where they outlive the processes that published them.
+
+`stop.requested.AGENT` asks the run it names to stop (`covey stop`, see stopping.py).
 
 `session.opened.AGENT` and `session.closed.AGENT` say where a run's session is (its
 stream and its first id), so that a client that did not start the run can find it
@@ -31,6 +33,7 @@ EventKind = Literal[
     "lock.released",
     "session.opened",
     "session.closed",
+    "stop.requested",
 ]
 
 
@@ -55,7 +58,10 @@ class Event(BaseModel):
     lock: str | None = None  # lock.*
     wait_seconds: float | None = None  # lock.acquired: how long it took to get
     held_seconds: float | None = None  # lock.released: how long it was held
-    requested_by: str | None = None  # run.requested
+    requested_by: str | None = None  # run.requested, stop.requested: who asks, as they say
+    # run.finished (outcome stopped): who asked it to stop, as the broker vouched for it
+    # (see stopping.py); `reason` says why, when they said
+    stopped_by: str | None = None
     # lock.acquired: this acquisition's; run.*: that of the agent's own lock. One more than
     # the slot's previous holder's, so a resource can refuse a holder older than one it saw.
     fencing_token: int | None = None

@@ -126,11 +126,11 @@ def translated(what: str) -> Iterator[None]:
                 f"cannot {what}: its RabbitMQ node is down or still starting; retry in a moment"
             ) from None
         raise TopologyMissing(
-            f"cannot {what}: {_reply_text(err)}; run `covey topology apply`"
+            f"cannot {what}: {reply_text(err)}; run `covey topology apply`"
         ) from None
     except aiormq.exceptions.ChannelAccessRefused as err:
         raise BrokerUnavailable(
-            f"RabbitMQ refused to {what} ({_reply_text(err)}): this user lacks the permission"
+            f"RabbitMQ refused to {what} ({reply_text(err)}): this user lacks the permission"
         ) from None
     except TimeoutError:
         raise BrokerUnavailable(f"RabbitMQ did not answer in time to {what}") from None
@@ -138,7 +138,7 @@ def translated(what: str) -> Iterator[None]:
         raise BrokerUnavailable(f"lost RabbitMQ while trying to {what} ({err})") from None
 
 
-def _reply_text(err: BaseException) -> str:
+def reply_text(err: BaseException) -> str:
     """The broker's reply text of a channel error, without aiormq's tuple around it."""
     args = err.args[0] if err.args else err
     return str(args[1] if isinstance(args, tuple) and len(args) > 1 else args)

@@ -389,8 +389,13 @@ async def slot_state(gateway: Gateway, queue: str) -> tuple[bool, Holder | None]
 
 async def _holder_of(gateway: Gateway, note_queue: str) -> Holder | None:
     """Who the slot's note says holds it, for showing; None when the note is missing or
-    unreadable (unlike `_holder_from`, which must count an unreadable note as unreleased)."""
-    note = await gateway.read_note(note_queue)
+    unreadable (unlike `_holder_from`, which must count an unreadable note as unreleased).
+    A person in a provisioned namespace may not read agents' notes: to them the slot is
+    held by someone unnamed."""
+    try:
+        note = await gateway.read_note(note_queue)
+    except aiormq.exceptions.ChannelAccessRefused:
+        return None
     try:
         return Holder.model_validate_json(note) if note is not None else None
     except ValidationError:

@@ -18,6 +18,8 @@ needs (RabbitMQ checks every operation against these regular expressions):
   listens for `session.*` events, but publishes neither: a session is written by
   the `covey run` that runs the agent (an agent's own events reach it through the
   run, not the broker), so no agent can write into another's session;
+* a person may stop any run (`covey stop`); an agent may stop none, so no agent
+  can stop another's run;
 * a supervisor host declares the topology, takes every agent's lock, moves
   cursors, records runs and publishes their sessions, but may not read anyone's
   mailbox queue.
@@ -140,7 +142,7 @@ def participant_grant(address: Address, prefix: str, locks: Mapping[str, int]) -
         re.escape(SESSIONS),
     ]
     waits = r"lock\.released\..*"  # to wait for a lock
-    sessions = r"session\..*"  # to learn of sessions: listened for, never published
+    heard = [r"session\..*"]  # to learn of sessions: listened for, never published
     if address.kind == "agent":
         own_lock = LOCK_PREFIX + f"agent.{address.name}"
         slots = [re.escape(q) + SLOT_NOTES for q in (own_lock, *lock_slots(locks))]
@@ -148,8 +150,11 @@ def participant_grant(address: Address, prefix: str, locks: Mapping[str, int]) -
         mine, notes, events = [SERVER_NAMED, *slots, cursor], _any_of(*slots, cursor), [waits]
         publish_to.append(re.escape(NOTES_EXCHANGE))
         readable.append(re.escape(NOTES_EXCHANGE))  # to bind a note queue to it
-    else:  # a person also asks for runs (`covey run NAME --via-supervisor`) and reads them
-        mine, notes, events = [SERVER_NAMED], NOTHING, [waits, r"run\.requested\..*"]
+    else:  # a person also asks for runs (`covey run NAME --via-supervisor`) and reads them,
+        # and stops them (`covey stop`), hearing each end; an agent may stop no run at all
+        mine, notes = [SERVER_NAMED], NOTHING
+        events = [waits, r"run\.requested\..*", r"stop\.requested\..*"]
+        heard.append(r"run\.finished\..*")
         readable.append(re.escape(RUNS_STREAM))
     return Grant(
         user=user_of(address, prefix),
@@ -160,7 +165,7 @@ def participant_grant(address: Address, prefix: str, locks: Mapping[str, int]) -
         read=_any_of(*readable, *mine),
         topics={
             NOTES_EXCHANGE: Topic(notes, notes),
-            EVENTS_EXCHANGE: Topic(_any_of(*events), _any_of(*events, sessions)),
+            EVENTS_EXCHANGE: Topic(_any_of(*events), _any_of(*events, *heard)),
             # Mail to anyone; and belt and braces: even with read on `covey`, no key to
             # bind with.
             MAIL_EXCHANGE: Topic(write=".*", read=NOTHING),

@@ -23,6 +23,7 @@ RUNNING = "running"
 LOST = "lost"
 EVENTS_PER_RUN = 2
 SCAN_FACTOR = 10  # with an agent filter, read this many times more events
+RECORDS_SCANNED = 1000  # runs looked at to find one by its id
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RunRecord:
     exit_code: int | None = None
     duration_seconds: float | None = None
     reason: str | None = None
+    stopped_by: str | None = None  # who asked it to stop (`covey stop`), as the broker vouched
     fencing_token: int | None = None  # of the agent's own lock
     fencing_tokens: dict[str, int] | None = None  # of every lock the run held
     lease_wait_seconds: float | None = None  # waited for a previous holder's lease to lapse
@@ -59,6 +61,7 @@ class RunRecord:
             "exit_code": self.exit_code,
             "duration_seconds": self.duration_seconds,
             "reason": self.reason,
+            "stopped_by": self.stopped_by,
             "fencing_token": self.fencing_token,
             "fencing_tokens": self.fencing_tokens,
             "lease_wait_seconds": self.lease_wait_seconds,
@@ -93,11 +96,18 @@ async def recent_runs(
             record.exit_code = event.exit_code
             record.duration_seconds = event.duration_seconds
             record.reason = event.reason
+            record.stopped_by = event.stopped_by
     newest = sorted(records.values(), key=lambda r: r.at)[-limit:]
     for record in newest:
         if record.outcome == RUNNING and not await _still_running(gateway, record):
             record.outcome = LOST
     return newest
+
+
+async def find_record(gateway: Gateway, run_id: str) -> RunRecord | None:
+    """The record of run `run_id`, if it is among the newest RECORDS_SCANNED runs."""
+    runs = await recent_runs(gateway, limit=RECORDS_SCANNED)
+    return next((r for r in runs if r.run_id == run_id), None)
 
 
 async def _still_running(gateway: Gateway, record: RunRecord) -> bool:

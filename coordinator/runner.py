@@ -52,6 +52,7 @@ from coordinator.roster import AGENT_FILE, INSTRUCTIONS_FILE, NO_LOCK, Agent
 from coordinator.session import STREAM as SESSIONS
 from coordinator.session_writer import SessionSummary, SessionWriter
 from coordinator.settings import Settings
+from coordinator.stopping import StopSignal, listening
 
 log = get_logger(__name__)
 
@@ -145,6 +146,7 @@ class Ending:
     hook: str | None = None  # the preflight check that failed
     log_path: Path | None = None  # the agent's output, once it was started
     session: SessionSummary | None = None  # its session, once it was started
+    stopped_by: str | None = None  # who asked it to stop, when `covey stop` did
 
 
 class NotStarted(Exception):
@@ -169,7 +171,8 @@ class RunContext:
     run_id: str
     launch: Launch
     wait_lock: float  # how long to wait for each lock
-    stop: asyncio.Event  # set: stop the agent, or do not start it
+    stop: asyncio.Event  # set: stop the agent, or do not start it (SIGTERM, a supervisor's end)
+    asked: StopSignal  # this run alone asked to stop, once it started (`covey stop`)
     echo: Echo | None
     record: _Recorder
 
@@ -197,6 +200,7 @@ class RunContext:
             launch=Launch.prepare(snapshot.settings, agent, run_id),
             wait_lock=agent.config.wait_lock if wait_lock is None else wait_lock,
             stop=stop or asyncio.Event(),
+            asked=StopSignal(),
             echo=echo,
             record=_Recorder(namespace, agent.name, run_id, trigger, observe),
         )
@@ -457,6 +461,7 @@ class _Recorder:
                 duration_seconds=round(duration, 3),
                 reason=ending.reason,
                 hook=ending.hook,
+                stopped_by=ending.stopped_by,
                 fencing_token=self.token,
                 fencing_tokens=self.tokens or None,
                 lease_wait_seconds=self.lease_wait,
@@ -520,8 +525,15 @@ def _before_exec(parent: int, guard: Guard) -> Callable[[], None]:
 
 async def _execute(run: RunContext, locks: LockSession, news: str) -> Ending:
     """Start the agent's process, guarded, and see it to its end; its output goes to the
-    run's log, all of it written and the file closed before this returns."""
-    await run.record.started()
+    run's log, all of it written and the file closed before this returns. From just
+    before `run.started` is recorded, a stop request for the run is heard."""
+    senders = run.snapshot.senders
+    async with listening(run.namespace, run.agent.name, run.run_id, run.asked, senders):
+        await run.record.started()
+        return await _execute_heard(run, locks, news)
+
+
+async def _execute_heard(run: RunContext, locks: LockSession, news: str) -> Ending:
     log_path = run.launch.run_dir / f"{run.run_id}.log"
     log.info("started", command=run.launch.argv, log=str(log_path))
     session: SessionWriter | None = None
@@ -603,11 +615,12 @@ async def _supervise(
     exited = asyncio.create_task(process.wait())
     lost = asyncio.create_task(locks.lost.wait())
     stopped = asyncio.create_task(run.stop.wait())
+    asked = asyncio.create_task(run.asked.wait())
     unguarded = asyncio.create_task(guard.process.wait())
     config = run.agent.config
     try:
         done, _ = await asyncio.wait(
-            {exited, lost, stopped, unguarded},
+            {exited, lost, stopped, asked, unguarded},
             timeout=config.timeout,
             return_when=asyncio.FIRST_COMPLETED,
         )
@@ -622,11 +635,13 @@ async def _supervise(
         await _terminate(process, config.grace)
         if stopped in done:
             return Ending(Outcome.STOPPED, reason="told to stop; the agent was stopped")
+        if asked in done and (request := run.asked.request) is not None:
+            return Ending(Outcome.STOPPED, reason=request.describe(), stopped_by=request.by)
         if unguarded in done:
             return Ending(Outcome.FAILED, reason="its guard process died; the agent was stopped")
         return Ending(Outcome.TIMEOUT, reason=f"ran past its {config.timeout:g} s timeout")
     finally:
-        await _wind_down(pump, exited, lost, stopped, unguarded, feeding)
+        await _wind_down(pump, exited, lost, stopped, asked, unguarded, feeding)
 
 
 async def _wind_down(pump: asyncio.Task[None], *watchers: asyncio.Task[object] | None) -> None:

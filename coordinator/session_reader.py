@@ -57,7 +57,6 @@ PREFETCH = 500
 # other runs wrote in that time.
 CLOCK_MARGIN = timedelta(seconds=30)
 AGENT_RUNS_SCANNED = 20  # an agent's newest runs, among which its newest that started
-RECORDS_SCANNED = 1000  # runs looked at in covey.runs to tell "never ran" from "gone"
 LOST_POLL_SECONDS = 0.5  # how often a quiet reader checks its connection is still there
 RECONNECT_GIVE_UP_SECONDS = 60.0  # a broker away longer than this ends the attach (exit 4)
 OPENING_SECONDS = 5.0  # a run recorded as running whose session has not opened yet
@@ -102,13 +101,13 @@ async def find_run(namespace: Namespace, run_or_agent: str) -> RunSession:
         record = started[-1]
         run_id, since = record.run_id, run_started_at(record.run_id) or record.started_at
     elif since is None:  # no moment in it: only a run record can say when it was
-        record = await _record_of(gateway, run_id)
+        record = await records.find_record(gateway, run_id)
         since = record.started_at if record else None
     if since is None:
         raise NotFound(f"no run {run_id!r}: `covey sessions` lists live and recent runs")
     deadline = asyncio.get_running_loop().time() + OPENING_SECONDS
     while (found := await _first_event(gateway, run_id, since)) is None:
-        record = record or await _record_of(gateway, run_id)
+        record = record or await records.find_record(gateway, run_id)
         if record is None:
             raise NotFound(f"no run {run_id!r}: `covey sessions` lists live and recent runs")
         if record.outcome != records.RUNNING or asyncio.get_running_loop().time() > deadline:
@@ -119,11 +118,6 @@ async def find_run(namespace: Namespace, run_or_agent: str) -> RunSession:
             )
         await asyncio.sleep(LOST_POLL_SECONDS)  # started, its session not opened yet
     return found
-
-
-async def _record_of(gateway: Gateway, run_id: str) -> records.RunRecord | None:
-    runs = await records.recent_runs(gateway, limit=RECORDS_SCANNED)
-    return next((r for r in runs if r.run_id == run_id), None)
 
 
 async def _first_event(gateway: Gateway, run_id: str, since: datetime) -> RunSession | None:
