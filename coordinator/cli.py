@@ -493,7 +493,7 @@ async def cmd_provision(covey: Covey, args: argparse.Namespace) -> int:
 async def cmd_demo(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.demo import run_demo
 
-    return await run_demo(covey.settings)
+    return await run_demo(covey.settings, keep=args.keep)
 
 
 # -- output -----------------------------------------------------------------------
@@ -777,7 +777,12 @@ def _add_setup_commands(commands: _Commands) -> None:
     )
     provision.add_argument("--host", help="the supervisor host's name (default: this machine's)")
 
-    commands.add("demo", cmd_demo, "run the example agents in agents/ and show mail flowing")
+    demo = commands.add(
+        "demo", cmd_demo, "run the example agents in agents/ and show mail and a session"
+    )
+    demo.add_argument(
+        "--keep", action="store_true", help="keep its namespace, and say how to look at it"
+    )
 
 
 def _since(text: str) -> int | datetime:

@@ -20,8 +20,10 @@ def main() -> None:
     print(f"digest at start: {'; '.join(news) if news else 'nothing new'}")
     inbox = json.loads(covey("inbox", "--json"))
     print(f"inbox: {len(inbox)} message(s)")
-    for mail in inbox:
+    covey("emit", "status", f"working through {len(inbox)} message(s)")
+    for done, mail in enumerate(inbox, start=1):
         message = json.loads(covey("read", mail["id"], "--json"))
+        covey("emit", "tool", f"covey read {mail['id'][:12]}")
         print(f"read {message['subject']!r} from {message['sender']}")
         if message["recipient"] == "team:research" and message["sender"] != me:
             first_line = message["body"].splitlines()[0]
@@ -33,6 +35,9 @@ def main() -> None:
             covey("send", "all", "Published: summary of queues for agent mail")
             print("told everyone (all)")
         covey("done", mail["id"])
+        fraction = f"{done / len(inbox)}"
+        covey("emit", "progress", f"{done} of {len(inbox)} done", "--fraction", fraction)
+    covey("emit", "result", f"{len(inbox)} message(s) handled")
 
 
 if __name__ == "__main__":
