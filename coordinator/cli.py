@@ -158,30 +158,48 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
-    from prometheus_client import start_http_server
-
-    from coordinator.errors import BadInput
     from coordinator.metrics import Metrics
     from coordinator.supervisor import Supervisor
 
-    metrics = None
-    if not args.no_metrics:
-        metrics = Metrics(covey.namespace)
-        try:
-            server, _ = start_http_server(
-                args.metrics_port, addr=args.metrics_host, registry=metrics.registry
-            )
-        except OSError as err:
-            raise BadInput(
-                f"cannot serve metrics on {args.metrics_host}:{args.metrics_port} "
-                f"({err.strerror}): pick another --metrics-port, or --no-metrics"
-            ) from None
-    try:
+    if args.no_metrics:
+        await Supervisor(covey.namespace, None).serve()
+        return 0
+    from coordinator.web import WebServer, create_app
+
+    metrics = Metrics(covey.namespace)
+    app = create_app(covey.namespace, metrics.registry)
+    server = WebServer.bind(app, args.metrics_host, args.metrics_port, "--metrics-port")
+    async with server.running():
         await Supervisor(covey.namespace, metrics).serve()
-    finally:
-        if metrics is not None:
-            server.shutdown()
     return 0
+
+
+async def cmd_web(covey: Covey, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from coordinator.web import WebServer, create_app
+
+    server = WebServer.bind(create_app(covey.namespace), args.host, args.port)
+    print(f"covey web: http://{args.host}:{server.port}/ (Ctrl-C stops it)", file=sys.stderr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(covey))  # as the supervisor does
+    async with server.running():
+        await stop.wait()
+    return 0
+
+
+def _reload(covey: Covey) -> None:
+    """Read covey.toml and the roster again; a broken covey.toml keeps the old ones."""
+    from coordinator.display import printable
+    from coordinator.errors import CoveyError
+
+    try:
+        covey.namespace.swap(covey.namespace.read_again())
+    except CoveyError as err:
+        print(f"covey: kept the old configuration: {printable(str(err))}", file=sys.stderr)
 
 
 async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
@@ -757,12 +775,24 @@ def _add_supervision_commands(commands: _Commands) -> None:
         "supervise", cmd_supervise, "the daemon: run agents on cron, on mail and on request"
     )
     supervise.add_argument(
-        "--metrics-port", type=int, default=9464, help="Prometheus /metrics (default 9464)"
+        "--metrics-port",
+        "--port",
+        type=int,
+        default=9464,
+        help="the web page, its API and Prometheus /metrics (default 9464)",
     )
     supervise.add_argument(
-        "--metrics-host", default="127.0.0.1", help="address to serve it on (default 127.0.0.1)"
+        "--metrics-host",
+        "--host",
+        default="127.0.0.1",
+        help="address to serve them on (default 127.0.0.1)",
     )
-    supervise.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+    supervise.add_argument(
+        "--no-metrics", action="store_true", help="serve nothing: no page, API or metrics"
+    )
+    web = commands.add("web", cmd_web, "serve the web page and its API alone, running no agents")
+    web.add_argument("--port", type=int, default=9464, help="(default 9464)")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
 
 
 def _add_setup_commands(commands: _Commands) -> None:

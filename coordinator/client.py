@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
-from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound, TopologyMissing
+from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound
 from coordinator.logs import get_logger
 from coordinator.mailbox import (
     Admission,
@@ -44,7 +44,6 @@ from coordinator.names import Address
 from coordinator.namespace import Namespace
 from coordinator.roster import Roster
 from coordinator.settings import Settings
-from coordinator.topology import CHANGELOG_STREAM
 
 if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
     from coordinator.changelog import Entry, Logged
@@ -365,37 +364,8 @@ class Covey:
         limit: int = 20,
     ) -> list[Logged]:
         """Changelog entries, oldest first: the newest `limit`, or the first `limit`
-        from `since` (an offset, or a time)."""
-        from coordinator import changelog, stream
-
-        who = str(Address.participant(author)) if author else None
-
-        def keep(logged: Logged) -> bool:
-            entry = logged.entry
-            return (who is None or entry.author == who) and (tag is None or tag in entry.tags)
-
-        gateway = await self.gateway()
-        try:
-            head = await stream.head(gateway, CHANGELOG_STREAM)
-        except TopologyMissing:
-            return []
-        if head is None:
-            return []
-        senders = self.namespace.snapshot.senders  # is each writer its author?
-        if since is None:
-            newest = await changelog.newest_entries(gateway, 0, head, limit, keep, senders)
-            return list(reversed(newest))
-        found: list[Logged] = []
-        entries = changelog.entries_from(gateway, since, head, senders)
-        try:
-            async for logged in entries:
-                if keep(logged):
-                    found.append(logged)
-                    if len(found) == limit:
-                        break
-        finally:
-            await entries.aclose()  # a stream consumer must be cancelled, not left
-        return found
+        from `since` (an offset, or a time); see Namespace.changelog."""
+        return await self.namespace.changelog(since, author, tag, limit)
 
     async def stop(
         self, run_or_agent: str, reason: str | None = None, wait: float | None = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,6 +36,7 @@ from coordinator.roster import Roster
 from coordinator.settings import Settings
 
 if TYPE_CHECKING:  # aio-pika is the heaviest import: reading mail never needs it
+    from coordinator.changelog import Logged
     from coordinator.client import Covey
     from coordinator.digest import Digest
     from coordinator.gateway import Gateway
@@ -198,6 +200,48 @@ class Namespace:
         async with await LockSession.open(self.settings, holder) as locks:
             await locks.acquire(LockSpec.for_agent(agent), wait=wait)
             await changelog.advance(locks.gateway, agent, offset)
+
+    async def changelog(
+        self,
+        since: int | datetime | None = None,
+        author: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+    ) -> list[Logged]:
+        """Changelog entries, oldest first: the newest `limit`, or the first `limit`
+        from `since` (an offset, or a time); of `author` and with `tag`, when given.
+        Each says whether the broker vouches for its author (`Logged.verified`)."""
+        from coordinator import changelog, stream
+        from coordinator.topology import CHANGELOG_STREAM
+
+        who = str(Address.participant(author)) if author else None
+
+        def keep(logged: Logged) -> bool:
+            entry = logged.entry
+            return (who is None or entry.author == who) and (tag is None or tag in entry.tags)
+
+        gateway = await self.gateway()
+        try:
+            head = await stream.head(gateway, CHANGELOG_STREAM)
+        except TopologyMissing:
+            return []
+        if head is None:
+            return []
+        senders = self.snapshot.senders  # is each writer its author?
+        if since is None:
+            newest = await changelog.newest_entries(gateway, 0, head, limit, keep, senders)
+            return list(reversed(newest))
+        found: list[Logged] = []
+        entries = changelog.entries_from(gateway, since, head, senders)
+        try:
+            async for logged in entries:
+                if keep(logged):
+                    found.append(logged)
+                    if len(found) == limit:
+                        break
+        finally:
+            await entries.aclose()  # a stream consumer must be cancelled, not left
+        return found
 
     # -- runs, for any agent -------------------------------------------------------------
 
