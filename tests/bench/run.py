@@ -5,8 +5,9 @@
 
 Figures (see issue #7): 1 send throughput, 2 drain throughput, 3 round trip,
 4 cold CLI commands, 5 locks, 6 digest far behind, 7 `covey topology apply`
-for 1,000 agents, 8 `covey supervise` idle with them. `--only` takes send,
-drain, roundtrip, cli, locks, digest, topology, supervisor.
+for 1,000 agents, 8 `covey supervise` idle with them, 9 the web server (50 SSE
+clients following a fast run; `/api/agents` on figure 7's roster). `--only` takes
+send, drain, roundtrip, cli, locks, digest, topology, supervisor, web.
 
 Each figure is measured for covey and for the plain aio-pika equivalent,
 interleaved (covey, raw, covey, raw, …) so that a noisy machine hits both
@@ -55,6 +56,7 @@ from fig_cli import bench_cli
 from fig_locks import bench_locks
 from fig_mail import bench_drain, bench_round_trip, bench_send
 from fig_roster import bench_digest, bench_supervisor, bench_topology, topology_size
+from fig_web import bench_web
 
 from coordinator import __version__
 from coordinator.localbroker import LocalBroker
@@ -68,6 +70,7 @@ FIGURES: dict[str, Callable[[Bench], Awaitable[list[Figure]]]] = {
     "digest": bench_digest,
     "topology": bench_topology,
     "supervisor": bench_supervisor,
+    "web": bench_web,
 }
 
 
@@ -78,6 +81,8 @@ def vhosts_needed(names: list[str], bench: Bench) -> int:
     if "topology" in names:
         count += 2 * topology_runs
     elif "supervisor" in names:
+        count += 1
+    if "web" in names and "topology" not in names:  # /api/agents needs a roster of its own
         count += 1
     return count
 

@@ -1,0 +1,319 @@
+"""Figure 9: the web server. 9a-c: 50 SSE clients following one `covey run` whose agent
+prints 1,000 lines a second, against the same 50 on raw aio-pika stream consumers;
+9d: `GET /api/agents` with a large roster.
+
+The agent stamps each line with the moment it printed it (`time.time()`), so a client's
+latency is its clock on receipt minus that stamp (one machine, one clock). It waits for a
+go file before printing, which the bench writes once every client has the run's
+`opened` event: every line is then a live one, for both sides alike."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+from benchlib import (
+    COVEY,
+    Bench,
+    Figure,
+    covey_env,
+    cpu_seconds,
+    percentile,
+    wall_time,
+    write_home,
+    write_roster,
+)
+
+from coordinator.localbroker import free_port
+from coordinator.session import STREAM
+
+CLIENTS = int(__import__("os").environ.get("WEB_CLIENTS", "50"))
+RATE = 1000  # lines a second
+P99_TARGET_MS = 250.0
+AGENTS_TARGET_MS = 200.0
+
+PRINTER = textwrap.dedent(
+    """
+    import os, sys, time
+    go, seconds, rate = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    total, n, began = int(seconds * rate), 0, time.time()
+    while n < total:
+        due = min(total, int((time.time() - began) * rate) + 1)
+        while n < due:
+            sys.stdout.write(f"{time.time():.6f} {n}\\n")
+            n += 1
+        sys.stdout.flush()
+        time.sleep(0.001)
+    """
+)
+
+
+class Client:
+    """One follower's tally: the lines it got, in order, and each one's latency."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.lines = 0
+        self.in_order = True
+        self.latencies: list[float] = []  # seconds
+
+    def line(self, text: str, received: float) -> None:
+        stamp, _, number = text.partition(" ")
+        self.in_order = self.in_order and int(number) == self.lines
+        self.lines += 1
+        self.latencies.append(received - float(stamp))
+
+
+async def follow_sse(base: str, run_id: str, client: Client) -> None:
+    """Read the session's SSE stream to its `end`, parsing only what the tally needs."""
+    async with (
+        httpx.AsyncClient(base_url=base, timeout=120) as http,
+        http.stream("GET", f"/api/sessions/{run_id}/events") as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        pending = b""
+        async for chunk in response.aiter_bytes():
+            received = time.time()
+            blocks = (pending + chunk).split(b"\n\n")
+            pending = blocks.pop()
+            for block in blocks:
+                if b"\nevent: line\n" in block:
+                    data = json.loads(block[block.index(b"data: ") + 6 :])
+                    client.line(data["text"], received)
+                elif b"event: opened" in block:
+                    client.opened.set()
+                elif block.startswith(b"event: end"):
+                    return
+
+
+async def follow_raw(url: str, client: Client) -> None:
+    """The same with plain aio-pika: a connection of its own, a stream consumer from
+    `next` (attached before the run starts: the only run in its namespace then), the
+    run's batches parsed."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=500)
+        queue = await channel.declare_queue(STREAM, passive=True)
+        got: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(got.put, arguments={"x-stream-offset": "next"})
+        client.opened.set()  # attached: from here on, it sees the run's events
+        while True:
+            message = await got.get()
+            received = time.time()
+            await message.ack()
+            for event in json.loads(message.body):
+                if event["kind"] == "line":
+                    client.line(event["text"], received)
+                elif event["kind"] == "closed":
+                    await channel.close()  # cancels the consumer: never left on a stream
+                    return
+
+
+async def bench_web(bench: Bench) -> list[Figure]:
+    seconds = 2.0 if bench.quick else 10.0
+    figures = await _sse_figures(bench, seconds)
+    if not __import__("os").environ.get("WEB_NO_AGENTS"):
+        figures.append(await _agents_figure(bench))
+    return figures
+
+
+async def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    web = subprocess.Popen(
+        [COVEY, "web", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+        while True:
+            try:
+                await http.get("/api/openapi.json")
+                return web, base
+            except httpx.TransportError:
+                if web.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"covey web did not start: {web.communicate()[1]!r}")
+                await asyncio.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def _live_run(base: str, agent: str) -> str:
+    """The id of `agent`'s run once it is recorded as running."""
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        for _ in range(600):
+            runs = (await http.get("/api/runs", params={"agent": agent})).json()
+            live = [r for r in runs if r["outcome"] == "running"]
+            if live:
+                return str(live[-1]["run_id"])
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{agent}'s run never showed as running")
+
+
+async def _sse_figures(bench: Bench, seconds: float) -> list[Figure]:
+    url = await bench.vhost()
+    folder = bench.folder("web")
+    home = write_home(folder / "home", {"printer": []})
+    (home / "agents" / "printer" / "printer.py").write_text(PRINTER)
+    env = covey_env(home, url)
+    await wall_time([COVEY, "topology", "apply"], env)
+    web, base = await _serve(env)
+    try:
+        raw_side = await _one_run(bench, home, env, seconds, folder / "go-raw", raw_url=url)
+        covey_side = await _one_run(
+            bench, home, env, seconds, folder / "go-covey", sse=(base, web.pid)
+        )
+    finally:
+        _stop(web)
+    total = int(seconds * RATE)
+    note = (
+        f"{CLIENTS} clients, one run printing {RATE} lines/s for {seconds:g} s ({total} lines); "
+        "latency: the line's print time to its client's receipt"
+    )
+    everyone = covey_side["complete"] and raw_side["complete"]
+    return [
+        Figure(
+            "9a",
+            f"SSE, {CLIENTS} clients, {RATE} lines/s: p99 latency",
+            "ms",
+            covey_side["p99_ms"],
+            raw_side["p99_ms"],
+            f"≤ {P99_TARGET_MS:g} ms, all lines",
+            max_value=P99_TARGET_MS if everyone else -1.0,
+            note=note + ("" if everyone else "; NOT every client got every line"),
+            extra={"covey": covey_side, "raw": raw_side},
+        ),
+        Figure(
+            "9b",
+            f"SSE, {CLIENTS} clients: median latency",
+            "ms",
+            covey_side["p50_ms"],
+            raw_side["p50_ms"],
+            "(reported)",
+        ),
+        Figure(
+            "9c",
+            f"SSE, {CLIENTS} clients: `covey web` CPU",
+            "%core",
+            covey_side["server_cpu_percent"],
+            None,
+            "(reported)",
+            note="CPU of the `covey web` process while the run printed, as /proc says; "
+            "raw has no server",
+        ),
+    ]
+
+
+async def _one_run(
+    bench: Bench,
+    home: Path,
+    env: dict[str, str],
+    seconds: float,
+    go: Path,
+    sse: tuple[str, int] | None = None,
+    raw_url: str | None = None,
+) -> dict[str, Any]:
+    """One run of the printer, followed by CLIENTS clients (SSE, or raw consumers)."""
+    clients = [Client() for _ in range(CLIENTS)]
+    followers: list[asyncio.Task[None]] = []
+    if raw_url is not None:  # attached before the run starts, from `next`
+        followers = [asyncio.create_task(follow_raw(raw_url, c)) for c in clients]
+        await asyncio.wait_for(asyncio.gather(*(c.opened.wait() for c in clients)), 60)
+    (home / "agents" / "printer" / "agent.toml").write_text(
+        f'command = "{sys.executable} printer.py {go} {seconds} {RATE}"\ntimeout = "5m"\n'
+    )
+    run = subprocess.Popen(
+        [COVEY, "run", "printer"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        if sse is not None:
+            base, _ = sse
+            run_id = await _live_run(base, "printer")
+            followers = [asyncio.create_task(follow_sse(base, run_id, c)) for c in clients]
+            await asyncio.wait_for(asyncio.gather(*(c.opened.wait() for c in clients)), 60)
+        cpu_before = cpu_seconds(sse[1]) if sse else 0.0
+        began = time.perf_counter()
+        go.write_text("go")
+        await asyncio.wait_for(asyncio.gather(*followers), seconds + 120)
+        took = time.perf_counter() - began
+        cpu = cpu_seconds(sse[1]) - cpu_before if sse else 0.0
+        code = await asyncio.to_thread(run.wait, 60)
+        if code != 0:
+            raise RuntimeError(f"covey run printer exited {code}: {run.communicate()[1]!r}")
+    finally:
+        for task in followers:
+            task.cancel()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    total = int(seconds * RATE)
+    latencies = [x * 1000 for c in clients for x in c.latencies]
+    return {
+        "complete": all(c.lines == total and c.in_order for c in clients),
+        "lines_per_client_min": min(c.lines for c in clients),
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "max_ms": round(max(latencies), 2),
+        "server_cpu_percent": round(100 * cpu / took, 1) if sse else None,
+        "seconds": round(took, 2),
+    }
+
+
+async def _agents_figure(bench: Bench) -> Figure:
+    """`GET /api/agents`: on figure 7's namespace when it ran (its roster applied), else
+    on one of our own."""
+    if "roster" in bench.shared:
+        home, url = bench.shared["roster"]
+        where = "figure 7's namespace"
+    else:
+        agents = 20 if bench.quick else 1000
+        url = await bench.vhost()
+        home = write_roster(bench.folder("web-roster"), agents)
+        await wall_time([COVEY, "topology", "apply"], covey_env(home, url), check=True)
+        where = "a namespace of its own"
+    web, base = await _serve(covey_env(home, url))
+    took: list[float] = []
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+            for _ in range(6):
+                started = time.perf_counter()
+                answer = await http.get("/api/agents")
+                took.append((time.perf_counter() - started) * 1000)
+                assert answer.status_code == 200, answer.text
+            count = len(answer.json())
+    finally:
+        _stop(web)
+    median = statistics.median(took[1:])  # the first warms the connection up
+    return Figure(
+        "9d",
+        f"GET /api/agents, {count} agents",
+        "ms",
+        median,
+        None,
+        f"≤ {AGENTS_TARGET_MS:g} ms",
+        max_value=AGENTS_TARGET_MS,
+        note=f"median of 5 after one warm-up, `covey web` on {where}",
+        extra={"runs_ms": [round(x, 1) for x in took]},
+    )
