@@ -10,6 +10,7 @@ it shows it.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -213,11 +214,16 @@ async def agents(namespace: Namespace) -> list[AgentView]:
         for name in names
     }
     slots = sorted({*own.values(), *(q for spec in shared.values() if spec for q in spec.queues)})
+    # All at once: finding the runs stream's head waits for quiet (stream.head), which
+    # costs as much as the passive declares for a small roster.
+    records, pending, held = await asyncio.gather(
+        recent_runs(gateway, limit=RECENT_RUNS),
+        gateway.ready_counts([mail[name].queue for name in names], PARALLELISM),
+        _held(gateway, slots),
+    )
     last: dict[str, RunRecord] = {}
-    for record in await recent_runs(gateway, limit=RECENT_RUNS):
+    for record in records:
         last[record.agent] = record
-    pending = await gateway.ready_counts([mail[name].queue for name in names], PARALLELISM)
-    held = await _held(gateway, slots)
     holders: dict[str, Holder | None] = {}
 
     async def read_holders(_: int, share: Sequence[str]) -> None:

@@ -45,11 +45,12 @@ response waits for that under a shield.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from aio_pika.abc import AbstractIncomingMessage
@@ -79,6 +80,8 @@ PING_SECONDS = 15  # a comment this often keeps proxies from cutting an idle str
 CLOSE_SECONDS = 10.0  # a disconnected client's reader gets this long to close its channel
 CONTROL_BUFFER = 1000  # control events a client may fall behind before it is ended
 SESSION_BUFFER = 5000  # session events read ahead of a client before its reader waits
+HUB_KEPT = 20_000  # a run's newest events its hub keeps in memory for its clients
+HUB_LINGER_SECONDS = 30.0  # a hub with no client left reads on this long
 ENDS_REMEMBERED = 10_000  # runs whose closed id this server streamed, for the 204
 MAX_ID = 2**63 - 1
 SEP = "\n"
@@ -88,13 +91,14 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
     """The two event streams over `namespace`."""
     control = ControlChannel(namespace)
     ends = _Ends()
+    hubs = _Hubs(namespace)
 
     async def control_events(request: Request) -> Response:
         query_of(Query, request)  # no parameters: an unknown one is a 400
         return _event_source(_control_stream(control))
 
     async def session_events(request: Request) -> Response:
-        return await _session_response(namespace, ends, request)
+        return await _session_response(namespace, hubs, ends, request)
 
     return [
         Route("/api/events", control_events, methods=["GET"]),
@@ -261,7 +265,9 @@ def _start_of(request: Request) -> tuple[Start, int | None]:
     return int(value), None
 
 
-async def _session_response(namespace: Namespace, ends: _Ends, request: Request) -> Response:
+async def _session_response(
+    namespace: Namespace, hubs: _Hubs, ends: _Ends, request: Request
+) -> Response:
     run_or_agent = request.path_params["run_id"]
     start, last_id = _start_of(request)
     if last_id is not None and ends.ended(run_or_agent, last_id):
@@ -271,7 +277,7 @@ async def _session_response(namespace: Namespace, ends: _Ends, request: Request)
         ends.ended(run.run_id, last_id) or await _closed_by(namespace, run, last_id)
     ):
         return Response(status_code=204)
-    return _event_source(_session_stream(namespace, ends, run, start))
+    return _event_source(_session_stream(hubs, ends, run, start))
 
 
 async def _closed_by(namespace: Namespace, run: RunSession, last_id: int) -> bool:
@@ -295,21 +301,24 @@ def _encode_session(id_: int, event: SessionEvent) -> bytes:
     return f'id: {id_}{SEP}event: {event.kind}{SEP}data: {{"id":{id_},{data[1:]}{SEP}{SEP}'.encode()
 
 
+Item = tuple[int, SessionEvent, bytes]  # an event, its id, and its SSE encoding
+
+
 async def _session_stream(
-    namespace: Namespace, ends: _Ends, run: RunSession, start: Start
+    hubs: _Hubs, ends: _Ends, run: RunSession, start: Start
 ) -> AsyncGenerator[bytes, None]:
-    pump = _Pump(session_reader.follow(namespace, run.run_id, start, found=run))
+    source = hubs.source(run, start)
     try:
         while True:
-            items = await pump.take()
+            items = await source.take()
             if not items:
-                if pump.error is not None:  # the broker stayed away: the client retries
-                    yield _encode_control("error", {"error": str(pump.error)})
+                if source.error is not None:  # the broker stayed away: the client retries
+                    yield _encode_control("error", {"error": source.error})
                 return
             # Everything read so far in one write: a fast run's lines cost one send each
             # batch, not one each line.
-            yield b"".join(_encode_session(id_, event) for id_, event in items)
-            id_, event = items[-1]
+            yield b"".join(encoded for _, _, encoded in items)
+            id_, event, _ = items[-1]
             if event.final:
                 ends.remember(run.run_id, id_)
                 outcome = (event.data or {}).get("outcome")
@@ -318,7 +327,147 @@ async def _session_stream(
                 return
     finally:
         with anyio.move_on_after(CLOSE_SECONDS, shield=True):
-            await pump.close()
+            await source.close()
+
+
+class _Source(Protocol):
+    error: str | None
+
+    async def take(self) -> list[Item]:
+        """What has been read since the last take (waiting for something); [] at the end."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class _Hubs:
+    """One reader per run for every client that follows it from its start, or resumes
+    within what that reader has kept (`_Hub`); a reader of its own (`_Pump`) for a
+    client starting `now`, or resuming before what the run's hub kept."""
+
+    def __init__(self, namespace: Namespace) -> None:
+        self.namespace = namespace
+        self._hubs: dict[str, _Hub] = {}
+
+    def source(self, run: RunSession, start: Start) -> _Source:
+        hub = self._hubs.get(run.run_id)
+        if start != "now" and (hub is None or hub.error is not None):
+            hub = self._hubs[run.run_id] = _Hub(self, run)
+        if hub is not None and start != "now" and hub.covers(start):
+            return hub.join(start)
+        follow = session_reader.follow(self.namespace, run.run_id, start, found=run)
+        return _Pump(follow)
+
+    def drop(self, hub: _Hub) -> None:
+        if self._hubs.get(hub.run.run_id) is hub:
+            del self._hubs[hub.run.run_id]
+
+
+class _Hub:
+    """A run's session read once, from its start, kept in memory (the newest HUB_KEPT
+    events) for every client that follows it: a hundred pages on one run cost the
+    broker one stream consumer, and each event is encoded once. It reads while it has
+    clients, and HUB_LINGER_SECONDS after the last one left (a page reconnecting, or
+    reloaded, resumes from memory)."""
+
+    def __init__(self, hubs: _Hubs, run: RunSession) -> None:
+        self.hubs, self.run = hubs, run
+        self.items: list[Item] = []
+        self.ids: list[int] = []
+        self.dropped = 0  # items trimmed from the front (HUB_KEPT)
+        self.covered_after: int | None = None  # None: from the run's start; else after this id
+        self.finished = False
+        self.error: str | None = None
+        self.clients = 0
+        self._changed = asyncio.Event()
+        self._linger: asyncio.TimerHandle | None = None
+        follow = session_reader.follow(hubs.namespace, run.run_id, "start", found=run)
+        self._task = asyncio.create_task(self._read(follow))
+
+    def covers(self, start: Start) -> bool:
+        if self.covered_after is None:
+            return True
+        return isinstance(start, int) and start >= self.covered_after
+
+    def join(self, start: Start) -> _HubClient:
+        self.clients += 1
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        return _HubClient(self, self.dropped, start if isinstance(start, int) else None)
+
+    def leave(self) -> None:
+        self.clients -= 1
+        if self.clients == 0:
+            self._linger = asyncio.get_running_loop().call_later(HUB_LINGER_SECONDS, self.stop)
+
+    def stop(self) -> None:
+        self.hubs.drop(self)
+        self._task.cancel()  # its reader closes its channel on the way out (see above)
+
+    async def _read(self, follow: AsyncGenerator[tuple[int, SessionEvent], None]) -> None:
+        try:
+            async with contextlib.aclosing(follow) as events:
+                async for id_, event in events:
+                    self.items.append((id_, event, _encode_session(id_, event)))
+                    self.ids.append(id_)
+                    if len(self.items) > HUB_KEPT:  # a long run: keep its newest half
+                        cut = len(self.items) // 2
+                        self.covered_after = self.ids[cut - 1]
+                        del self.items[:cut], self.ids[:cut]
+                        self.dropped += cut
+                    self._wake()
+                    if event.final:
+                        break
+        except CoveyError as err:
+            self.error = str(err)
+            self.hubs.drop(self)
+        finally:
+            self.finished = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+class _HubClient:
+    """One client's place in a hub: the absolute index of the next item it gets, and
+    until it has passed it, the id it resumes after."""
+
+    def __init__(self, hub: _Hub, position: int, after: int | None) -> None:
+        self.hub, self.position, self.after = hub, position, after
+        self.error: str | None = None
+        self._left = False
+
+    async def take(self) -> list[Item]:
+        hub = self.hub
+        while True:
+            if self.position < hub.dropped:  # fell behind what the hub keeps: reconnect
+                self.error = "fell behind: reconnect with Last-Event-ID"
+                return []
+            local = self.position - hub.dropped
+            if local < len(hub.items) and self.after is not None:  # ids only grow
+                local = bisect.bisect_right(hub.ids, self.after, lo=local)
+                self.position = hub.dropped + local
+                if local < len(hub.items):
+                    self.after = None
+            if local < len(hub.items):
+                items = hub.items[local:]
+                self.position += len(items)
+                return items
+            if hub.finished:
+                self.error = hub.error
+                return []
+            await hub.changed()
+
+    async def close(self) -> None:
+        if not self._left:
+            self._left = True
+            self.hub.leave()
 
 
 class _Pump:
@@ -331,7 +480,7 @@ class _Pump:
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._finished = False
-        self.error: BaseException | None = None
+        self.error: str | None = None
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -346,19 +495,18 @@ class _Pump:
                     if item[1].final:
                         break
         except CoveyError as err:
-            self.error = err
+            self.error = str(err)
         finally:
             self._finished = True
             self._ready.set()
 
-    async def take(self) -> list[tuple[int, SessionEvent]]:
-        """What has been read since the last take (waiting for something); [] at the end."""
+    async def take(self) -> list[Item]:
         while not self._buffer and not self._finished:
             self._ready.clear()
             await self._ready.wait()
         if self._task.done() and not self._task.cancelled() and self._task.exception():
             raise self._task.exception()  # type: ignore[misc]  # a bug: the response's 500
-        items = list(self._buffer)
+        items = [(id_, event, _encode_session(id_, event)) for id_, event in self._buffer]
         self._buffer.clear()
         self._room.set()
         return items

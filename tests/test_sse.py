@@ -286,12 +286,12 @@ async def _until(check: Any, what: str, within: float = 30.0) -> None:
         await asyncio.sleep(0.5)
 
 
-def _abrupt(port: int, path: str) -> socket.socket:
-    """A raw HTTP client that asks for `path` and reads the start of the answer."""
+def _abrupt(port: int, path: str, until: bytes = b"data:") -> socket.socket:
+    """A raw HTTP client that asks for `path` and reads the answer up to `until`."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     got = b""
-    while b"data:" not in got:
+    while until not in got:
         chunk = sock.recv(65536)
         assert chunk, got
         got += chunk
@@ -302,6 +302,8 @@ def _abrupt(port: int, path: str) -> socket.socket:
 async def test_thirty_clients_cut_off_abruptly_leave_the_server_healthy(
     applied: World, broker: Broker, vhost: str
 ) -> None:
+    """20 clients from `now` (a reader each), 5 from the start (one reader for all: the
+    run's hub), 5 on the control channel (one listener), all reset mid-stream."""
     async with FakeRun(applied.amqp_url) as run:
         await run.open()
         await run.lines(["first"])
@@ -310,21 +312,26 @@ async def test_thirty_clients_cut_off_abruptly_leave_the_server_healthy(
             assert port is not None
             path = f"/api/sessions/{run.run_id}/events"
             socks = await asyncio.gather(
-                *(asyncio.to_thread(_abrupt, port, path) for _ in range(25)),
+                *(
+                    asyncio.to_thread(_abrupt, port, path + "?from=now", b"\r\n\r\n")
+                    for _ in range(20)
+                ),
+                *(asyncio.to_thread(_abrupt, port, path) for _ in range(5)),
                 *(asyncio.to_thread(_abrupt, port, "/api/events") for _ in range(5)),
             )
             await run.lines(["while they are there"])
             # The management API's figures lag (its statistics interval): first see the
-            # readers' consumers there (and the one control listener they share), then
-            # see them go with their clients.
+            # readers' consumers there, then see them go with their clients (the hub's
+            # after HUB_LINGER_SECONDS).
             watching = _consumers(broker, vhost) is not None
             if watching:
-                await _until(lambda: _consumers(broker, vhost) == 26, "26 consumers")
+                await _until(lambda: _consumers(broker, vhost) == 22, "22 consumers")
             for sock in socks:  # a reset, not a polite close
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
             if watching:
-                await _until(lambda: _consumers(broker, vhost) == 0, "no consumer left behind")
+                await _until(lambda: (_consumers(broker, vhost) or 0) <= 1, "readers gone")
+                await _until(lambda: _consumers(broker, vhost) == 0, "hub gone", 60)
             # The server's connection is still good: a later request works, and a stream.
             assert web.get("/api/agents").status_code == 200
             await run.lines(["after them"])

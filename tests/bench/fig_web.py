@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ CLIENTS = int(__import__("os").environ.get("WEB_CLIENTS", "50"))
 RATE = 1000  # lines a second
 P99_TARGET_MS = 250.0
 AGENTS_TARGET_MS = 200.0
+FALL_BEHIND_SECONDS = 30.0  # a follower not done this long after the run's end is behind
 
 PRINTER = textwrap.dedent(
     """
@@ -89,9 +91,9 @@ async def follow_sse(base: str, run_id: str, client: Client) -> None:
             blocks = (pending + chunk).split(b"\n\n")
             pending = blocks.pop()
             for block in blocks:
-                if b"\nevent: line\n" in block:
-                    data = json.loads(block[block.index(b"data: ") + 6 :])
-                    client.line(data["text"], received)
+                if b"\nevent: line\n" in block:  # the text, without parsing all of it
+                    start = block.index(b'"text":"') + 8
+                    client.line(block[start : block.index(b'"', start)].decode(), received)
                 elif b"event: opened" in block:
                     client.opened.set()
                 elif block.startswith(b"event: end"):
@@ -124,8 +126,8 @@ async def follow_raw(url: str, client: Client) -> None:
 
 async def bench_web(bench: Bench) -> list[Figure]:
     seconds = 2.0 if bench.quick else 10.0
-    figures = await _sse_figures(bench, seconds)
-    if not __import__("os").environ.get("WEB_NO_AGENTS"):
+    figures = [] if os.environ.get("WEB_NO_SSE") else await _sse_figures(bench, seconds)
+    if not os.environ.get("WEB_NO_AGENTS"):
         figures.append(await _agents_figure(bench))
     return figures
 
@@ -147,7 +149,8 @@ async def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
                 return web, base
             except httpx.TransportError:
                 if web.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"covey web did not start: {web.communicate()[1]!r}")
+                    problem = web.communicate()[1]
+                    raise RuntimeError(f"covey web did not start: {problem!r}") from None
                 await asyncio.sleep(0.1)
 
 
@@ -254,11 +257,14 @@ async def _one_run(
             followers = [asyncio.create_task(follow_sse(base, run_id, c)) for c in clients]
             await asyncio.wait_for(asyncio.gather(*(c.opened.wait() for c in clients)), 60)
         cpu_before = cpu_seconds(sse[1]) if sse else 0.0
+        own_before = time.process_time()
         began = time.perf_counter()
         go.write_text("go")
-        await asyncio.wait_for(asyncio.gather(*followers), seconds + 120)
+        # Followers that fall this far behind are stopped and counted as incomplete.
+        _, late = await asyncio.wait(followers, timeout=seconds + FALL_BEHIND_SECONDS)
         took = time.perf_counter() - began
         cpu = cpu_seconds(sse[1]) - cpu_before if sse else 0.0
+        own = time.process_time() - own_before
         code = await asyncio.to_thread(run.wait, 60)
         if code != 0:
             raise RuntimeError(f"covey run printer exited {code}: {run.communicate()[1]!r}")
@@ -272,12 +278,15 @@ async def _one_run(
     latencies = [x * 1000 for c in clients for x in c.latencies]
     return {
         "complete": all(c.lines == total and c.in_order for c in clients),
+        "clients_behind": len(late),
         "lines_per_client_min": min(c.lines for c in clients),
         "p50_ms": round(statistics.median(latencies), 2),
         "p99_ms": round(percentile(latencies, 99), 2),
         "max_ms": round(max(latencies), 2),
         "server_cpu_percent": round(100 * cpu / took, 1) if sse else None,
         "seconds": round(took, 2),
+        "clients_cpu_percent": round(100 * own / took, 1),
+        "load_average": os.getloadavg()[0],
     }
 
 
