@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.errors import NotFound
-from coordinator.gateway import in_parallel
+from coordinator.gateway import Gateway, in_parallel
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from coordinator.gateway import Gateway
     from coordinator.lock import Holder
     from coordinator.namespace import Namespace
     from coordinator.records import RunRecord
@@ -179,7 +178,8 @@ class DeadLetterView(View):
 # -- answers ------------------------------------------------------------------------------
 
 
-PARALLELISM = 16  # channels asking the broker at once for /api/agents
+PARALLELISM = 16  # held slots' notes read at once for /api/agents
+PROBES = 4  # channels asking about queues at once (see `agents`: aiormq's write buffer)
 
 
 async def agents(namespace: Namespace) -> list[AgentView]:
@@ -189,9 +189,9 @@ async def agents(namespace: Namespace) -> list[AgentView]:
     queue, one for its own lock slot and one for each slot of its shared lock (the same
     `global` slot once per agent), each on a channel of its own. At 1,000 agents that
     is some 9,000 round trips in a row. Here each queue is asked about once, over
-    PARALLELISM channels kept open (gateway.ready_counts for mail, `_held` for lock
-    slots), and the notes of the few held slots are read together; the answer is built
-    from the same parts, so it is the same answer."""
+    PROBES channels (gateway.ready_counts for mail, `_held` for lock slots) while the
+    run records are read, and the notes of the few held slots are read together; the
+    answer is built from the same parts, so it is the same answer."""
     from coordinator.envelope import now
     from coordinator.lock import LockSpec, slot_state
     from coordinator.names import Address
@@ -214,12 +214,21 @@ async def agents(namespace: Namespace) -> list[AgentView]:
         for name in names
     }
     slots = sorted({*own.values(), *(q for spec in shared.values() if spec for q in spec.queues)})
-    # All at once: finding the runs stream's head waits for quiet (stream.head), which
+
+    async def probe() -> tuple[dict[str, int | None], dict[str, bool]]:
+        # On a connection of its own: a probe for a slot nobody holds is answered by the
+        # broker closing its channel, and aiormq drops its reply (CloseOk) when its
+        # 10-frame write buffer is full, as a busy connection's (session streams) may
+        # be; the broker then closes the whole connection (CHANNEL_ERROR, "second
+        # 'channel.open' seen"). Few channels at once keep this one's buffer short.
+        async with await Gateway.connect(namespace.settings, f"{namespace.name} status") as own:
+            counts = await own.ready_counts([mail[n].queue for n in names], PROBES)
+            return counts, await _held(own, slots)
+
+    # Together: finding the runs stream's head waits for quiet (stream.head), which
     # costs as much as the passive declares for a small roster.
-    records, pending, held = await asyncio.gather(
-        recent_runs(gateway, limit=RECENT_RUNS),
-        gateway.ready_counts([mail[name].queue for name in names], PARALLELISM),
-        _held(gateway, slots),
+    records, (pending, held) = await asyncio.gather(
+        recent_runs(gateway, limit=RECENT_RUNS), probe()
     )
     last: dict[str, RunRecord] = {}
     for record in records:
@@ -273,7 +282,7 @@ async def agents(namespace: Namespace) -> list[AgentView]:
 
 async def _held(gateway: Gateway, queues: Sequence[str]) -> dict[str, bool]:
     """Whether each lock slot is held, as `lock.slot_state` judges it (its queue exists,
-    ours or another connection's), by passive declares over PARALLELISM channels. A slot
+    ours or another connection's), by passive declares over PROBES channels. A slot
     that is not held closes its channel (NOT_FOUND), so the next one opens another."""
     import aiormq
 
@@ -296,7 +305,7 @@ async def _held(gateway: Gateway, queues: Sequence[str]) -> dict[str, bool]:
             if not channel.is_closed:
                 await channel.close()
 
-    await in_parallel(queues, PARALLELISM, check)
+    await in_parallel(queues, PROBES, check)
     return held
 
 

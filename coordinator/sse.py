@@ -31,15 +31,25 @@ since it stands for no stored event: a client that reconnects right after it
 resumes where it was and is told again. An unknown run is 404 and a session
 retention removed is 410, as JSON, before the stream starts.
 
+One reader per run (`_Hub`): every client following a run from its start, or
+resuming within what has been read, is served from one `session_reader.follow` of
+that run, kept in memory (its newest HUB_KEPT events) and encoded once; fifty pages
+on one run cost the broker one stream consumer, not fifty (fifty consumers of one
+stream is what the broker itself cannot keep up with at 1,000 lines a second: see
+figure 9). A hub reads on HUB_LINGER_SECONDS after its last client left, so a
+reconnect resumes from memory. A client that starts `now`, or resumes before what
+the hub kept, gets a reader of its own (`_Pump`). Each client's writes are at least
+SEND_SECONDS apart, whatever was read in between in one write.
+
 Streams and disconnects: the session reader consumes `covey.sessions` with a
 callback into a queue (never aio-pika's queue iterator: leaving one nacks, and a
-stream answers that by closing the whole connection, 540). It runs in a task of
-its own (`_Pump`), not in the response's generator: when the HTTP client goes,
-sse-starlette cancels the response's task group, and anyio keeps cancelling every
-await inside it, so a reader cancelled there could not even close its channel.
-The pump instead is cancelled once, as plain asyncio does, and its reader closes
-its channel (which cancels the stream consumer) on the way out, while the
-response waits for that under a shield.
+stream answers that by closing the whole connection, 540). Readers run in tasks of
+their own (a hub's, a pump's), never in the response's generator: when the HTTP
+client goes, sse-starlette cancels the response's task group, and anyio keeps
+cancelling every await inside it, so a reader cancelled there could not even close
+its channel. A reader task is cancelled once, as plain asyncio does, and closes its
+channel (which cancels the stream consumer) on the way out; the response waits for
+that under a shield.
 """
 
 from __future__ import annotations
@@ -80,6 +90,7 @@ PING_SECONDS = 15  # a comment this often keeps proxies from cutting an idle str
 CLOSE_SECONDS = 10.0  # a disconnected client's reader gets this long to close its channel
 CONTROL_BUFFER = 1000  # control events a client may fall behind before it is ended
 SESSION_BUFFER = 5000  # session events read ahead of a client before its reader waits
+SEND_SECONDS = 0.02  # a client's writes are at least this far apart (events batched)
 HUB_KEPT = 20_000  # a run's newest events its hub keeps in memory for its clients
 HUB_LINGER_SECONDS = 30.0  # a hub with no client left reads on this long
 ENDS_REMEMBERED = 10_000  # runs whose closed id this server streamed, for the 204
@@ -308,9 +319,17 @@ async def _session_stream(
     hubs: _Hubs, ends: _Ends, run: RunSession, start: Start
 ) -> AsyncGenerator[bytes, None]:
     source = hubs.source(run, start)
+    sent_at = 0.0
     try:
         while True:
+            # At most one write each SEND_SECONDS: a run printing a line each millisecond
+            # costs each client some 50 writes a second, not a thousand (CPU, here and in
+            # the browser), for at most SEND_SECONDS more latency.
+            wait = sent_at + SEND_SECONDS - asyncio.get_running_loop().time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             items = await source.take()
+            sent_at = asyncio.get_running_loop().time()
             if not items:
                 if source.error is not None:  # the broker stayed away: the client retries
                     yield _encode_control("error", {"error": source.error})

@@ -38,7 +38,7 @@ from benchlib import (
 from coordinator.localbroker import free_port
 from coordinator.session import STREAM
 
-CLIENTS = int(__import__("os").environ.get("WEB_CLIENTS", "50"))
+CLIENTS = 50
 RATE = 1000  # lines a second
 P99_TARGET_MS = 250.0
 AGENTS_TARGET_MS = 200.0
@@ -126,9 +126,8 @@ async def follow_raw(url: str, client: Client) -> None:
 
 async def bench_web(bench: Bench) -> list[Figure]:
     seconds = 2.0 if bench.quick else 10.0
-    figures = [] if os.environ.get("WEB_NO_SSE") else await _sse_figures(bench, seconds)
-    if not os.environ.get("WEB_NO_AGENTS"):
-        figures.append(await _agents_figure(bench))
+    figures = await _sse_figures(bench, seconds)
+    figures.append(await _agents_figure(bench))
     return figures
 
 
