@@ -54,6 +54,7 @@ from benchlib import Admin, Bench, CtlAdmin, Figure, admin_for_url
 from fig_cli import bench_cli
 from fig_locks import bench_locks
 from fig_mail import bench_drain, bench_round_trip, bench_send
+from fig_mcp import bench_mcp
 from fig_roster import bench_digest, bench_supervisor, bench_topology, topology_size
 
 from coordinator import __version__
@@ -68,6 +69,7 @@ FIGURES: dict[str, Callable[[Bench], Awaitable[list[Figure]]]] = {
     "digest": bench_digest,
     "topology": bench_topology,
     "supervisor": bench_supervisor,
+    "mcp": bench_mcp,
 }
 
 
