@@ -5,8 +5,11 @@
 
 Figures (see issue #7): 1 send throughput, 2 drain throughput, 3 round trip,
 4 cold CLI commands, 5 locks, 6 digest far behind, 7 `covey topology apply`
-for 1,000 agents, 8 `covey supervise` idle with them. `--only` takes send,
-drain, roundtrip, cli, locks, digest, topology, supervisor.
+for 1,000 agents, 8 `covey supervise` idle with them; sessions (issue #13): 9 a
+printed line until an attached reader sees it, 10 an agent printing as fast as
+it can under `covey run`, 11 attaching to a run from its start far behind the
+head. `--only` takes send, drain, roundtrip, cli, locks, digest, topology,
+supervisor, sessions.
 
 Each figure is measured for covey and for the plain aio-pika equivalent,
 interleaved (covey, raw, covey, raw, …) so that a noisy machine hits both
@@ -55,6 +58,7 @@ from fig_cli import bench_cli
 from fig_locks import bench_locks
 from fig_mail import bench_drain, bench_round_trip, bench_send
 from fig_roster import bench_digest, bench_supervisor, bench_topology, topology_size
+from fig_sessions import SESSION_VHOSTS, bench_sessions
 
 from coordinator import __version__
 from coordinator.localbroker import LocalBroker
@@ -68,13 +72,16 @@ FIGURES: dict[str, Callable[[Bench], Awaitable[list[Figure]]]] = {
     "digest": bench_digest,
     "topology": bench_topology,
     "supervisor": bench_supervisor,
+    "sessions": bench_sessions,
 }
 
 
 def vhosts_needed(names: list[str], bench: Bench) -> int:
     """How many vhosts the chosen figures take, to create them in one go."""
     _, topology_runs = topology_size(bench)
-    count = sum(1 for name in names if name not in ("topology", "supervisor"))
+    count = sum(1 for name in names if name not in ("topology", "supervisor", "sessions"))
+    if "sessions" in names:
+        count += SESSION_VHOSTS
     if "topology" in names:
         count += 2 * topology_runs
     elif "supervisor" in names:
