@@ -31,7 +31,15 @@ from coordinator import session_reader
 from coordinator.client import Covey
 from coordinator.gateway import session_message
 from coordinator.runner import new_run_id
-from coordinator.session import MAX_BATCH_EVENTS, STREAM, Pending, SessionBatch, offset_of
+from coordinator.session import (
+    COUNT_HEADER,
+    FIRST_SEQ_HEADER,
+    MAX_BATCH_EVENTS,
+    STREAM,
+    Pending,
+    SessionBatch,
+    offset_of,
+)
 from coordinator.session_writer import SessionWriter
 
 # -- the agents ----------------------------------------------------------------------------
@@ -68,6 +76,10 @@ with open(took, "w") as f:
 
 LINE_PERIOD = 0.02  # figure 9: a line every 20 ms
 SESSION_VHOSTS = 3  # one for each of figures 9, 10 and 11
+# Figure 11's raw reader keeps a few messages in flight: each is up to 1,000 events
+# (256 KiB), and what a large prefetch lets the broker send ahead (other runs' batches)
+# is waited for behind, on the socket, by whatever the connection reads next.
+RAW_PREFETCH = 20
 
 
 def _home(bench: Bench, folder: str, agents: dict[str, list[str]]) -> Path:
@@ -126,8 +138,9 @@ async def _line_latency(bench: Bench) -> list[Figure]:
         bench, "latency", {"ticker": [PYTHON, str(script), str(lines), str(LINE_PERIOD), str(go)]}
     )
     covey_ms: list[float] = []
-    pipe_ms: list[float] = []  # printed -> the runner read it (the event's `at`)
-    broker_ms: list[float] = []  # the runner read it -> seen
+    # printed -> the runner read it (the event's `at`) -> a plain consumer had its message
+    # -> the attached reader yielded it
+    parts: dict[str, list[float]] = {"pipe": [], "broker": [], "reader": []}
     raw_ms: list[float] = []
     per_run: dict[str, list[float]] = {"covey_p50_ms": [], "raw_p50_ms": []}
     async with _open(home, url) as covey:
@@ -141,25 +154,55 @@ async def _line_latency(bench: Bench) -> list[Figure]:
 
             async def covey_once() -> float:
                 go.unlink(missing_ok=True)
-                async with session_reader.watch_sessions(covey.namespace) as opened:
-                    running = asyncio.ensure_future(_covey_run(home, url, "ticker"))
-                    try:
-                        announced = await asyncio.wait_for(anext(opened), 60)
-                    except BaseException:
-                        running.cancel()
-                        raise
-                samples: list[float] = []
-                async with contextlib.aclosing(covey.attach(announced.run_id or "")) as events:
-                    async for _, event in events:
-                        seen = time.time()
-                        if event.kind == "line" and event.text == "waiting":
-                            go.touch()  # attached and caught up: the ticks are all live
-                        elif event.kind == "line" and event.text.startswith("tick "):
-                            printed = float(event.text.split()[2])
-                            samples.append((seen - printed) * 1000)
-                            pipe_ms.append((event.at.timestamp() - printed) * 1000)
-                            broker_ms.append((seen - event.at.timestamp()) * 1000)
-                await running
+                # A plain consumer on covey.sessions beside the attach: when each event's
+                # message reached a client, to tell the broker's part from the reader's.
+                arrived: dict[int, float] = {}
+                plain = await connection.channel()
+                await plain.set_qos(prefetch_count=500)
+
+                async def on_batch(message: AbstractIncomingMessage) -> None:
+                    now = time.time()
+                    await message.ack()
+                    headers = message.headers or {}
+                    first = int(headers.get(FIRST_SEQ_HEADER, 0))  # type: ignore[call-overload]
+                    count = int(headers.get(COUNT_HEADER, 0))  # type: ignore[call-overload]
+                    arrived.update((seq, now) for seq in range(first, first + count))
+
+                sessions = await plain.get_queue(STREAM, ensure=False)
+                await sessions.consume(on_batch, arguments={"x-stream-offset": "next"})
+                try:
+                    async with session_reader.watch_sessions(covey.namespace) as opened:
+                        running = asyncio.ensure_future(_covey_run(home, url, "ticker"))
+                        try:
+                            announced = await asyncio.wait_for(anext(opened), 60)
+                        except BaseException:
+                            running.cancel()
+                            raise
+                    samples: list[float] = []
+                    moments: list[tuple[int, float, float, float]] = []
+                    ticks = covey.attach(announced.run_id or "")
+                    async with contextlib.aclosing(ticks) as events:
+                        async for _, event in events:
+                            seen = time.time()
+                            if event.kind == "line" and event.text == "waiting":
+                                go.touch()  # attached and caught up: the ticks are all live
+                            elif event.kind == "line" and event.text.startswith("tick "):
+                                printed = float(event.text.split()[2])
+                                at = event.at.timestamp()
+                                samples.append((seen - printed) * 1000)
+                                moments.append((event.seq, printed, at, seen))
+                    await running
+                    # The plain consumer may have had a message after the reader did.
+                    for _ in range(100):
+                        if all(seq in arrived for seq, *_ in moments):
+                            break
+                        await asyncio.sleep(0.05)
+                    for seq, printed, at, seen in moments:
+                        parts["pipe"].append((at - printed) * 1000)
+                        parts["broker"].append((arrived[seq] - at) * 1000)
+                        parts["reader"].append((seen - arrived[seq]) * 1000)
+                finally:
+                    await plain.close()
                 assert len(samples) == lines, (len(samples), lines)
                 covey_ms.extend(samples)
                 per_run["covey_p50_ms"].append(round(statistics.median(samples), 3))
@@ -174,20 +217,20 @@ async def _line_latency(bench: Bench) -> list[Figure]:
             for _ in range(repeats):
                 await covey_side(covey_once())
                 await raw_once()
+    p50 = {name: percentile(values, 50) for name, values in parts.items()}
     note = (
         f"{lines} lines, one every {LINE_PERIOD * 1000:.0f} ms, x {repeats} run(s) pooled. covey: "
         "a real `covey run`, read in the bench process by Namespace.attach (the reader "
         "library a client runs, without `covey attach`'s cold start and second pipe); "
-        "raw: publish each line (confirmed) to a stream, consumer at `next`. covey's p50 = "
-        f"pipe to the runner {percentile(pipe_ms, 50):.2f} ms + runner to reader "
-        f"{percentile(broker_ms, 50):.2f} ms"
+        "raw: publish each line (confirmed) to a stream, consumer at `next`. covey's "
+        f"parts, p50: agent -> runner (pipe) {p50['pipe']:.2f} ms, runner -> a plain "
+        f"consumer (writer, broker) {p50['broker']:.2f} ms, -> the attached reader "
+        f"{p50['reader']:.2f} ms"
     )
     extra = {
         **per_run,
-        "covey_pipe_p50_ms": round(percentile(pipe_ms, 50), 3),
-        "covey_pipe_p99_ms": round(percentile(pipe_ms, 99), 3),
-        "covey_after_runner_p50_ms": round(percentile(broker_ms, 50), 3),
-        "covey_after_runner_p99_ms": round(percentile(broker_ms, 99), 3),
+        **{f"covey_{name}_p50_ms": round(value, 3) for name, value in p50.items()},
+        **{f"covey_{name}_p99_ms": round(percentile(v, 99), 3) for name, v in parts.items()},
     }
     return [
         Figure(
@@ -331,7 +374,7 @@ async def _attach_far_behind(bench: Bench) -> list[Figure]:
     url = await bench.vhost()
     home = _home(bench, "attach", {"scout": ["true"]})
     runs: dict[str, Any] = {}
-    async with _open(home, url) as covey:
+    async with _open(home, url) as covey, contextlib.AsyncExitStack() as stack:
         await covey.namespace.apply_topology()
         run_id = new_run_id()
         # The run: its session written by covey's own writer, as `covey run` writes it,
@@ -354,7 +397,10 @@ async def _attach_far_behind(bench: Bench) -> list[Figure]:
         setup = time.perf_counter()
         await _write_other_runs(covey, after)
         setup = time.perf_counter() - setup
-        gateway = await covey.namespace.gateway()
+        # Raw reads on a connection of its own: what covey's reader left in flight on its
+        # connection when it stopped is not raw's to wait behind.
+        raw_connection = await aio_pika.connect(url)
+        stack.push_async_callback(raw_connection.close)
 
         async def covey_once() -> tuple[float, float]:
             started = time.perf_counter()
@@ -372,7 +418,7 @@ async def _attach_far_behind(bench: Bench) -> list[Figure]:
 
         async def raw_once() -> tuple[float, float]:
             started = time.perf_counter()
-            first, took = await _raw_read_run(gateway.connection, run_id, first_offset, run_events)
+            first, took = await _raw_read_run(raw_connection, run_id, first_offset, run_events)
             return first - started, took - started
 
         async def cli_once() -> tuple[float, float]:
@@ -404,8 +450,8 @@ async def _attach_far_behind(bench: Bench) -> list[Figure]:
         f"{after:,} events of {after // MAX_BATCH_EVENTS} other runs ({MAX_BATCH_EVENTS} a "
         "message, confirmed, 20 in flight); covey: session_reader.follow(run id, start, "
         "follow=False) on a connected Namespace (find the run from its id's moment, the "
-        "head, then read); raw: a consumer on the run's first offset (known) until its "
-        f"{run_events} events. Medians of {repeats}"
+        "head, then read); raw: a consumer on the run's first offset (known), prefetch "
+        f"{RAW_PREFETCH}, until its {run_events} events. Medians of {repeats}"
     )
     return [
         Figure(
@@ -484,7 +530,7 @@ async def _raw_read_run(
     """Read run `run_id`'s messages from `offset` until `events` events were seen (by the
     count header); the perf_counter moments of its first message and of the last."""
     channel = await connection.channel()
-    await channel.set_qos(prefetch_count=500)
+    await channel.set_qos(prefetch_count=RAW_PREFETCH)
     queue = await channel.get_queue(STREAM, ensure=False)
     deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
     first: float | None = None
