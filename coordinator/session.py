@@ -52,6 +52,12 @@ IDS_PER_OFFSET = 1024
 MAX_BATCH_EVENTS = 1000  # events in one stream message, at most ...
 MAX_BATCH_BYTES = 256 * 1024  # ... and about this much of their text (one event may be more)
 assert MAX_BATCH_EVENTS < IDS_PER_OFFSET
+# What a reader of the stream lets the broker send ahead (its prefetch), in messages. A
+# message may be a whole batch (256 KiB), and what was sent ahead when a reader stops
+# (its run's `closed` reached, the first event found) still crosses the connection, in
+# front of whatever that connection reads next: 500 of other runs' full batches were
+# over a second of it. A few in flight still keep the pipe full.
+READ_PREFETCH = 20
 STREAM = SESSIONS
 
 # What an agent may emit itself; the others are the writer's (or a reader's) own.

@@ -39,6 +39,7 @@ from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
 from coordinator.logs import get_logger
 from coordinator.namespace import Namespace
 from coordinator.session import (
+    READ_PREFETCH,
     RUN_HEADER,
     STREAM,
     SessionEvent,
@@ -51,7 +52,7 @@ from coordinator.topology import EVENTS_EXCHANGE
 log = get_logger(__name__)
 
 Start = int | Literal["start", "now"]
-PREFETCH = 500
+PREFETCH = READ_PREFETCH  # batches of up to 1,000 events each: see session.py
 # A run id's moment is the runner host's clock; chunk timestamps are the broker's. Attaching
 # this much earlier covers a skew between the two, at the cost of skipping (unparsed) what
 # other runs wrote in that time.
@@ -132,7 +133,7 @@ async def _first_event(gateway: Gateway, run_id: str, since: datetime) -> RunSes
     top = await stream.head(gateway, STREAM)
     if top is None:
         return None
-    items = stream.items_from(gateway, STREAM, since - CLOCK_MARGIN, stop_at=top)
+    items = stream.items_from(gateway, STREAM, since - CLOCK_MARGIN, stop_at=top, prefetch=PREFETCH)
     async with contextlib.aclosing(items):
         async for item in items:
             if _run_of(item.message) != run_id:

@@ -47,6 +47,7 @@ from coordinator.session import (
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
     MAX_TEXT_CHARS,
+    READ_PREFETCH,
     RUN_HEADER,
     STREAM,
     Kind,
@@ -312,7 +313,9 @@ class SessionWriter:
 
     async def _search_first_id(self) -> int | None:
         gateway = await self._connected()
-        items = stream.items_from(gateway, STREAM, self.since - LOOKBACK, stop_at=LAST_OFFSET)
+        items = stream.items_from(
+            gateway, STREAM, self.since - LOOKBACK, stop_at=LAST_OFFSET, prefetch=READ_PREFETCH
+        )
         async with contextlib.aclosing(items):
             async for item in items:
                 run = (item.message.headers or {}).get(RUN_HEADER)
