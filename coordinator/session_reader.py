@@ -197,16 +197,18 @@ class _Reader:
                 if message is None:  # quiet
                     self.done = self.stop_at is not None and offset_of(self.next_id) > self.stop_at
                     continue
-                await message.ack()
                 offset = int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
                 retained = event_id(offset, 0)
                 if first and retained > self.next_id:  # retention took what was asked
                     yield self.next_id, expired(self.run, self.next_id, retained - 1, None)
                 first = False
-                if offset < offset_of(self.next_id):  # the chunk it started in began earlier
-                    continue
-                for item in self._passed(message, offset):
-                    yield item
+                if offset >= offset_of(self.next_id):  # the chunk may have begun earlier
+                    for item in self._passed(message, offset):
+                        yield item
+                # Acked once shown, not before: an ack only gives the broker credit for one
+                # more message, and waiting for it to be written held each event up by
+                # some 0.3 ms on its way to a live watcher.
+                await message.ack()
 
         finally:
             if not channel.is_closed:
