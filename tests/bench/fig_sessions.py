@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import time
 from datetime import UTC, datetime
@@ -142,6 +143,7 @@ async def _line_latency(bench: Bench) -> list[Figure]:
     # -> the attached reader yielded it
     parts: dict[str, list[float]] = {"pipe": [], "broker": [], "reader": []}
     raw_ms: list[float] = []
+    one_process_ms: list[float] = []
     per_run: dict[str, list[float]] = {"covey_p50_ms": [], "raw_p50_ms": []}
     async with _open(home, url) as covey:
         await covey.namespace.apply_topology()
@@ -209,9 +211,12 @@ async def _line_latency(bench: Bench) -> list[Figure]:
                 return statistics.median(samples)
 
             async def raw_once() -> float:
-                samples = await _raw_latency(connection, publisher, raw_stream.name, lines)
+                samples = await _raw_latency(url, connection, None, raw_stream.name, lines)
                 raw_ms.extend(samples)
                 per_run["raw_p50_ms"].append(round(statistics.median(samples), 3))
+                # The same from a publisher in the reader's own process, for comparison.
+                alike = await _raw_latency(url, connection, publisher, raw_stream.name, lines)
+                one_process_ms.extend(alike)
                 return statistics.median(samples)
 
             for _ in range(repeats):
@@ -222,13 +227,18 @@ async def _line_latency(bench: Bench) -> list[Figure]:
         f"{lines} lines, one every {LINE_PERIOD * 1000:.0f} ms, x {repeats} run(s) pooled. covey: "
         "a real `covey run`, read in the bench process by Namespace.attach (the reader "
         "library a client runs, without `covey attach`'s cold start and second pipe); "
-        "raw: publish each line (confirmed) to a stream, consumer at `next`. covey's "
+        "raw: a process of its own publishes each line (confirmed) to a stream, a consumer "
+        "at `next` in the bench process (from a publisher in the bench process itself: "
+        f"p50 {percentile(one_process_ms, 50):.2f} ms, p99 {percentile(one_process_ms, 99):.2f}"
+        " ms). covey's "
         f"parts, p50: agent -> runner (pipe) {p50['pipe']:.2f} ms, runner -> a plain "
         f"consumer (writer, broker) {p50['broker']:.2f} ms, -> the attached reader "
         f"{p50['reader']:.2f} ms"
     )
     extra = {
         **per_run,
+        "raw_one_process_p50_ms": round(percentile(one_process_ms, 50), 3),
+        "raw_one_process_p99_ms": round(percentile(one_process_ms, 99), 3),
         **{f"covey_{name}_p50_ms": round(value, 3) for name, value in p50.items()},
         **{f"covey_{name}_p99_ms": round(percentile(v, 99), 3) for name, v in parts.items()},
     }
@@ -255,14 +265,37 @@ async def _line_latency(bench: Bench) -> list[Figure]:
     ]
 
 
+# Figure 9's raw side: a process of its own that publishes a line every PERIOD seconds,
+# its moment in the body, each confirmed, to a stream.
+RAW_PUBLISHER = """
+import asyncio, sys, time
+import aio_pika
+
+async def main():
+    url, name, count, period = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        started = time.monotonic()
+        for i in range(count):
+            await asyncio.sleep(max(0.0, started + i * period - time.monotonic()))
+            body = f"tick {i} {time.time():.6f}".encode()
+            await channel.default_exchange.publish(aio_pika.Message(body), name)
+
+asyncio.run(main())
+"""
+
+
 async def _raw_latency(
+    url: str,
     connection: aio_pika.abc.AbstractConnection,
-    publisher: aio_pika.abc.AbstractChannel,
+    publisher: aio_pika.abc.AbstractChannel | None,
     name: str,
     lines: int,
 ) -> list[float]:
-    """One message a line, every LINE_PERIOD, its moment in the body; a consumer on
-    another channel attached at `next` first; ms from before each publish until seen."""
+    """One message a line, every LINE_PERIOD, its moment in the body, published by a
+    process of its own (or, with `publisher`, by this one); a consumer attached at `next`
+    first; ms from before each publish until seen."""
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=100)
     queue = await channel.get_queue(name, ensure=False)
@@ -279,11 +312,15 @@ async def _raw_latency(
     await queue.consume(on_message, arguments={"x-stream-offset": "next"})
     try:
         await asyncio.sleep(0.2)  # attached before the first line
-        started = time.monotonic()
-        for i in range(lines):
-            await asyncio.sleep(max(0.0, started + i * LINE_PERIOD - time.monotonic()))
-            body = f"tick {i} {time.time():.6f}".encode()
-            await publisher.default_exchange.publish(aio_pika.Message(body), name)
+        if publisher is None:
+            argv = [PYTHON, "-c", RAW_PUBLISHER, url, name, str(lines), str(LINE_PERIOD)]
+            await wall_time(argv, dict(os.environ))
+        else:
+            started = time.monotonic()
+            for i in range(lines):
+                await asyncio.sleep(max(0.0, started + i * LINE_PERIOD - time.monotonic()))
+                body = f"tick {i} {time.time():.6f}".encode()
+                await publisher.default_exchange.publish(aio_pika.Message(body), name)
         await asyncio.wait_for(done.wait(), 30)
     finally:
         await channel.close()  # closing the channel cancels the consumer
