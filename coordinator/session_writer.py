@@ -242,15 +242,15 @@ class SessionWriter:
 
     def _take_batch(self) -> None:
         """The next message's events: what is queued, up to MAX_BATCH_EVENTS and about
-        MAX_BATCH_BYTES (at least one event, however long)."""
-        batch = [self._queue.popleft()]
-        size = len(batch[0][3]) + EVENT_BYTES
-        while self._queue and len(batch) < MAX_BATCH_EVENTS:
-            cost = len(self._queue[0][3]) + EVENT_BYTES
-            if size + cost > MAX_BATCH_BYTES:
-                break
-            batch.append(self._queue.popleft())
-            size += cost
+        MAX_BATCH_BYTES (at least one event, however long). Taken whole, then what is over
+        the bytes given back: short lines, the usual case, never go one by one."""
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH_EVENTS))]
+        size = sum(len(event[3]) for event in batch) + EVENT_BYTES * len(batch)
+        while size > MAX_BATCH_BYTES and len(batch) > 1:
+            event = batch.pop()
+            queue.appendleft(event)
+            size -= len(event[3]) + EVENT_BYTES
         self._batch = batch
         self._bytes -= size
 
