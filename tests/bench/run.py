@@ -15,8 +15,9 @@ Each figure is measured for covey and for the plain aio-pika equivalent,
 interleaved (covey, raw, covey, raw, …) so that a noisy machine hits both
 alike; the table gives medians, the ratio covey/raw, the target and whether it
 was met, and `--out` writes all of it with every repetition and the machine's
-facts as JSON. A full run takes under 3 minutes on 2 cores; `--quick` uses tiny
-sizes and takes about half a minute, most of it starting the broker.
+facts as JSON. A full run takes about 5 minutes on 2 cores (the sessions
+figures under 2 of them); `--quick` uses tiny sizes and takes about a minute,
+much of it starting the broker.
 
 By default the run starts a private throwaway RabbitMQ node
 (coordinator.localbroker) and removes it at the end, so a thousand quorum
