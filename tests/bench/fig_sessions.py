@@ -237,6 +237,8 @@ async def _line_latency(bench: Bench) -> list[Figure]:
     )
     extra = {
         **per_run,
+        "covey_ms": [round(x, 3) for x in covey_ms],  # in the order printed, run after run
+        "raw_ms": [round(x, 3) for x in raw_ms],
         "raw_one_process_p50_ms": round(percentile(one_process_ms, 50), 3),
         "raw_one_process_p99_ms": round(percentile(one_process_ms, 99), 3),
         **{f"covey_{name}_p50_ms": round(value, 3) for name, value in p50.items()},
