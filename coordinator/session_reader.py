@@ -39,6 +39,7 @@ from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
 from coordinator.logs import get_logger
 from coordinator.namespace import Namespace
 from coordinator.session import (
+    READ_PREFETCH,
     RUN_HEADER,
     STREAM,
     SessionEvent,
@@ -51,7 +52,7 @@ from coordinator.topology import EVENTS_EXCHANGE
 log = get_logger(__name__)
 
 Start = int | Literal["start", "now"]
-PREFETCH = 500
+PREFETCH = READ_PREFETCH  # batches of up to 1,000 events each: see session.py
 # A run id's moment is the runner host's clock; chunk timestamps are the broker's. Attaching
 # this much earlier covers a skew between the two, at the cost of skipping (unparsed) what
 # other runs wrote in that time.
@@ -126,7 +127,7 @@ async def _first_event(gateway: Gateway, run_id: str, since: datetime) -> RunSes
     top = await stream.head(gateway, STREAM)
     if top is None:
         return None
-    items = stream.items_from(gateway, STREAM, since - CLOCK_MARGIN, stop_at=top)
+    items = stream.items_from(gateway, STREAM, since - CLOCK_MARGIN, stop_at=top, prefetch=PREFETCH)
     async with contextlib.aclosing(items):
         async for item in items:
             if _run_of(item.message) != run_id:
@@ -190,16 +191,18 @@ class _Reader:
                 if message is None:  # quiet
                     self.done = self.stop_at is not None and offset_of(self.next_id) > self.stop_at
                     continue
-                await message.ack()
                 offset = int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
                 retained = event_id(offset, 0)
                 if first and retained > self.next_id:  # retention took what was asked
                     yield self.next_id, expired(self.run, self.next_id, retained - 1, None)
                 first = False
-                if offset < offset_of(self.next_id):  # the chunk it started in began earlier
-                    continue
-                for item in self._passed(message, offset):
-                    yield item
+                if offset >= offset_of(self.next_id):  # the chunk may have begun earlier
+                    for item in self._passed(message, offset):
+                        yield item
+                # Acked once shown, not before: an ack only gives the broker credit for one
+                # more message, and waiting for it to be written held each event up by
+                # some 0.3 ms on its way to a live watcher.
+                await message.ack()
 
         finally:
             if not channel.is_closed:

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import aiormq
 import pytest
 from conftest import World, covey_command, start
 from faultkit import world_on
+from pydantic_core import to_json
 from test_security import as_user, credentials, secured  # noqa: F401 (a fixture)
 
 from coordinator.localbroker import LocalBroker
@@ -31,7 +32,10 @@ from coordinator.session import (
     IDS_PER_OFFSET,
     RUN_HEADER,
     SESSION_TYPE,
+    Pending,
+    SessionBatch,
     SessionEvent,
+    parse_batch,
 )
 
 Read = list[tuple[int, SessionEvent]]
@@ -203,6 +207,36 @@ def test_100000_lines_all_arrive_in_order(applied: World) -> None:
     assert_in_order(events)
     assert [e.text for _, e in events[1:-1]] == [str(i) for i in range(1, 100_001)]
     assert events[-1][1].kind == "closed" and events[-1][1].data["outcome"] == "ok"  # type: ignore[index]
+
+
+def test_a_batch_body_is_what_its_events_serialise_to() -> None:
+    """SessionBatch.of builds its JSON from plain dicts, each moment formatted once: byte
+    for byte what SessionEvent gives, for every moment, text and data alike."""
+    first = datetime(2026, 12, 3, 6, 23, 40, 123456, tzinfo=UTC)
+    second = datetime(2026, 12, 3, 6, 23, 41, tzinfo=UTC)  # no microseconds
+    events: list[Pending] = [
+        (0, "opened", first, "", {"command": ["x"], "trigger": "manual"}),
+        (1, "line", first, "plain", None),
+        (2, "line", second, 'quotes " \\ tab\t bell\x07 é ✓', None),
+        (3, "line", first, "back to the first moment", None),
+        (4, "progress", second, "half", {"fraction": 0.5}),
+    ]
+    batch = SessionBatch.of("20261203T062340-ab12cd", "scout", events)
+    expected = [
+        SessionEvent(
+            run_id="20261203T062340-ab12cd",
+            agent="scout",
+            seq=seq,
+            kind=kind,
+            at=at,
+            text=text,
+            data=data,
+        ).model_dump(mode="json", exclude_none=True)
+        for seq, kind, at, text, data in events
+    ]
+    assert batch.body == to_json(expected)
+    assert (batch.first_seq, batch.count, batch.at) == (0, 5, first)
+    assert parse_batch(batch.body) == [SessionEvent.model_validate(e) for e in expected]
 
 
 def test_a_run_that_never_starts_has_no_session(applied: World) -> None:
