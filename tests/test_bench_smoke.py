@@ -30,5 +30,21 @@ def test_the_quick_benchmark_measures_every_figure(tmp_path: Path) -> None:
     assert {"15a", "15b", "15c", "15d", "15e", "15f"} <= set(figures)
     for figure in figures.values():
         assert figure["covey"] is not None and figure["covey"] >= 0, figure  # 8b: CPU may be 0
-    side_by_side = ("1", "2", "3a", "4a", "4b", "5a", "6", "7", "9a", "10a", "10b", "11a", "11b", "15d", "15f")
+    side_by_side = (
+        "1",
+        "2",
+        "3a",
+        "4a",
+        "4b",
+        "5a",
+        "6",
+        "7",
+        "9a",
+        "10a",
+        "10b",
+        "11a",
+        "11b",
+        "15d",
+        "15f",
+    )
     assert all(figures[i]["covey"] > 0 and figures[i]["raw"] > 0 for i in side_by_side)
