@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,7 @@ import aio_pika
 import aiormq
 import pytest
 from conftest import World, covey_command, start
-from faultkit import world_on
+from faultkit import connections, cut, world_on
 from pydantic_core import to_json
 from test_security import as_user, credentials, secured  # noqa: F401 (a fixture)
 
@@ -381,3 +382,172 @@ def test_a_provisioned_run_publishes_its_session_for_anyone_to_read(
 
     with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
         asyncio.run(forge())
+
+
+# -- the writer's connection lost mid-run (a private node) ---------------------------------
+
+# Twenty lines every 10 ms, flushed: some 2,000 a second, so an outage of seconds is more
+# than the pipe holds (64 KiB) and an agent whose run stopped reading would stall on it.
+STEADY = """
+import sys, time
+rounds, out = int(sys.argv[1]), sys.argv[2]
+started = time.monotonic()
+for r in range(rounds):
+    print("\\n".join(f"line {r * 20 + i}" for i in range(20)), flush=True)
+    time.sleep(0.01)
+with open(out, "w") as f:
+    f.write(str(time.monotonic() - started))
+"""
+OUTAGE_SECONDS = 6.0
+WRITER = "covey session printer"  # the name its connection is given
+
+
+def _steady_agent(world: World, rounds: int) -> Path:
+    script = world.home / "steady.py"
+    script.write_text(STEADY)
+    took = world.home / "took"
+    world.add_agent(
+        "printer", f'command = ["{sys.executable}", "{script}", "{rounds}", "{took}"]\n'
+    )
+    return took
+
+
+def _logged(world: World, run_id: str) -> list[str]:
+    log = world.state_dir / "runs" / "printer" / f"{run_id}.log"
+    return [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+
+
+def _fresh_log_dir(world: World) -> Path:
+    log_dir = world.state_dir / "runs" / "printer"
+    for log in log_dir.glob("*.log"):
+        os.unlink(log)
+    return log_dir
+
+
+async def _writer_away(node: LocalBroker, vhost: str, after: float, until: Any) -> int:
+    """Once the run's session writer has connected, and `after` seconds more: the node
+    accepts no new connection and the writer's is cut (the run's other connections, its
+    lock's among them, stay); until `until()` is done, then connections are accepted
+    again. Returns how many were cut."""
+    deadline = time.monotonic() + 60
+    while not any(
+        n.startswith(WRITER) for _, n in await asyncio.to_thread(connections, node, vhost)
+    ):
+        assert time.monotonic() < deadline, "the run's session writer never connected"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(after)
+    await asyncio.to_thread(node.ctl, "suspend_listeners")
+    try:
+        cuts = await asyncio.to_thread(cut, node, vhost, WRITER)
+        await until()
+    finally:
+        await asyncio.to_thread(node.ctl, "resume_listeners")
+    return cuts
+
+
+def test_a_writer_cut_off_mid_run_catches_up_and_the_agent_never_waits(
+    world: World, node: LocalBroker
+) -> None:
+    """Injected: the session writer's connection cut and no reconnect possible for
+    OUTAGE_SECONDS while the agent prints some 2,000 lines a second. Asserted: the agent
+    takes no longer than without the outage (it never waits for the broker), the run log
+    has every line, and the session has every line in order (the writer kept them and
+    caught up) or names exactly what it lacks — never a silent gap."""
+    with world_on(node, world, "session-cut") as on:
+        vhost = on.amqp_url.rsplit("/", 1)[1]
+        rounds = 600  # 12,000 lines, some 7 s
+        took = _steady_agent(on, rounds)
+        on.ok("run", "printer")
+        calm = float(took.read_text())
+        log_dir = _fresh_log_dir(on)
+
+        async def scenario() -> tuple[int, str, int]:
+            running = asyncio.create_task(covey_run(on, "printer"))
+            cuts = await _writer_away(node, vhost, 1.0, lambda: asyncio.sleep(OUTAGE_SECONDS))
+            code, output = await running
+            return code, output, cuts
+
+        code, output, cuts = asyncio.run(scenario())
+        assert code == 0, output
+        assert cuts == 1
+        away = float(took.read_text())
+        run_id = run_id_of(log_dir)
+        assert _logged(on, run_id) == [f"line {i}" for i in range(rounds * 20)]
+        events = asyncio.run(read_session(on.amqp_url, run_id, quiet=10))
+        missing = [e for _, e in events if e.kind == "missing"]
+        print(
+            f"TALLY session-cut: calm={calm:.2f}s away={away:.2f}s events={len(events)} "
+            f"missing={[e.data for e in missing]}"
+        )
+        # Held up by the outage, the agent would take OUTAGE_SECONDS more.
+        assert away < min(calm * 1.5 + 2.0, calm + OUTAGE_SECONDS - 1.5), (calm, away)
+        assert_whole_or_announced(events, rounds * 20)
+        assert not missing, "a healthy queue of 12,000 lines is kept whole through 6 s"
+        shown = on.covey("attach", run_id, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.splitlines()[1:] == [
+            *(f"line {i}" for i in range(rounds * 20)),
+            f"[closed] run {run_id} of printer: ok (exit code 0)",
+        ]
+
+
+def test_a_writer_cut_off_at_the_end_names_what_it_lacks_and_attach_says_so(
+    world: World, node: LocalBroker
+) -> None:
+    """Injected: the writer's connection cut, and none possible, from mid-run until the
+    run has finished (its bounded close gives up). The run's other connections stay, so
+    it ends and is recorded. Asserted: the run log has every line; what the session holds
+    and what `run.finished` names as session_missing together are every seq (no silent
+    gap); `covey attach` shows the lines it has, the missing notice and the outcome, and
+    exits 0 rather than waiting for a `closed` that will never come."""
+    with world_on(node, world, "session-end") as on:
+        vhost = on.amqp_url.rsplit("/", 1)[1]
+        rounds = 1000  # 20,000 lines, some 12 s: the cut comes well before its end
+        _steady_agent(on, rounds)
+        log_dir = _fresh_log_dir(on)
+
+        async def scenario() -> tuple[int, str, int]:
+            running = asyncio.create_task(covey_run(on, "printer"))
+
+            async def finished() -> None:
+                await asyncio.wait({running})
+
+            cuts = await _writer_away(node, vhost, 0.3, finished)
+            code, output = await running
+            return code, output, cuts
+
+        began = time.monotonic()
+        code, output, cuts = asyncio.run(scenario())
+        took = time.monotonic() - began
+        assert code == 0, output
+        assert cuts == 1
+        run_id = run_id_of(log_dir)
+        lines = rounds * 20
+        assert _logged(on, run_id) == [f"line {i}" for i in range(lines)]
+        events = asyncio.run(read_session(on.amqp_url, run_id, quiet=5))
+        (finished,) = [
+            e
+            for e in asyncio.run(stream_bodies(on.amqp_url, "covey.runs"))
+            if e["kind"] == "run.finished" and e["run_id"] == run_id
+        ]
+        named = finished.get("session_missing") or []
+        print(f"TALLY session-end: run={took:.1f}s published={len(events)} session_missing={named}")
+        last_seq = lines + 2  # `opened`, the lines, `missing`, `closed`
+        present = {e.seq for _, e in events}
+        absent = {seq for first, last in named for seq in range(first, last + 1)}
+        assert present | absent == set(range(last_seq + 1)), "a gap nobody announced"
+        assert absent, "the cut came mid-run: something was not published"
+        texts = [e.text for _, e in events if e.kind == "line"]
+        assert texts == [f"line {i}" for i in range(len(texts))]
+        shown = on.covey("attach", run_id, timeout=45)
+        assert shown.returncode == 0, shown.stderr
+        said = shown.stdout.splitlines()
+        ranges_text = ", ".join(f"{a}-{b}" for a, b in named)
+        assert said[1 : 1 + len(texts)] == texts
+        # The notice from the run's record (the writer's own never reached the broker):
+        # the record knows the host, not the log's path there.
+        assert said[1 + len(texts) :] == [
+            f"[missing] events (seq {ranges_text}) could not be published; "
+            f"the run log on {socket.gethostname()} has every line",
+            f"[closed] run {run_id} of printer: ok (exit code 0)",
+        ], said[-3:]
