@@ -31,6 +31,7 @@ from coordinator.session import (
     COUNT_HEADER,
     FIRST_SEQ_HEADER,
     IDS_PER_OFFSET,
+    MAX_BATCH_EVENTS,
     RUN_HEADER,
     SESSION_TYPE,
     Pending,
@@ -424,6 +425,16 @@ def _fresh_log_dir(world: World) -> Path:
     return log_dir
 
 
+def _finished(world: World, run_id: str) -> dict[str, Any]:
+    """The run's `run.finished` record."""
+    (finished,) = [
+        e
+        for e in asyncio.run(stream_bodies(world.amqp_url, "covey.runs"))
+        if e["kind"] == "run.finished" and e["run_id"] == run_id
+    ]
+    return finished  # type: ignore[no-any-return]
+
+
 async def _writer_away(node: LocalBroker, vhost: str, after: float, until: Any) -> int:
     """Once the run's session writer has connected, and `after` seconds more: the node
     accepts no new connection and the writer's is cut (the run's other connections, its
@@ -455,34 +466,39 @@ def test_a_writer_cut_off_mid_run_catches_up_and_the_agent_never_waits(
     caught up) or names exactly what it lacks — never a silent gap."""
     with world_on(node, world, "session-cut") as on:
         vhost = on.amqp_url.rsplit("/", 1)[1]
-        rounds = 600  # 12,000 lines, some 7 s
+        rounds = 1500  # 30,000 lines, some 15 s: the outage ends well before the agent does
         took = _steady_agent(on, rounds)
         on.ok("run", "printer")
         calm = float(took.read_text())
         log_dir = _fresh_log_dir(on)
 
-        async def scenario() -> tuple[int, str, int]:
+        async def scenario() -> tuple[int, str, int, float]:
             running = asyncio.create_task(covey_run(on, "printer"))
-            cuts = await _writer_away(node, vhost, 1.0, lambda: asyncio.sleep(OUTAGE_SECONDS))
+            cuts = await _writer_away(node, vhost, 0.3, lambda: asyncio.sleep(OUTAGE_SECONDS))
+            back = time.time()
             code, output = await running
-            return code, output, cuts
+            return code, output, cuts, back
 
-        code, output, cuts = asyncio.run(scenario())
+        code, output, cuts, back = asyncio.run(scenario())
         assert code == 0, output
         assert cuts == 1
         away = float(took.read_text())
+        assert back < took.stat().st_mtime, "the outage was to end before the agent did"
         run_id = run_id_of(log_dir)
         assert _logged(on, run_id) == [f"line {i}" for i in range(rounds * 20)]
         events = asyncio.run(read_session(on.amqp_url, run_id, quiet=10))
         missing = [e for _, e in events if e.kind == "missing"]
         print(
             f"TALLY session-cut: calm={calm:.2f}s away={away:.2f}s events={len(events)} "
-            f"missing={[e.data for e in missing]}"
+            f"missing={[e.data for e in missing]} "
+            f"agent_ran_after_outage={took.stat().st_mtime - back:.1f}s"
         )
         # Held up by the outage, the agent would take OUTAGE_SECONDS more.
         assert away < min(calm * 1.5 + 2.0, calm + OUTAGE_SECONDS - 1.5), (calm, away)
         assert_whole_or_announced(events, rounds * 20)
-        assert not missing, "a healthy queue of 12,000 lines is kept whole through 6 s"
+        # The writer keeps what the agent prints while the broker is away (up to MAX_EVENTS,
+        # MAX_BYTES) and publishes it once it is back: this session is whole.
+        assert not missing, "a backlog of some 12,000 lines is kept whole through 6 s"
         shown = on.covey("attach", run_id, timeout=60)
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.splitlines()[1:] == [
@@ -525,11 +541,7 @@ def test_a_writer_cut_off_at_the_end_names_what_it_lacks_and_attach_says_so(
         lines = rounds * 20
         assert _logged(on, run_id) == [f"line {i}" for i in range(lines)]
         events = asyncio.run(read_session(on.amqp_url, run_id, quiet=5))
-        (finished,) = [
-            e
-            for e in asyncio.run(stream_bodies(on.amqp_url, "covey.runs"))
-            if e["kind"] == "run.finished" and e["run_id"] == run_id
-        ]
+        finished = _finished(on, run_id)
         named = finished.get("session_missing") or []
         print(f"TALLY session-end: run={took:.1f}s published={len(events)} session_missing={named}")
         last_seq = lines + 2  # `opened`, the lines, `missing`, `closed`
@@ -551,3 +563,74 @@ def test_a_writer_cut_off_at_the_end_names_what_it_lacks_and_attach_says_so(
             f"the run log on {socket.gethostname()} has every line",
             f"[closed] run {run_id} of printer: ok (exit code 0)",
         ], said[-3:]
+
+
+def test_a_writer_cut_off_while_its_queue_overflows_names_the_oldest_it_dropped(
+    world: World, node: LocalBroker
+) -> None:
+    """Injected: the writer's connection cut, none possible, while the agent prints more
+    than the writer keeps in memory (MAX_EVENTS, MAX_BYTES); then the broker is back before
+    the run ends. Asserted: the oldest unsent lines are dropped, one `missing` event names
+    exactly those seqs before `closed`, the rest (the newest) is published in order, the
+    run log has every line, and `covey attach` shows the notice where the gap is."""
+    with world_on(node, world, "session-overflow") as on:
+        vhost = on.amqp_url.rsplit("/", 1)[1]
+        lines = 300_000  # some 62 MB queued at EVENT_BYTES each: over MAX_BYTES
+        go, back = on.home / "go", on.home / "back"
+        wait_for = "while [ ! -e {0} ]; do sleep 0.05; done"
+        command = f"{wait_for.format(go)}; seq -f 'line %.0f' 1 {lines}; {wait_for.format(back)}"
+        on.add_agent("printer", f"command = {json.dumps(command)}\n")
+        log_dir = on.state_dir / "runs" / "printer"
+
+        async def printed() -> None:
+            go.touch()
+            deadline = time.monotonic() + 60
+            while len(_logged_lines(log_dir)) < lines:
+                assert time.monotonic() < deadline, "the agent did not print in time"
+                await asyncio.sleep(0.2)
+
+        async def scenario() -> tuple[int, str, int]:
+            running = asyncio.create_task(covey_run(on, "printer"))
+            cuts = await _writer_away(node, vhost, 0.0, printed)
+            back.touch()
+            code, output = await running
+            return code, output, cuts
+
+        code, output, cuts = asyncio.run(scenario())
+        assert code == 0, output
+        assert cuts == 1
+        run_id = run_id_of(log_dir)
+        assert _logged(on, run_id) == [f"line {n}" for n in range(1, lines + 1)]
+        events = asyncio.run(read_session(on.amqp_url, run_id, quiet=10))
+        notices = [e for _, e in events if e.kind == "missing"]
+        print(
+            f"TALLY session-overflow: published={len(events)} "
+            f"missing={[n.data['seqs'] for n in notices if n.data]}"
+        )
+        assert_whole_or_announced(events, lines)
+        (notice,) = notices
+        assert notice.data is not None
+        ((first, last),) = notice.data["seqs"]
+        # Nothing was confirmed before the cut; the batch then in flight (at most
+        # MAX_BATCH_EVENTS) is kept to be published again, and of the queue behind it the
+        # oldest are dropped: the newest are kept.
+        assert 1 <= first <= 1 + MAX_BATCH_EVENTS and first < last < lines, (first, last)
+        kept = [*range(1, first), *range(last + 1, lines + 1)]
+        kinds = [e.kind for _, e in events]
+        assert kinds == ["opened", *["line"] * len(kept), "missing", "closed"], kinds[-3:]
+        assert [e.text for _, e in events[1:-2]] == [f"line {n}" for n in kept]
+        assert _finished(on, run_id)["session_missing"] == [[first, last]], "and in its record"
+        shown = on.covey("attach", run_id, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        said = shown.stdout.splitlines()
+        assert said[1 : 1 + len(kept)] == [f"line {n}" for n in kept]
+        assert said[1 + len(kept) :] == [
+            f"[missing] events (seq {first}-{last}) could not be published; "
+            f"{log_dir / (run_id + '.log')} has every line",
+            f"[closed] run {run_id} of printer: ok (exit code 0)",
+        ]
+
+
+def _logged_lines(log_dir: Path) -> list[str]:
+    logs = list(log_dir.glob("*.log"))
+    return logs[0].read_text().splitlines() if logs else []
