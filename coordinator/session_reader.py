@@ -18,6 +18,12 @@ Retention is honest. A run whose whole session is gone, though its run record is
 still in `covey.runs`, is `NotRetained` (its own exit code); a resume from an id
 retention has removed yields an `expired` event naming the ids first, never a
 silent jump.
+
+A finished run gets nothing more, so a reader never waits on one: asked to resume
+at or after its `closed`, it shows that `closed` again; when its writer could not
+publish the end of its session, the outcome and the seqs it lacks come from the
+run's record (`run.finished`). Watching for new sessions survives a lost
+connection as following one does, and lists what started while it was away.
 """
 
 from __future__ import annotations
@@ -382,7 +388,8 @@ async def follow(
     its `closed`; with `follow=False`, until what the stream held when it began.
 
     A dropped connection is reopened and reading resumes after the last id seen: no
-    gap, no repeat. Ids retention removed come first as one `expired` event."""
+    gap, no repeat. Ids retention removed come first as one `expired` event. A run that
+    has finished ends with its `closed` even when resumed at or after it (see _Reader)."""
     run = await find_run(namespace, run_id)
     reader = await _reader(namespace, run, start, follow)
     if start == "start" and run.first_seq > 0:
