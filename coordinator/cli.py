@@ -301,7 +301,6 @@ async def _show_session(events: Any, printer: Any) -> None:
 
 
 async def cmd_sessions(covey: Covey, args: argparse.Namespace) -> int:
-    from coordinator.records import RunRecord
     from coordinator.session_reader import list_sessions, watch_sessions
 
     namespace = covey.namespace
@@ -319,22 +318,18 @@ async def cmd_sessions(covey: Covey, args: argparse.Namespace) -> int:
         seen = {r.run_id for r in runs}
         if opened is None:
             return 0
-        # After a lost connection, what started meanwhile comes as run records.
         async for event in opened:
             if event.run_id in seen:
                 continue
             seen.add(event.run_id or "")
-            row = (
-                event.to_dict()
-                if isinstance(event, RunRecord)
-                else {
-                    "agent": event.agent,
-                    "run_id": event.run_id,
-                    "outcome": "running",
-                    "started_at": (event.since or event.at).isoformat(),
-                    "first_id": event.first_id,
-                }
-            )
+            row = {
+                "agent": event.agent,
+                "run_id": event.run_id,
+                # One made after a lost connection may say its run has ended already.
+                "outcome": event.outcome or "running",
+                "started_at": (event.since or event.at).isoformat(),
+                "first_id": event.first_id,
+            }
             print(json.dumps(row) if args.json else _session_row(row), flush=True)
     return 0
 

@@ -445,16 +445,15 @@ async def list_sessions(namespace: Namespace, limit: int = 20) -> list[records.R
 
 
 @contextlib.asynccontextmanager
-async def watch_sessions(
-    namespace: Namespace,
-) -> AsyncIterator[AsyncIterator[Event | records.RunRecord]]:
+async def watch_sessions(namespace: Namespace) -> AsyncIterator[AsyncIterator[Event]]:
     """Listen for `session.opened` from now on; the iterator yields each as it comes.
     Listening starts before the body runs, so a list made inside misses nothing.
 
     A lost connection is reopened (every RECONNECT_SECONDS; BrokerUnavailable, exit 4,
     after RECONNECT_GIVE_UP_SECONDS) and listening resumes; then the runs that started
-    while nobody listened come as their records (a run may come twice, as a record and
-    an event: a caller that prints each once dedupes by run id)."""
+    while nobody listened come too, their `session.opened` made from their records (with
+    the outcome, if they have already ended). A run may come twice: a caller that prints
+    each once dedupes by run id."""
     watch = _Watch(namespace)
     await watch.listen()
     try:
@@ -495,7 +494,7 @@ class _Watch:
             and self.gateway.alive
         )
 
-    async def each(self) -> AsyncIterator[Event | records.RunRecord]:
+    async def each(self) -> AsyncIterator[Event]:
         while True:
             try:
                 event = await asyncio.wait_for(self.opened.get(), LOST_POLL_SECONDS)
@@ -507,7 +506,7 @@ class _Watch:
                 self.heard_at = datetime.now(UTC)
             else:
                 for record in await self._listen_again():
-                    yield record
+                    yield _opened(record)
 
     async def _listen_again(self) -> list[records.RunRecord]:
         """Listen again, then list the runs that started while nobody listened."""
@@ -534,6 +533,21 @@ class _Watch:
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(*BROKER_ERRORS):
                 await channel.close()
+
+
+def _opened(record: records.RunRecord) -> Event:
+    """The `session.opened` of a run that started while nobody listened, from its record."""
+    return Event(
+        kind="session.opened",
+        at=record.at,
+        host=record.host,
+        agent=record.agent,
+        run_id=record.run_id,
+        trigger=record.trigger,
+        outcome=None if record.outcome == records.RUNNING else record.outcome,
+        stream=STREAM,
+        since=record.started_at,
+    )
 
 
 async def _started_since(namespace: Namespace, since: datetime) -> list[records.RunRecord]:
