@@ -325,7 +325,8 @@ async def cmd_sessions(covey: Covey, args: argparse.Namespace) -> int:
             row = {
                 "agent": event.agent,
                 "run_id": event.run_id,
-                "outcome": "running",
+                # One made after a lost connection may say its run has ended already.
+                "outcome": event.outcome or "running",
                 "started_at": (event.since or event.at).isoformat(),
                 "first_id": event.first_id,
             }
