@@ -673,8 +673,14 @@ def _add_run_command(commands: _Commands) -> None:
         "--fraction", type=_fraction, metavar="F", help="for progress: how far, from 0 to 1"
     )
 
-    notify_help = "for a live session's hooks: one line about new mail, or nothing"
-    notify = commands.parsers.add_parser("notify", help=notify_help, description=notify_help)
+    notify = commands.parsers.add_parser("notify", help=NOTIFY_HELP, description=NOTIFY_HELP)
+    _notify_arguments(notify)
+
+
+NOTIFY_HELP = "for a live session's hooks: one line about new mail, or nothing"
+
+
+def _notify_arguments(notify: argparse.ArgumentParser) -> None:
     notify.set_defaults(handler=cmd_notify)  # run by `_run_locally`: no namespace, no broker
     notify.add_argument("name", nargs="?", metavar="NAME", help="whose mail (default: as --as)")
     notify.add_argument("--as", dest="identity", metavar="NAME", help="act as this participant")
@@ -896,6 +902,13 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["notify"]:
+        # It runs after every tool call of a live session: its own parser only, not
+        # every command's (a third of its start-up).
+        notify = argparse.ArgumentParser(prog="covey notify", description=NOTIFY_HELP)
+        _notify_arguments(notify)
+        return _run_locally(cmd_notify, notify.parse_args(words[1:]))
     args = build_parser().parse_args(argv)
     try:
         if args.handler in (cmd_emit, cmd_notify):
