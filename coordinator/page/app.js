@@ -264,16 +264,24 @@ function holderText(holder) {
   return `${holder.agent} on ${holder.host}`;
 }
 
+function runningRunOf(name) {
+  if (!Array.isArray(data.runs)) return null;
+  const running = data.runs.filter((r) => r.agent === name && r.outcome === "running");
+  return running.length ? running[running.length - 1].run_id : null;
+}
+
 function agentRow(agent) {
   const tr = el("tr");
   tr.dataset.agent = agent.name;
   cell(tr, agent.name, "name");
+  // Its live run: the holder of its own lock, else a recent run recorded as running
+  // (an agent with `lock = "none"` holds no lock a status could see).
+  const live = agent.run ? agent.run.run_id : runningRunOf(agent.name);
+  const shownState = live && agent.state === "idle" ? "running" : agent.state;
   const state = cell(tr, null);
-  state.append(el("span", "state s-" + (["running", "idle", "broken"].includes(agent.state)
-    ? agent.state : "other"), agent.state));
-  if (agent.run) {
-    state.append(" ", link(runHref(agent.run.run_id), "watch", "watch"));
-  }
+  state.append(el("span", "state s-" + (["running", "idle", "broken"].includes(shownState)
+    ? shownState : "other"), shownState));
+  if (live) state.append(" ", link(runHref(live), "watch", "watch"));
   if (agent.problem) state.append(el("div", "problem", agent.problem));
   cell(tr, agent.pending === null ? "–" : String(agent.pending), "num");
   const lock = cell(tr, agent.lock);
@@ -294,11 +302,11 @@ function agentRow(agent) {
     run.addEventListener("click", () => attempt(`run of ${agent.name} requested`,
       `/api/agents/${encodeURIComponent(agent.name)}/run`, {}));
     acts.append(run);
-    if (agent.run) {
+    if (live) {
       const stop = el("button", "small danger stop", "stop");
       stop.type = "button";
       stop.addEventListener("click", () => attempt(`stop asked for ${agent.name}`,
-        `/api/runs/${encodeURIComponent(agent.run.run_id)}/stop`, {}));
+        `/api/runs/${encodeURIComponent(live)}/stop`, {}));
       acts.append(" ", stop);
     }
   }
