@@ -12,6 +12,7 @@ line was added, against the time the agent printed in that line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -158,10 +159,11 @@ def web(applied: World) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture
-def watched(browser: Browser, web: httpx.Client) -> Iterator[Watched]:
+@contextlib.contextmanager
+def watching(browser: Browser, server: httpx.Client) -> Iterator[Watched]:
+    """A fresh browser context on `server`, checked when the block ends."""
     context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
-    seen = Watched(context, str(web.base_url).rstrip("/"))
+    seen = Watched(context, str(server.base_url).rstrip("/"))
     context.on("request", seen._request)
     context.on("dialog", seen._dialog)
     context.add_init_script(OBSERVER)
@@ -171,6 +173,12 @@ def watched(browser: Browser, web: httpx.Client) -> Iterator[Watched]:
         assert len(seen.requests) > 3, seen.requests  # the watching itself worked
     finally:
         context.close()
+
+
+@pytest.fixture
+def watched(browser: Browser, web: httpx.Client) -> Iterator[Watched]:
+    with watching(browser, web) as seen:
+        yield seen
 
 
 def agent_names(page: Page) -> list[str]:
@@ -340,3 +348,59 @@ def test_markup_and_escape_sequences_from_an_agent_show_as_text(
     page.goto(watched.base + "/")
     page.wait_for_selector(f'#runs tr[data-run="{record["run_id"]}"]')
     assert "ok" in page.inner_text(f'#runs tr[data-run="{record["run_id"]}"]')
+
+
+# -- actions, for a person signed in ----------------------------------------------------------
+
+
+def test_a_signed_in_person_runs_stops_and_mails_and_nobody_else_can(
+    applied: World, browser: Browser
+) -> None:
+    add_ticker(applied, "ticker", TICKS)
+    # The supervisor serves the page here: "run now" asks it for a run.
+    with serving(applied, "supervise") as server, watching(browser, server) as watched:
+        if server.get("/api/session").status_code == 404:
+            pytest.skip("no /api/session in this build: the actions are not merged yet")
+        page = watched.page()
+        page.goto(watched.base + "/")
+        agent_names(page)
+        assert page.locator("button.run-now").count() == 0  # read-only until signed in
+        page.fill("#token", "not-a-token")
+        page.click("#sign-in button")
+        page.wait_for_selector("#flash.bad")
+        assert page.is_hidden("#signed-in")
+
+        token = applied.ok("web", "token", "ada").strip()
+        page.fill("#token", token)
+        page.click("#sign-in button")
+        page.wait_for_selector("#signed-in:not([hidden])")
+        assert page.inner_text("#person") == "human:ada"
+        assert page.input_value("#token") == ""  # not left in the form
+
+        page.click('#agents tr[data-agent="ticker"] button.run-now')
+        page.wait_for_selector('#agents tr[data-agent="ticker"] a.watch', timeout=30_000)
+        page.click('#agents tr[data-agent="ticker"] a.watch')
+        _wait_for_tick(page, 2)
+        run_id = page.url.rsplit("/", 1)[1]
+        # Without the cookie, the same request is refused.
+        refused = server.post(f"/api/runs/{run_id}/stop", json={})
+        assert refused.status_code == 401, refused.text
+        page.click("#run-stop")
+        wait_ended(page)
+        assert "stopped" in page.inner_text("#run-end")
+        record = server.get(f"/api/runs/{run_id}").json()
+        assert record["outcome"] == "stopped" and record["stopped_by"] == "human:ada"
+        assert len(ticks(lines_on_page(page))) < TICKS
+
+        page.goto(watched.base + "/")
+        page.fill("#mail-to", "agent:scout")
+        page.fill("#mail-subject", "from the page")
+        page.fill("#mail-body", "<b>as text</b>")
+        page.click("#mail button")
+        page.wait_for_selector("#flash:has-text('mail sent')")
+        page.wait_for_selector('#agents tr[data-agent="scout"] td.num:has-text("1")')
+        page.click("#sign-out")
+        page.wait_for_selector("#sign-in:not([hidden])")
+        assert page.locator("button.run-now").count() == 0
+    inbox = applied.ok("inbox", "--as", "scout")
+    assert "from the page" in inbox and "human:ada" in inbox

@@ -141,13 +141,18 @@ async function act(path, body = {}) {
   try { return await answer.json(); } catch (_) { return {}; }
 }
 
-async function attempt(what, path, body) {
+/** An action from `button`, disabled while it is under way (a stop waits for the end). */
+async function attempt(button, what, path, body) {
+  button.disabled = true;
+  flash(`${what}…`);
   try {
     await act(path, body);
-    flash(what);
+    flash(`${what}: done`);
     refreshSoon();
   } catch (err) {
     flash(`${what}: refused: ${err.message}`, true);
+  } finally {
+    button.disabled = false;
   }
 }
 
@@ -194,9 +199,9 @@ function setUpForms() {
       flash(`mail to ${to}: refused: ${err.message}`, true);
     }
   });
-  document.getElementById("run-stop").addEventListener("click", () => {
+  document.getElementById("run-stop").addEventListener("click", (event) => {
     if (current.runId) {
-      attempt(`stop asked for run ${current.runId}`,
+      attempt(event.currentTarget, `stop run ${current.runId}`,
         `/api/runs/${encodeURIComponent(current.runId)}/stop`, {});
     }
   });
@@ -299,13 +304,13 @@ function agentRow(agent) {
   if (session.person) {
     const run = el("button", "small run-now", "run now");
     run.type = "button";
-    run.addEventListener("click", () => attempt(`run of ${agent.name} requested`,
+    run.addEventListener("click", () => attempt(run, `run ${agent.name} now`,
       `/api/agents/${encodeURIComponent(agent.name)}/run`, {}));
     acts.append(run);
     if (live) {
       const stop = el("button", "small danger stop", "stop");
       stop.type = "button";
-      stop.addEventListener("click", () => attempt(`stop asked for ${agent.name}`,
+      stop.addEventListener("click", () => attempt(stop, `stop ${agent.name}'s run`,
         `/api/runs/${encodeURIComponent(live)}/stop`, {}));
       acts.append(" ", stop);
     }
@@ -389,6 +394,7 @@ const current = {
   runId: null,
   source: null, // its session's EventSource
   lastId: -1, // the newest event id shown: an event at or below it is a replay
+  expired: new Set(), // the `expired` notices shown (they have no id)
   tokens: null, // the element tokens are appended to, while they come
   record: null,
   closed: null, // the `closed` event's data, once it came
@@ -396,7 +402,9 @@ const current = {
 
 function showRun(runId) {
   stopFollowing();
-  Object.assign(current, { runId, lastId: -1, tokens: null, record: null, closed: null });
+  Object.assign(current, {
+    runId, lastId: -1, expired: new Set(), tokens: null, record: null, closed: null,
+  });
   document.getElementById("run-id").textContent = printable(runId);
   document.getElementById("run-agent").textContent = "";
   document.getElementById("run-facts").replaceChildren();
@@ -495,16 +503,20 @@ function endTokens() {
 
 function onSessionEvent(kind, message) {
   // Ids only grow: one at or below the newest shown is a replay after a reconnect.
-  // An `expired` notice carries the id of the first event still retained, which comes
-  // next with that same id: it is checked against the newest, but does not move it.
-  if (message.lastEventId !== "") {
+  const event = parse(message);
+  if (kind === "expired") {
+    // A notice with no SSE id of its own (it stands for no stored event), told again
+    // after a reconnect: shown once for the ids it names.
+    const key = JSON.stringify(event.data || null);
+    if (current.expired.has(key)) return;
+    current.expired.add(key);
+  } else if (message.lastEventId !== "") {
     const id = Number(message.lastEventId);
     if (Number.isFinite(id)) {
       if (id <= current.lastId) return;
-      if (kind !== "expired") current.lastId = id;
+      current.lastId = id;
     }
   }
-  const event = parse(message);
   const text = event.text ?? "";
   const info = event.data && typeof event.data === "object" ? event.data : {};
   if (event.agent && !document.getElementById("run-agent").textContent) {
@@ -625,8 +637,10 @@ function listen() {
   source.addEventListener("open", () => {
     live.textContent = "live";
     live.classList.add("on");
-    refresh(); // whatever happened while it was not connected
   });
+  // The server's listener is bound: nothing is missed from here on. Look again, for
+  // what happened before (or, `resumed`, while its own connection to the broker was down).
+  source.addEventListener("listening", () => refresh());
   source.addEventListener("error", () => {
     live.classList.remove("on");
     if (source.readyState === EventSource.CLOSED) {
