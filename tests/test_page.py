@@ -388,8 +388,12 @@ def test_a_signed_in_person_runs_stops_and_mails_and_nobody_else_can(
         page.click("#run-stop")
         wait_ended(page)
         assert "stopped" in page.inner_text("#run-end")
-        record = server.get(f"/api/runs/{run_id}").json()
-        assert record["outcome"] == "stopped" and record["stopped_by"] == "human:ada"
+        # The session's `closed` comes just before the run's record of its end.
+        deadline = time.monotonic() + 15
+        while (record := server.get(f"/api/runs/{run_id}").json())["outcome"] != "stopped":
+            assert time.monotonic() < deadline, record
+            time.sleep(0.2)
+        assert record["stopped_by"] == "human:ada"
         assert len(ticks(lines_on_page(page))) < TICKS
 
         page.goto(watched.base + "/")
