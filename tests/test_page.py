@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +30,8 @@ import pytest
 from conftest import REPO, World, start
 from test_attach import Output
 from test_web_api import serving
+
+from coordinator.localbroker import free_port
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import (  # noqa: E402  (after the skip above)
@@ -319,6 +323,78 @@ def _latencies(shown: list[tuple[str, str, float]]) -> list[float]:
 
 def _session_requests(watched: Watched, run_id: str) -> int:
     return sum(1 for url in watched.requests if f"/api/sessions/{run_id}/events" in url)
+
+
+def test_a_dropped_connection_resumes_by_itself_with_each_line_once(
+    applied: World, browser: Browser
+) -> None:
+    add_ticker(applied, "ticker", TICKS)
+    port = free_port()
+    first = web_on(applied, port)
+    run = Output(start(applied, "run", "ticker"))
+    try:
+        with first as server, watching(browser, server) as watched:
+            session_asks: list[Request] = []
+            watched.context.on(
+                "request", lambda r: session_asks.append(r) if "/sessions/" in r.url else None
+            )
+            page = watched.page()
+            run.wait_for(lambda text: text.startswith("tick "))
+            (record,) = server.get("/api/runs", params={"agent": "ticker"}).json()
+            page.goto(f"{watched.base}/#/runs/{record['run_id']}")
+            _wait_for_tick(page, 5)
+            # The server goes away mid-run and comes back on the same port: the page's
+            # EventSource reconnects by itself, sending the last id it saw.
+            server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+            server.process.wait(30)  # type: ignore[attr-defined]
+            page.wait_for_selector(".following:has-text('connecting')")
+            time.sleep(1)
+            with web_on(applied, port):
+                assert run.finish(60) == 0
+                wait_ended(page, timeout=30)
+                texts = lines_on_page(page)
+                assert ticks(texts) == list(range(1, TICKS + 1)), texts
+                ids = [int(id_) for id_, _, _ in shown_lines(page)]
+                assert ids == sorted(set(ids))
+                # From the start first; last (after tries the absent server refused),
+                # after the last id it had seen: at least tick 5's.
+                last_ids = [r.all_headers().get("last-event-id") for r in session_asks]
+                assert last_ids[0] is None and len(last_ids) >= 2, last_ids
+                assert int(last_ids[-1] or -1) >= ids[4], (last_ids, ids)
+    finally:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
+@contextlib.contextmanager
+def web_on(world: World, port: int) -> Iterator[httpx.Client]:
+    """`covey web` on `port` (serving() picks a port of its own; this one comes back to
+    the same), stopped when the block ends unless the test stopped it first."""
+    process = start(world, "web", "--port", str(port), stdout=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/api/openapi.json", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "the server never answered"
+                time.sleep(0.1)
+        with httpx.Client(base_url=base, timeout=30) as client:
+            client.process = process  # type: ignore[attr-defined]
+            yield client
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        assert process.returncode == 0, err
 
 
 # -- agent output is data -------------------------------------------------------------------
