@@ -229,14 +229,32 @@ async function refresh(which = Object.keys(sources)) {
   render();
 }
 
+// Events come in bursts, and /api/agents costs the server a look at every agent: one
+// refetch at a time, shortly after the first event; events during it ask for one more.
 let refreshTimer = null;
-/** Refetch what changes with runs, once, shortly: events come in bursts. */
+let refreshing = false;
+let refreshAgain = false;
 function refreshSoon() {
+  if (refreshing) {
+    refreshAgain = true;
+    return;
+  }
   if (refreshTimer !== null) return;
-  refreshTimer = setTimeout(() => {
+  refreshTimer = setTimeout(async () => {
     refreshTimer = null;
-    refresh(["agents", "locks", "runs"]);
-    if (current.runId) loadRecord(current.runId);
+    refreshing = true;
+    try {
+      await Promise.all([
+        refresh(["agents", "locks", "runs"]),
+        current.runId ? loadRecord(current.runId) : null,
+      ]);
+    } finally {
+      refreshing = false;
+    }
+    if (refreshAgain) {
+      refreshAgain = false;
+      refreshSoon();
+    }
   }, 100);
 }
 
@@ -409,6 +427,10 @@ function showRun(runId) {
   document.getElementById("run-agent").textContent = "";
   document.getElementById("run-facts").replaceChildren();
   document.getElementById("output").replaceChildren();
+  document.getElementById("run-dropped").hidden = true;
+  pending = [];
+  followEnd = true;
+  dropped = 0;
   document.getElementById("run-status").textContent = "";
   document.getElementById("run-progress").hidden = true;
   document.getElementById("run-progress-text").textContent = "";
@@ -489,12 +511,53 @@ function parse(message) {
   }
 }
 
+// New entries wait for the next frame and go in together: a replay can bring
+// thousands at once, and the page lays out and scrolls once a frame, not once a line.
+// The output follows its end while the reader is there, and stays put when they scroll
+// up. Beyond MAX_SHOWN entries the oldest leave the page (the run log, `covey attach`
+// and the session itself keep them all): a browser tab is not an archive.
+const MAX_SHOWN = 10000;
+let pending = [];
+let followEnd = true;
+let ownScroll = -1; // the scrollTop the page set itself (its scroll event is not the reader's)
+let dropped = 0;
+
 function output(node) {
+  pending.push(node);
+  if (pending.length === 1) {
+    // The next frame, or 50 ms: a window the browser draws seldom (behind
+    // another, or headless) may wait long for its frames, and its text must not.
+    requestAnimationFrame(flush);
+    setTimeout(flush, 50);
+  }
+}
+
+function flush() {
+  if (pending.length === 0) return; // the other of the two came first
   const box = document.getElementById("output");
-  // Follow the end while the reader is at it; leave them be when they scrolled up.
-  const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-  box.append(node);
-  if (atEnd) box.scrollTop = box.scrollHeight;
+  box.append(...pending);
+  pending = [];
+  const over = box.childElementCount - MAX_SHOWN;
+  if (over > 0) {
+    for (let i = 0; i < over; i++) box.firstElementChild.remove();
+    dropped += over;
+    const note = document.getElementById("run-dropped");
+    note.textContent = `${dropped} earlier entries are no longer shown here; `
+      + "covey attach shows them all";
+    note.hidden = false;
+  }
+  if (followEnd) {
+    box.scrollTop = box.scrollHeight;
+    ownScroll = box.scrollTop;
+  }
+}
+
+function watchScrolling() {
+  const box = document.getElementById("output");
+  box.addEventListener("scroll", () => {
+    if (box.scrollTop === ownScroll) return;
+    followEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  });
 }
 
 function endTokens() {
@@ -680,6 +743,7 @@ function render() {
 
 function start() {
   setUpForms();
+  watchScrolling();
   window.addEventListener("hashchange", route);
   route();
   loadSession();
