@@ -397,6 +397,30 @@ def web_on(world: World, port: int) -> Iterator[httpx.Client]:
         assert process.returncode == 0, err
 
 
+def test_a_long_run_shows_its_newest_entries_and_says_how_many_left(
+    applied: World, browser: Browser
+) -> None:
+    applied.add_agent("many", 'command = "seq 12000"\n')
+    applied.ok("run", "many")
+    with serving(applied) as server, watching(browser, server) as watched:
+        (record,) = server.get("/api/runs").json()
+        page = watched.page()
+        asked = time.monotonic()
+        page.goto(f"{watched.base}/#/runs/{record['run_id']}")
+        wait_ended(page)
+        page.wait_for_selector("#output .ev.closed")
+        took = time.monotonic() - asked
+        texts = lines_on_page(page)
+        # 12,002 entries (opened, the lines, closed): the newest 10,000 stay, the first 2,002 go.
+        assert texts == [str(n) for n in range(2002, 12001)], (texts[:2], texts[-2:])
+        assert page.inner_text("#run-dropped").startswith("2002 earlier entries")
+        top, height, seen = page.eval_on_selector(
+            "#output", "box => [box.scrollTop, box.scrollHeight, box.clientHeight]"
+        )
+        assert height - top - seen < 40, "the output does not show its end"
+    print(f"12,000 lines replayed in {took:.1f} s")
+
+
 # -- agent output is data -------------------------------------------------------------------
 
 
