@@ -63,8 +63,9 @@ from coordinator.emit import emit_blocking
 count = int(sys.argv[1])
 for extra in sys.argv[2:]:
     print(extra, flush=True)
-emit_blocking("status", "warming up")
 for i in range(1, count + 1):
+    if i % 10 == 1:
+        emit_blocking("status", f"batch {i // 10 + 1} of {(count + 9) // 10}")
     print(f"tick {i} at {time.time():.3f}", flush=True)
     if i % 4 == 0:
         emit_blocking("progress", f"{i} of {count} ticks", {"fraction": i / count})
