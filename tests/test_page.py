@@ -228,6 +228,10 @@ def test_the_overview_lists_the_roster_under_a_strict_policy(watched: Watched) -
     assert page.is_visible("#sign-in")
     assert page.locator("button.run-now, button.stop").count() == 0
     assert page.is_hidden("#mail-box")
+    # A run nobody knows: its page says so, in the API's words.
+    page.goto(watched.base + "/#/runs/20990101T000000-ffffff")
+    page.wait_for_selector("#output .notice")
+    assert "no run" in page.inner_text("#output .notice").lower()
 
 
 def test_a_run_shows_live_on_the_overview_and_its_page_each_line_once(

@@ -481,9 +481,12 @@ function follow(runId) {
   source.addEventListener("error", () => {
     if (current.source !== source) return;
     if (source.readyState === EventSource.CLOSED) {
-      // Refused (an unknown run, or retention removed it): say why, from the API.
       current.source = null;
-      explainRefusal(runId);
+      // After its `closed`, a 204: the server says the run ended at the last id this
+      // page saw (its `end` was lost with the connection). Before it, a refusal (an
+      // unknown run, or retention removed it): say why, from the API.
+      if (current.closed) endTokens();
+      else explainRefusal(runId);
     }
     renderRun();
   });
@@ -647,7 +650,7 @@ function renderRun() {
     document.getElementById("run-agent").textContent = printable(record.agent);
   }
   const outcome = closed ? closed.outcome : record ? record.outcome : null;
-  const live = !closed && (!record || record.outcome === "running");
+  const live = !closed && (record ? record.outcome === "running" : current.source !== null);
   const state = document.getElementById("run-state");
   state.replaceChildren(outcomeBadge(outcome || (current.source ? "running" : "unknown")));
   if (current.source) {
