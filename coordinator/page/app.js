@@ -218,6 +218,7 @@ const sources = {
   dead: "/api/dead",
 };
 
+/** Fetch `which` again, each shown as soon as it comes (/api/agents is the slow one). */
 async function refresh(which = Object.keys(sources)) {
   await Promise.all(which.map(async (name) => {
     try {
@@ -225,7 +226,28 @@ async function refresh(which = Object.keys(sources)) {
     } catch (err) {
       data[name] = { error: err.message };
     }
+    render();
   }));
+}
+
+/** A run event shown at once in the recent runs, until their refetch answers. */
+function noteRun(event) {
+  if (!Array.isArray(data.runs) || !event.run_id) return;
+  const known = data.runs.find((run) => run.run_id === event.run_id);
+  if (event.kind === "run.started" && !known) {
+    data.runs = [...data.runs, {
+      agent: event.agent, run_id: event.run_id, trigger: event.trigger || null,
+      started_at: event.at, duration_seconds: null, outcome: "running", reason: null,
+    }];
+  } else if (event.kind === "run.finished" && known) {
+    Object.assign(known, {
+      outcome: event.outcome || known.outcome,
+      duration_seconds: event.duration_seconds ?? known.duration_seconds,
+      reason: event.reason || null,
+    });
+  } else {
+    return;
+  }
   render();
 }
 
@@ -696,6 +718,7 @@ function listen() {
   const onEvent = (message) => {
     refreshSoon();
     const event = parse(message);
+    noteRun(event);
     if (current.runId && event.run_id === current.runId) loadRecord(current.runId);
   };
   for (const kind of CONTROL_KINDS) source.addEventListener(kind, onEvent);
