@@ -381,16 +381,23 @@ async def _next(
 
 
 async def follow(
-    namespace: Namespace, run_id: str, start: Start = "start", follow: bool = True
+    namespace: Namespace,
+    run_id: str,
+    start: Start = "start",
+    follow: bool = True,
+    *,
+    found: RunSession | None = None,
 ) -> AsyncGenerator[tuple[int, SessionEvent], None]:
     """Yield `(id, event)` of a run's session (a run id, or an agent: its live run, else
     its last) from `start` — its beginning, `now`, or after the id given — in order, until
     its `closed`; with `follow=False`, until what the stream held when it began.
+    `found`: the run as `find_run` found it already (a caller that had to answer
+    "no such run" before it began), so it is not looked for twice.
 
     A dropped connection is reopened and reading resumes after the last id seen: no
     gap, no repeat. Ids retention removed come first as one `expired` event. A run that
     has finished ends with its `closed` even when resumed at or after it (see _Reader)."""
-    run = await find_run(namespace, run_id)
+    run = found if found is not None else await find_run(namespace, run_id)
     reader = await _reader(namespace, run, start, follow)
     if start == "start" and run.first_seq > 0:
         yield run.first_id, expired(run, None, run.first_id - 1, run.first_seq)

@@ -231,6 +231,9 @@ def openapi_document() -> dict[str, Any]:
                 "responses": responses,
             }
         }
+    from coordinator import sse  # it builds on this module: imported once this one is
+
+    paths.update(sse.openapi_paths(error))
     return {
         "openapi": "3.1.0",
         "info": {"title": "covey", "version": __version__},
@@ -324,6 +327,9 @@ def create_app(namespace: Namespace, registry: CollectorRegistry | None = None) 
         *(_route(namespace, endpoint) for endpoint in ENDPOINTS),
         Route("/api/openapi.json", openapi, methods=["GET"]),
     ]
+    from coordinator import sse  # it builds on this module: imported once this one is
+
+    routes += sse.routes(namespace)  # its two event streams
     if registry is not None:
         from prometheus_client import make_asgi_app
 
