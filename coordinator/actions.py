@@ -47,6 +47,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from coordinator import api
+from coordinator.display import printable
 from coordinator.errors import (
     BadInput,
     BrokerUnavailable,
@@ -54,6 +55,7 @@ from coordinator.errors import (
     CoveyError,
     ExitCode,
     NoRecipient,
+    NotFound,
     first_problem,
 )
 from coordinator.events import Event
@@ -66,9 +68,10 @@ if TYPE_CHECKING:
 
 COOKIE = "covey_token"
 COOKIE_MAX_AGE = 7 * 24 * 3600  # a week of the page remembering who signed in on it
-CSRF_HEADER = "x-csrf-token"
+CSRF_HEADER = "X-CSRF-Token"  # headers are looked up regardless of case
 MAX_REQUEST_BYTES_OVER_BODY = 64 * 1024  # a JSON body's quoting and its other fields
 DEFAULT_PORTS = {"http": 80, "https": 443}
+HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -365,6 +368,10 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
         await read_body(request, Body, limit())  # none expected; anything in it is refused
         theirs = await people.namespace_for(signed.person)
         agent = request.path_params["name"]
+        roster = theirs.roster
+        if agent not in roster.agents and agent not in roster.broken:  # a broken one: 400
+            known = ", ".join(sorted(roster.agents)) or "none"
+            raise NotFound(f"no agent {printable(agent)!r} in the roster (known: {known})")
         try:
             with broker_decides():
                 await theirs.request_run(agent, requested_by=str(signed.person))
@@ -404,7 +411,8 @@ def _route(path: str, **methods: Handler) -> Route:
             raise HTTPException(405, headers={"Allow": ", ".join(methods)})
         return await handler(request)
 
-    return Route(path, endpoint, methods=None)
+    # Every method routed here (a function's Route would take GET alone by default).
+    return Route(path, endpoint, methods=HTTP_METHODS)
 
 
 def _cookie_flags(request: Request) -> dict[str, Any]:
