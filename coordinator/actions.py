@@ -271,21 +271,24 @@ class People:
 
 
 @contextlib.contextmanager
-def broker_decides() -> Iterator[None]:
+def broker_decides(person: Address) -> Iterator[None]:
     """The broker refusing the person's user an operation is a 403 with its words,
     not the 503 of a broker that cannot be reached."""
     import aiormq
 
     from coordinator.gateway import reply_text
 
+    refusal = aiormq.exceptions.ChannelAccessRefused
     try:
         yield
-    except aiormq.exceptions.ChannelAccessRefused as err:
-        raise _refuse(403, f"RabbitMQ refused: {reply_text(err)}") from None
-    except BrokerUnavailable as err:
-        if isinstance(err.__context__, aiormq.exceptions.ChannelAccessRefused):
-            raise _refuse(403, str(err)) from None
-        raise
+    except (refusal, BrokerUnavailable) as err:
+        # covey's own error keeps the broker's as its context (raised `from None`).
+        cause = err if isinstance(err, refusal) else err.__context__
+        if not isinstance(cause, refusal):
+            raise
+        raise _refuse(
+            403, f"RabbitMQ refused {person}'s broker user: {reply_text(cause)}"
+        ) from None
 
 
 # -- reading a body ---------------------------------------------------------------------
@@ -355,7 +358,7 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
         theirs = await people.namespace_for(signed.person)
         run = request.path_params["run_id"]
         try:
-            with broker_decides():
+            with broker_decides(signed.person):
                 finished = await request_stop(theirs, run, str(signed.person), body.reason)
         except CoveyError as err:
             if type(err) is CoveyError and err.exit_code == ExitCode.FAILED:
@@ -373,7 +376,7 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
             known = ", ".join(sorted(roster.agents)) or "none"
             raise NotFound(f"no agent {printable(agent)!r} in the roster (known: {known})")
         try:
-            with broker_decides():
+            with broker_decides(signed.person):
                 await theirs.request_run(agent, requested_by=str(signed.person))
         except NoRecipient as err:
             raise _refuse(409, str(err)) from None
@@ -386,7 +389,7 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
         theirs = await people.namespace_for(signed.person)
         handle = theirs.handle(str(signed.person))
         try:
-            with broker_decides():
+            with broker_decides(signed.person):
                 envelope = await handle.send(body.to, body.subject, body.body)
         finally:
             await handle.close()

@@ -23,6 +23,10 @@ from coordinator.provision import Management
 
 __all__ = ["secured"]  # the fixture, used here by name
 
+# Beyond the server's own wait for a stopped run (its grace plus 30 s), so that a slow
+# stop on a loaded machine answers with the server's words rather than a client timeout.
+STOP_WAIT = 90.0
+
 
 def token_for(world: World, name: str = "ada") -> str:
     printed = world.covey("web", "token", name)
@@ -133,6 +137,12 @@ def test_actions_are_refused_without_a_person_or_from_elsewhere(applied: World) 
         refused(send(), 403, "X-CSRF-Token")
         refused(send(**{"X-CSRF-Token": "0" * 64}), 403, "X-CSRF-Token")
         refused(send(**csrf, Origin="http://evil.example"), 403, "another origin")
+        # Over https (here: as a TLS proxy on loopback says), the cookie is Secure too.
+        with fresh(web) as proxied:
+            answer = proxied.post(
+                "/api/session", json={"token": token}, headers={"X-Forwarded-Proto": "https"}
+            )
+            assert answer.status_code == 200 and "; secure" in answer.headers["set-cookie"].lower()
         # Signed out, the cookie is gone.
         assert web.post("/api/session/end").status_code == 204
         refused(web.get("/api/session"), 401, "sign in first")
@@ -177,10 +187,15 @@ def test_a_run_is_stopped_by_the_person_by_token_and_by_cookie(applied: World) -
                 run_id = last_run(applied, "ticker")["run_id"]
                 if how == "token":
                     with fresh(web) as script:
-                        answer = script.post(f"/api/runs/{run_id}/stop", headers=bearer(token))
+                        answer = script.post(
+                            f"/api/runs/{run_id}/stop", headers=bearer(token), timeout=STOP_WAIT
+                        )
                 else:
                     answer = web.post(
-                        f"/api/runs/{run_id}/stop", headers=csrf, json={"reason": "from the page"}
+                        f"/api/runs/{run_id}/stop",
+                        headers=csrf,
+                        json={"reason": "from the page"},
+                        timeout=STOP_WAIT,
                     )
                 assert answer.status_code == 200, answer.text
                 finished = answer.json()
@@ -273,7 +288,9 @@ def test_in_a_provisioned_namespace_the_person_acts_as_their_own_broker_user(
             refused(web.post(f"/api/runs/{run_id}/stop", headers=bearer(bob_token)), 403, "refused")
             time.sleep(1.0)
             assert run.process.poll() is None
-            answer = web.post(f"/api/runs/{run_id}/stop", headers=bearer(ada_token))
+            answer = web.post(
+                f"/api/runs/{run_id}/stop", headers=bearer(ada_token), timeout=STOP_WAIT
+            )
             assert answer.status_code == 200, answer.text
             assert answer.json()["stopped_by"] == "human:ada"
             assert finish(run) == 1
