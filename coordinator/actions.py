@@ -59,12 +59,15 @@ from coordinator.errors import (
     first_problem,
 )
 from coordinator.events import Event
+from coordinator.logs import get_logger
 from coordinator.names import Address
 from coordinator.stopping import REASON_LIMIT
 from coordinator.webtokens import MAX_TOKEN_CHARS, TokenStore, digest, tokens_path
 
 if TYPE_CHECKING:
     from coordinator.namespace import Namespace, Snapshot
+
+log = get_logger("covey.web")
 
 COOKIE = "covey_token"
 COOKIE_MAX_AGE = 7 * 24 * 3600  # a week of the page remembering who signed in on it
@@ -359,6 +362,7 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
         run = request.path_params["run_id"]
         try:
             with broker_decides(signed.person):
+                log.info("stop asked", by=str(signed.person), run=run)
                 finished = await request_stop(theirs, run, str(signed.person), body.reason)
         except CoveyError as err:
             if type(err) is CoveyError and err.exit_code == ExitCode.FAILED:
@@ -377,6 +381,7 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
             raise NotFound(f"no agent {printable(agent)!r} in the roster (known: {known})")
         try:
             with broker_decides(signed.person):
+                log.info("run requested", by=str(signed.person), agent=agent)
                 await theirs.request_run(agent, requested_by=str(signed.person))
         except NoRecipient as err:
             raise _refuse(409, str(err)) from None
@@ -391,6 +396,7 @@ def routes(namespace: Namespace) -> list[BaseRoute]:
         try:
             with broker_decides(signed.person):
                 envelope = await handle.send(body.to, body.subject, body.body)
+                log.info("mail sent", by=str(signed.person), to=body.to, id=envelope.id)
         finally:
             await handle.close()
         return _json(MailSentView(id=envelope.id))
