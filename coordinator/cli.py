@@ -213,6 +213,27 @@ async def cmd_web(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_web_token(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator import webtokens
+
+    person = webtokens.person_named(covey.roster, args.person)
+    if args.revoke:
+        had = webtokens.revoke(covey.settings, person)
+        text = f"Revoked {person}'s web token." if had else f"{person} had no web token."
+        _emit(args, {"person": str(person), "revoked": had}, text)
+        return 0
+    issued = webtokens.issue(covey.settings, person)
+    # Shown this once: only its hash is kept. Alone on stdout, for TOKEN=$(covey web token ada).
+    _emit(args, {"person": issued.person, "token": issued.token}, issued.token)
+    if not args.json:
+        print(
+            f"covey: {issued.person}'s web token (shown once; only its hash is kept, in "
+            f"{issued.path}; any older one of theirs no longer works)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _reload(covey: Covey) -> None:
     """Read covey.toml and the roster again; a broken covey.toml keeps the old ones."""
     from coordinator.display import printable
@@ -810,6 +831,16 @@ def _add_supervision_commands(commands: _Commands) -> None:
     web = commands.add("web", cmd_web, "serve the web page and its API alone, running no agents")
     web.add_argument("--port", type=int, default=9464, help="(default 9464)")
     web.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    # `covey web` alone serves; `covey web token NAME` gives a person a token for its actions.
+    actions = web.add_subparsers(dest="action", metavar="ACTION")
+    token = actions.add_parser(
+        "token",
+        parents=[commands.common],
+        help="print a new token for a person's actions on the page (stop, run, mail)",
+    )
+    token.add_argument("person", metavar="NAME", help="a human in the roster (ada, human:ada)")
+    token.add_argument("--revoke", action="store_true", help="remove NAME's token instead")
+    token.set_defaults(handler=cmd_web_token)
 
 
 def _add_setup_commands(commands: _Commands) -> None:
