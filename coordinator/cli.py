@@ -157,6 +157,28 @@ def cmd_emit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notify(args: argparse.Namespace) -> int:
+    """Standard library only, like `emit`: it runs after every tool call of a session."""
+    from coordinator.errors import CoveyError
+    from coordinator.notify import hook_input_from_stdin, news
+
+    hook = args.format == "claude-hook"
+    asked_by = hook_input_from_stdin() if hook else None
+    try:
+        said = news(args.name or args.identity, args.format, asked_by)
+    except CoveyError as err:
+        if not hook:
+            raise
+        # Claude Code feeds a hook's stderr to the model on exit 2: covey's "bad input"
+        # must not land in the session's context, so a hook's problem is exit 1 (shown
+        # to the person only).
+        print(f"covey notify: {err}", file=sys.stderr)
+        return 1
+    if said:
+        print(said)
+    return 0
+
+
 async def cmd_supervise(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.metrics import Metrics
     from coordinator.supervisor import Supervisor
@@ -191,6 +213,27 @@ async def cmd_web(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_web_token(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator import webtokens
+
+    person = webtokens.person_named(covey.roster, args.person)
+    if args.revoke:
+        had = webtokens.revoke(covey.settings, person)
+        text = f"Revoked {person}'s web token." if had else f"{person} had no web token."
+        _emit(args, {"person": str(person), "revoked": had}, text)
+        return 0
+    issued = webtokens.issue(covey.settings, person)
+    # Shown this once: only its hash is kept. Alone on stdout, for TOKEN=$(covey web token ada).
+    _emit(args, {"person": issued.person, "token": issued.token}, issued.token)
+    if not args.json:
+        print(
+            f"covey: {issued.person}'s web token (shown once; only its hash is kept, in "
+            f"{issued.path}; any older one of theirs no longer works)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _reload(covey: Covey) -> None:
     """Read covey.toml and the roster again; a broken covey.toml keeps the old ones."""
     from coordinator.display import printable
@@ -200,6 +243,14 @@ def _reload(covey: Covey) -> None:
         covey.namespace.swap(covey.namespace.read_again())
     except CoveyError as err:
         print(f"covey: kept the old configuration: {printable(str(err))}", file=sys.stderr)
+
+
+async def cmd_mcp(covey: Covey, args: argparse.Namespace) -> int:
+    from coordinator.mcpserver import serve
+
+    covey.me  # noqa: B018  # no identity, no server: one line now, not a failing tool later
+    await serve(covey)
+    return 0
 
 
 async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
@@ -295,7 +346,8 @@ async def cmd_sessions(covey: Covey, args: argparse.Namespace) -> int:
             row = {
                 "agent": event.agent,
                 "run_id": event.run_id,
-                "outcome": "running",
+                # One made after a lost connection may say its run has ended already.
+                "outcome": event.outcome or "running",
                 "started_at": (event.since or event.at).isoformat(),
                 "first_id": event.first_id,
             }
@@ -317,8 +369,7 @@ def _session_row(row: dict[str, Any]) -> str:
 
 async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.names import Address
-    from coordinator.render import age
-    from coordinator.render import printable as p
+    from coordinator.render import status_table
     from coordinator.status import agent_statuses, pending
 
     agents = await agent_statuses(covey.namespace)
@@ -328,29 +379,7 @@ async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
     if args.json:
         _emit(args, {"agents": [a.to_dict() for a in agents], "humans": humans}, "")
         return 0
-    # status cannot see whether a supervisor runs (nothing on the broker says so), and a
-    # schedule fires only under one: the header says so rather than promise a run.
-    lines = [
-        f"{'AGENT':<16} {'MAIL':>4}  {'NOW':<24} {'LOCK':<28} {'LAST RUN':<22} "
-        "NEXT RUN (IF SUPERVISED)"
-    ]
-    for a in agents:
-        state = "idle"
-        if a.running:
-            state = f"running {age(a.run_holder.since)}" if a.run_holder else "starting"
-        held = ", ".join(p(h.agent) if h else "?" for h in a.lock_holders)
-        lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
-        last = f"{p(a.last_run.outcome)} {age(a.last_run.at)} ago" if a.last_run else "never"
-        upcoming = a.next_run_text
-        mail = "-" if a.pending is None else str(a.pending)
-        if a.broken:
-            state, lock = f"broken ({state})", "-"
-        lines.append(f"{a.name:<16} {mail:>4}  {state:<24} {lock:<28} {last:<22} {upcoming}")
-        if a.problem:
-            lines.append(f"{'':<16} {'':>4}  {p(a.problem)}")
-    for human, count in humans.items():
-        lines.append(f"{'human:' + human:<16} {'-' if count is None else count:>4}")
-    print("\n".join(lines))
+    print(status_table(agents, humans))
     return 0
 
 
@@ -387,20 +416,10 @@ async def cmd_log_add(covey: Covey, args: argparse.Namespace) -> int:
 
 
 async def cmd_log(covey: Covey, args: argparse.Namespace) -> int:
-    from coordinator.render import age, printable
+    from coordinator.render import changelog_text
 
     entries = await covey.log(args.since, args.author, args.tag_filter, args.limit)
-    lines = []
-    for logged in entries:
-        entry = logged.entry
-        tags = f" [{printable(', '.join(entry.tags))}]" if entry.tags else ""
-        lines.append(
-            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {printable(logged.byline):<20} "
-            f"{printable(entry.summary)}{tags}"
-        )
-        lines.extend(f"         > {line}" for line in printable(entry.body, True).splitlines())
-    text = "\n".join(lines) or "The changelog has nothing to show for that."
-    _emit(args, [logged.to_dict() for logged in entries], text)
+    _emit(args, [logged.to_dict() for logged in entries], changelog_text(entries))
     return 0
 
 
@@ -675,6 +694,24 @@ def _add_run_command(commands: _Commands) -> None:
         "--fraction", type=_fraction, metavar="F", help="for progress: how far, from 0 to 1"
     )
 
+    notify = commands.parsers.add_parser("notify", help=NOTIFY_HELP, description=NOTIFY_HELP)
+    _notify_arguments(notify)
+
+
+NOTIFY_HELP = "for a live session's hooks: one line about new mail, or nothing"
+
+
+def _notify_arguments(notify: argparse.ArgumentParser) -> None:
+    notify.set_defaults(handler=cmd_notify)  # run by `_run_locally`: no namespace, no broker
+    notify.add_argument("name", nargs="?", metavar="NAME", help="whose mail (default: as --as)")
+    notify.add_argument("--as", dest="identity", metavar="NAME", help="act as this participant")
+    notify.add_argument(
+        "--format",
+        choices=("text", "claude-hook"),
+        default="text",
+        help="a line, or Claude Code's hook JSON (PostToolUse, UserPromptSubmit)",
+    )
+
 
 def _add_changelog_commands(commands: _Commands) -> None:
     log = commands.add("log", cmd_log, "the changelog: read it, or `covey log add` to it")
@@ -790,9 +827,20 @@ def _add_supervision_commands(commands: _Commands) -> None:
     supervise.add_argument(
         "--no-metrics", action="store_true", help="serve nothing: no page, API or metrics"
     )
+    commands.add("mcp", cmd_mcp, "serve your mailbox and the changelog as MCP tools, on stdio")
     web = commands.add("web", cmd_web, "serve the web page and its API alone, running no agents")
     web.add_argument("--port", type=int, default=9464, help="(default 9464)")
     web.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    # `covey web` alone serves; `covey web token NAME` gives a person a token for its actions.
+    actions = web.add_subparsers(dest="action", metavar="ACTION")
+    token = actions.add_parser(
+        "token",
+        parents=[commands.common],
+        help="print a new token for a person's actions on the page (stop, run, mail)",
+    )
+    token.add_argument("person", metavar="NAME", help="a human in the roster (ada, human:ada)")
+    token.add_argument("--revoke", action="store_true", help="remove NAME's token instead")
+    token.set_defaults(handler=cmd_web_token)
 
 
 def _add_setup_commands(commands: _Commands) -> None:
@@ -817,24 +865,12 @@ def _add_setup_commands(commands: _Commands) -> None:
 
 def _since(text: str) -> int | datetime:
     """An offset (`123` or `#123`), an ISO time (UTC unless it says), or a duration ago."""
-    from datetime import UTC, datetime, timedelta
+    from coordinator.durations import parse_since
 
-    from coordinator.durations import parse_duration
-
-    offset = text.lstrip("#")
-    if offset.isascii() and offset.isdigit():  # "²" is a digit to isdigit, not to int
-        return int(offset)
     try:
-        moment = datetime.fromisoformat(text)
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except ValueError:
-        pass
-    try:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
-    except (ValueError, OverflowError):  # OverflowError: further back than year 1
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an offset, an ISO time or a duration (e.g. 120, 2026-11-26T08:00, 2h)"
-        ) from None
+        return parse_since(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _session_start(text: str) -> int | str:
@@ -897,10 +933,17 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["notify"]:
+        # It runs after every tool call of a live session: its own parser only, not
+        # every command's (a third of its start-up).
+        notify = argparse.ArgumentParser(prog="covey notify", description=NOTIFY_HELP)
+        _notify_arguments(notify)
+        return _run_locally(cmd_notify, notify.parse_args(words[1:]))
     args = build_parser().parse_args(argv)
     try:
-        if args.handler is cmd_emit:
-            return _run_locally(cmd_emit, args)
+        if args.handler in (cmd_emit, cmd_notify):
+            return _run_locally(args.handler, args)
         import asyncio  # not for `emit`: a third of its start-up
 
         return asyncio.run(_run(args))

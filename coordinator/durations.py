@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from pydantic import BeforeValidator
@@ -36,3 +37,23 @@ def parse_duration(text: str | float) -> float:
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 """A pydantic field type: accepts `90`, `"90s"`, `"5m"`, … and holds seconds."""
+
+
+def parse_since(text: str) -> int | datetime:
+    """A point in a stream, as people write it: an offset (`123` or `#123`), an ISO time
+    (UTC unless it says), or a duration back from now (`2h`). ValueError naming the
+    three forms otherwise."""
+    offset = text.lstrip("#")
+    if offset.isascii() and offset.isdigit():  # "²" is a digit to isdigit, not to int
+        return int(offset)
+    try:
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except ValueError:
+        pass
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except (ValueError, OverflowError):  # OverflowError: further back than year 1
+        raise ValueError(
+            f"{text!r} is not an offset, an ISO time or a duration (e.g. 120, 2026-11-26T08:00, 2h)"
+        ) from None

@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from coordinator.envelope import Envelope
 from coordinator.errors import (
@@ -44,6 +43,7 @@ from coordinator.errors import (
     MailboxUnusable,
     NotFound,
 )
+from coordinator.home import store_path as store_path  # re-exported
 from coordinator.logs import get_logger
 
 if TYPE_CHECKING:  # the store works without the broker; only `drain` needs it
@@ -125,14 +125,6 @@ class Mail:
         if with_body:
             data["body"] = self.envelope.body
         return data
-
-
-def store_path(state_dir: Path, amqp_url: str, participant: str) -> Path:
-    """Where a participant's mailbox lives: one folder per namespace (vhost)."""
-    from yarl import URL  # yarl comes with aio-pika; only this path needs it
-
-    vhost = URL(amqp_url).path.lstrip("/") or "default"
-    return state_dir / quote(vhost, safe="") / "mail" / f"{participant.replace(':', '.')}.sqlite3"
 
 
 class MailStore:

@@ -329,7 +329,7 @@ def provision(
         if print_only:
             done.append(Provisioned(grant.user, holder, action, url=url))
         else:
-            _write_secret(path, url)
+            write_secret(path, url)
             done.append(Provisioned(grant.user, holder, action, file=path))
     return done
 
@@ -358,7 +358,7 @@ def _with_login(amqp: SplitResult, user: str, password: str) -> str:
     return urlunsplit(amqp._replace(netloc=f"{login}@{_host_port(amqp)}"))
 
 
-def _write_secret(path: Path, text: str) -> None:
+def write_secret(path: Path, text: str) -> None:
     """Write `text` readable by this user only, replacing any old file in one step."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     draft = path.with_suffix(".tmp")

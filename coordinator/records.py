@@ -42,6 +42,9 @@ class RunRecord:
     fencing_token: int | None = None  # of the agent's own lock
     fencing_tokens: dict[str, int] | None = None  # of every lock the run held
     lease_wait_seconds: float | None = None  # waited for a previous holder's lease to lapse
+    # Seq ranges its session writer could not publish (the run log has them): what a
+    # session reader announces when the writer's own notice never reached the broker.
+    session_missing: list[list[int]] | None = None
 
     @property
     def at(self) -> datetime:
@@ -97,6 +100,7 @@ async def recent_runs(
             record.duration_seconds = event.duration_seconds
             record.reason = event.reason
             record.stopped_by = event.stopped_by
+            record.session_missing = event.session_missing
     newest = sorted(records.values(), key=lambda r: r.at)[-limit:]
     for record in newest:
         if record.outcome == RUNNING and not await _still_running(gateway, record):

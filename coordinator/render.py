@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from coordinator.display import printable
 from coordinator.mailbox import SHORT_ID, Mail
+
+if TYPE_CHECKING:
+    from coordinator.changelog import Logged
+    from coordinator.status import AgentStatus
 
 __all__ = ["age", "mail_list", "message", "printable"]
 
@@ -68,3 +73,45 @@ def age(moment: datetime) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def changelog_text(entries: Sequence[Logged]) -> str:
+    """Changelog entries as `covey log` prints them, oldest first; bodies quoted."""
+    lines = []
+    for logged in entries:
+        entry = logged.entry
+        tags = f" [{printable(', '.join(entry.tags))}]" if entry.tags else ""
+        lines.append(
+            f"#{logged.offset:<6} {age(entry.created_at):>4} ago  {printable(logged.byline):<20} "
+            f"{printable(entry.summary)}{tags}"
+        )
+        lines.extend(f"         > {line}" for line in printable(entry.body, True).splitlines())
+    return "\n".join(lines) or "The changelog has nothing to show for that."
+
+
+def status_table(agents: Sequence[AgentStatus], humans: dict[str, int | None]) -> str:
+    """`covey status`: a line per agent (and per person, their mail waiting)."""
+    # status cannot see whether a supervisor runs (nothing on the broker says so), and a
+    # schedule fires only under one: the header says so rather than promise a run.
+    p = printable
+    lines = [
+        f"{'AGENT':<16} {'MAIL':>4}  {'NOW':<24} {'LOCK':<28} {'LAST RUN':<22} "
+        "NEXT RUN (IF SUPERVISED)"
+    ]
+    for a in agents:
+        state = "idle"
+        if a.running:
+            state = f"running {age(a.run_holder.since)}" if a.run_holder else "starting"
+        held = ", ".join(p(h.agent) if h else "?" for h in a.lock_holders)
+        lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
+        last = f"{p(a.last_run.outcome)} {age(a.last_run.at)} ago" if a.last_run else "never"
+        upcoming = a.next_run_text
+        mail = "-" if a.pending is None else str(a.pending)
+        if a.broken:
+            state, lock = f"broken ({state})", "-"
+        lines.append(f"{a.name:<16} {mail:>4}  {state:<24} {lock:<28} {last:<22} {upcoming}")
+        if a.problem:
+            lines.append(f"{'':<16} {'':>4}  {p(a.problem)}")
+    for human, count in humans.items():
+        lines.append(f"{'human:' + human:<16} {'-' if count is None else count:>4}")
+    return "\n".join(lines)

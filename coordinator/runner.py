@@ -352,7 +352,8 @@ def _inject(launch: Launch, agent: Agent, text: str) -> bytes | None:
     if agent.config.instructions:
         agent_md = agent.folder / INSTRUCTIONS_FILE
         own = agent_md.read_text() if agent_md.is_file() else ""
-        (launch.cwd / agent.config.instructions).write_text(digest.instructions(own, text))
+        rendered = digest.instructions(own, text, digest.uses_covey_mcp(launch.cwd))
+        (launch.cwd / agent.config.instructions).write_text(rendered)
     return text.encode() if agent.config.inject == "stdin" else None
 
 

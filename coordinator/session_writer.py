@@ -47,6 +47,7 @@ from coordinator.session import (
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
     MAX_TEXT_CHARS,
+    READ_PREFETCH,
     RUN_HEADER,
     STREAM,
     Kind,
@@ -241,15 +242,15 @@ class SessionWriter:
 
     def _take_batch(self) -> None:
         """The next message's events: what is queued, up to MAX_BATCH_EVENTS and about
-        MAX_BATCH_BYTES (at least one event, however long)."""
-        batch = [self._queue.popleft()]
-        size = len(batch[0][3]) + EVENT_BYTES
-        while self._queue and len(batch) < MAX_BATCH_EVENTS:
-            cost = len(self._queue[0][3]) + EVENT_BYTES
-            if size + cost > MAX_BATCH_BYTES:
-                break
-            batch.append(self._queue.popleft())
-            size += cost
+        MAX_BATCH_BYTES (at least one event, however long). Taken whole, then what is over
+        the bytes given back: short lines, the usual case, never go one by one."""
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH_EVENTS))]
+        size = sum(len(event[3]) for event in batch) + EVENT_BYTES * len(batch)
+        while size > MAX_BATCH_BYTES and len(batch) > 1:
+            event = batch.pop()
+            queue.appendleft(event)
+            size -= len(event[3]) + EVENT_BYTES
         self._batch = batch
         self._bytes -= size
 
@@ -312,7 +313,9 @@ class SessionWriter:
 
     async def _search_first_id(self) -> int | None:
         gateway = await self._connected()
-        items = stream.items_from(gateway, STREAM, self.since - LOOKBACK, stop_at=LAST_OFFSET)
+        items = stream.items_from(
+            gateway, STREAM, self.since - LOOKBACK, stop_at=LAST_OFFSET, prefetch=READ_PREFETCH
+        )
         async with contextlib.aclosing(items):
             async for item in items:
                 run = (item.message.headers or {}).get(RUN_HEADER)

@@ -32,45 +32,13 @@ from pydantic_settings import (
 from coordinator.durations import Seconds
 from coordinator.errors import ConfigError, first_problem
 
-CONFIG_FILE = "covey.toml"
-ROSTER_DIR = "agents"
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
-
-
-def find_home(start: Path | None = None) -> Path | None:
-    """`COVEY_HOME` if set, else the nearest directory at or above `start` that holds
-    `covey.toml` or `agents/`; None when there is none. A `COVEY_HOME` that is not a
-    directory raises ConfigError: it is a mistake, never a reason to look elsewhere."""
-    if explicit := os.environ.get("COVEY_HOME"):
-        home = Path(explicit).expanduser().resolve()
-        if not home.is_dir():
-            what = "is not a directory" if home.exists() else "does not exist"
-            raise ConfigError(
-                f"COVEY_HOME={explicit} {what}: point it at the folder that holds covey.toml "
-                "and agents/, or unset it to find the home from the working directory"
-            )
-        return home
-    here = (start or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
-        if (directory / CONFIG_FILE).is_file() or (directory / ROSTER_DIR).is_dir():
-            return directory
-    return None
-
-
-def require_home(start: Path | None = None) -> Path:
-    """The home (see `find_home`), or ConfigError saying none was found and how to make one.
-
-    The command line needs one: outside a home there is no roster, and every command
-    would fail later with a message about an unknown agent or identity instead."""
-    home = find_home(start)
-    if home is None:
-        here = (start or Path.cwd()).resolve()
-        raise ConfigError(
-            f"no covey home found from {here} (no {CONFIG_FILE} or {ROSTER_DIR}/ here or "
-            f"above): run covey inside one, set COVEY_HOME to one, or make one here with a "
-            f"{CONFIG_FILE} and an {ROSTER_DIR}/ folder"
-        )
-    return home
+# Re-exported: where the home is needs no pydantic (see home.py).
+from coordinator.home import CONFIG_FILE as CONFIG_FILE
+from coordinator.home import DEFAULT_AMQP_URL as DEFAULT_AMQP_URL
+from coordinator.home import DEFAULT_STATE_DIR
+from coordinator.home import ROSTER_DIR as ROSTER_DIR
+from coordinator.home import find_home as find_home
+from coordinator.home import require_home as require_home
 
 
 class HumanConfig(BaseModel):
@@ -115,7 +83,7 @@ class Settings(BaseSettings):
 
     home: Path | None = Field(default=None, description="the covey home (found, not configured)")
     amqp_url: str = DEFAULT_AMQP_URL
-    state_dir: Path = Path("~/.local/state/covey")
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
     identity: str | None = Field(
         default=None, description="who I am when neither --as nor COVEY_AGENT says"
     )

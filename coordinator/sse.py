@@ -36,7 +36,7 @@ resuming within what has been read, is served from one `session_reader.follow` o
 that run, kept in memory (its newest HUB_KEPT events) and encoded once; fifty pages
 on one run cost the broker one stream consumer, not fifty (fifty consumers of one
 stream is what the broker itself cannot keep up with at 1,000 lines a second: see
-figure 9). A hub reads on HUB_LINGER_SECONDS after its last client left, so a
+figure 14). A hub reads on HUB_LINGER_SECONDS after its last client left, so a
 reconnect resumes from memory. A client that starts `now`, or resumes before what
 the hub kept, gets a reader of its own (`_Pump`). Each client's writes are at least
 SEND_SECONDS apart, whatever was read in between in one write.

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("covey.stop")
 
 REASON_LIMIT = 500  # characters of a stop's reason kept (it lands in the run record)
+BIND_WAIT_SECONDS = 5.0  # a run waits this long at most for its listener to be bound
 RESUBSCRIBE_SECONDS = 0.5  # a run whose listener was dropped listens again after this
 WAIT_MARGIN_SECONDS = 30.0  # beyond the agent's grace: recording, a slow broker
 AGENT_RUNS_SCANNED = 20  # an agent's newest runs looked at to find its live one
@@ -177,9 +178,16 @@ async def listening(
     namespace: Namespace, agent: str, run_id: str, signal: StopSignal, senders: SenderCheck
 ) -> AsyncIterator[None]:
     """While the block runs, a stop request for this run sets `signal`. The listener
-    follows the namespace's connection: dropped, it listens again on the next one."""
-    task = asyncio.create_task(_listen(namespace, agent, run_id, signal, senders))
+    follows the namespace's connection: dropped, it listens again on the next one.
+
+    The block starts once the listener is bound (or after BIND_WAIT_SECONDS, with the
+    broker away: the run goes on, and the listener binds when it can), so a `covey
+    stop` sent as soon as `run.started` is recorded is heard, not refused."""
+    bound = asyncio.Event()
+    task = asyncio.create_task(_listen(namespace, agent, run_id, signal, senders, bound))
     try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bound.wait(), BIND_WAIT_SECONDS)
         yield
     finally:
         task.cancel()
@@ -188,7 +196,12 @@ async def listening(
 
 
 async def _listen(
-    namespace: Namespace, agent: str, run_id: str, signal: StopSignal, senders: SenderCheck
+    namespace: Namespace,
+    agent: str,
+    run_id: str,
+    signal: StopSignal,
+    senders: SenderCheck,
+    bound: asyncio.Event,
 ) -> None:
     from coordinator.gateway import BROKER_ERRORS
 
@@ -201,7 +214,7 @@ async def _listen(
 
     while True:
         try:
-            await _listen_until_closed(namespace, f"stop.requested.{agent}", on_request)
+            await _listen_until_closed(namespace, f"stop.requested.{agent}", on_request, bound)
         except (*BROKER_ERRORS, CoveyError) as err:
             log.warning("cannot listen for stop requests; trying again", problem=str(err))
         await asyncio.sleep(RESUBSCRIBE_SECONDS)
@@ -211,9 +224,11 @@ async def _listen_until_closed(
     namespace: Namespace,
     key: str,
     on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    bound: asyncio.Event,
 ) -> None:
     """Listen for `key` on a channel of the namespace's connection until that channel
-    closes (with its connection, whoever closed it); close it when cancelled."""
+    closes (with its connection, whoever closed it); close it when cancelled. `bound`
+    is set once the listener's queue is bound."""
     from coordinator import topology
     from coordinator.gateway import BROKER_ERRORS
 
@@ -225,6 +240,7 @@ async def _listen_until_closed(
     channel.close_callbacks.add(lambda *_: closed.set())
     try:
         await gateway.listen(channel, topology.EVENTS_EXCHANGE, [key], on_message)
+        bound.set()
         if not channel.is_closed:
             await closed.wait()
     finally:

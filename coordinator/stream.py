@@ -66,16 +66,22 @@ async def newest_items(gateway: Gateway, stream: str, count: int) -> list[Item]:
 
 
 async def items_from(
-    gateway: Gateway, stream: str, start: int | str | datetime, stop_at: int | None
+    gateway: Gateway,
+    stream: str,
+    start: int | str | datetime,
+    stop_at: int | None,
+    prefetch: int = PREFETCH,
 ) -> AsyncGenerator[Item, None]:
     """Yield items from `start` (an offset, `first`, `last`, or a time) until offset
     `stop_at` (inclusive), or until the stream goes quiet when `stop_at` is None.
+    `prefetch` items may be on their way at once (fewer for a stream of large items:
+    what is on its way when the reader stops still holds up its connection).
 
     The broker starts at the chunk that holds `start`, so a caller that wants an
     exact start filters what comes before it."""
     try:
         # Waits out a stream whose node is still starting (right after a restart).
-        queue = await gateway.existing_queue(stream, prefetch=PREFETCH)
+        queue = await gateway.existing_queue(stream, prefetch=prefetch)
     except ChannelNotFoundEntity:
         raise TopologyMissing(
             f"stream {stream} does not exist; run `covey topology apply`"

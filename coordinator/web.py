@@ -41,7 +41,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from coordinator import __version__, api
+from coordinator import __version__, actions, api
 from coordinator.errors import BadInput, CoveyError, ExitCode, NotFound, first_problem
 from coordinator.logs import get_logger
 
@@ -234,6 +234,7 @@ def openapi_document() -> dict[str, Any]:
     from coordinator import sse  # it builds on this module: imported once this one is
 
     paths.update(sse.openapi_paths(error))
+    paths.update(actions.openapi_paths(definitions))  # the session and the actions (POST)
     return {
         "openapi": "3.1.0",
         "info": {"title": "covey", "version": __version__},
@@ -330,6 +331,7 @@ def create_app(namespace: Namespace, registry: CollectorRegistry | None = None) 
     from coordinator import sse  # it builds on this module: imported once this one is
 
     routes += sse.routes(namespace)  # its two event streams
+    routes += actions.routes(namespace)  # the session and the actions (POST, signed in)
     if registry is not None:
         from prometheus_client import make_asgi_app
 

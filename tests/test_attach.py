@@ -24,6 +24,8 @@ import pytest
 from conftest import World, start
 from faultkit import cut, stop, world_on
 
+from coordinator import session_reader
+from coordinator.errors import BrokerUnavailable
 from coordinator.events import EVENT_TYPE, Event
 from coordinator.localbroker import LocalBroker
 from coordinator.runner import new_run_id
@@ -534,3 +536,108 @@ def test_a_real_run_with_emitted_events_attaches_end_to_end(applied: World) -> N
     assert events[-1]["data"]["outcome"] == "ok"
     text = applied.covey("attach", "reporter")
     assert text.returncode == 0 and "the answer" in text.stdout and "50%" in text.stdout
+
+
+# -- a finished run, resumed at or after its end ------------------------------------------
+
+
+def test_resuming_a_finished_run_at_or_after_its_end_prints_the_outcome_and_exits(
+    applied: World,
+) -> None:
+    """A real finished run: `--from` the id of its `closed`, or any later id, and `--from
+    now`, print how it ended (the `closed` event itself with `--json`) and exit 0: nothing
+    more comes for that run, so waiting would be forever."""
+    applied.add_agent("ender", "command = 'echo one; echo two; exit 3'\n")
+    assert applied.covey("run", "ender").returncode == 1  # the agent failed: so did the run
+    everything = ids_of(applied.ok("attach", "ender", "--json"))
+    closing = everything[-1]
+    assert closing["kind"] == "closed" and closing["data"]["exit_code"] == 3, everything
+    run_id = closing["run_id"]
+    line = f"[closed] run {run_id} of ender: failed (exit code 3)"
+    later = closing["id"] + 50 * IDS_PER_OFFSET  # past the stream's end
+    for start_at in (str(closing["id"]), str(closing["id"] + 1), str(later), "now"):
+        shown = applied.covey("attach", run_id, "--from", start_at, "--json", timeout=30)
+        assert shown.returncode == 0, (start_at, shown.stderr)
+        assert ids_of(shown.stdout) == [closing], start_at
+        text = applied.covey("attach", run_id, "--from", start_at, timeout=30)
+        assert (text.returncode, text.stdout.splitlines()) == (0, [line]), start_at
+        ended = applied.covey("attach", run_id, "--from", start_at, "--no-follow", timeout=30)
+        assert (ended.returncode, ended.stdout.splitlines()) == (0, [line]), start_at
+    # From the id before `closed`: exactly `closed`, as before.
+    before = applied.covey("attach", run_id, "--from", str(everything[-2]["id"]), "--json")
+    assert ids_of(before.stdout) == [closing]
+
+
+# -- `covey sessions --follow` across a lost connection (a private node) --------------------
+
+
+def _count(out: Output, run_id: str) -> int:
+    return sum(run_id in text for text in out.texts())
+
+
+@pytest.mark.slow
+async def test_sessions_follow_survives_a_cut_and_prints_what_opened_meanwhile_once(
+    world: World, node: LocalBroker
+) -> None:
+    """Injected: the node stops accepting connections (`suspend_listeners`) and the
+    follower's connection is cut; a second run opens while it cannot reconnect (its
+    `session.opened` heard by nobody); then the node accepts connections again, and a
+    third run opens. Asserted: each run printed once, the second after the reconnect."""
+    with world_on(node, world, "follow") as on:
+        vhost = on.amqp_url.rsplit("/", 1)[1]
+        async with FakeRun(on.amqp_url) as first:
+            await first.open()
+            await first.close()
+        out = Output(start(on, "sessions", "--follow", "--json"))
+        try:
+            await asyncio.to_thread(out.wait_for, lambda t: first.run_id in t)
+            async with FakeRun(on.amqp_url, "writer") as second:  # connected before
+                await asyncio.to_thread(node.ctl, "suspend_listeners")
+                try:
+                    cuts = await asyncio.to_thread(cut, node, vhost, "covey human:ada")
+                    await second.open()
+                    await asyncio.sleep(2.0)  # several reconnects refused meanwhile
+                    assert _count(out, second.run_id) == 0
+                finally:
+                    await asyncio.to_thread(node.ctl, "resume_listeners")
+                await asyncio.to_thread(out.wait_for, lambda t: second.run_id in t, 30.0)
+                await second.close()
+            async with FakeRun(on.amqp_url) as third:
+                await third.open()
+                await asyncio.to_thread(out.wait_for, lambda t: third.run_id in t, 30.0)
+                await third.close()
+            await asyncio.sleep(1.0)  # a repeat would come within this
+            assert out.process.poll() is None, "the follower ended"
+        finally:
+            stop(out.process)
+    print(f"TALLY sessions-follow-cut: cuts={cuts} lines={len(out.texts())}")
+    assert cuts >= 1
+    counts = [_count(out, run.run_id) for run in (first, second, third)]
+    assert counts == [1, 1, 1], out.texts()
+    rows = [json.loads(text) for text in out.texts()]
+    assert [row["run_id"] for row in rows] == [first.run_id, second.run_id, third.run_id]
+
+
+@pytest.mark.slow
+async def test_sessions_follow_gives_up_when_the_broker_stays_away(
+    world: World, node: LocalBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node accepts no connection for longer than the give-up bound (made 2 s here):
+    the watcher raises BrokerUnavailable (exit 4, one line, from `covey sessions`)."""
+    monkeypatch.setattr(session_reader, "RECONNECT_GIVE_UP_SECONDS", 2.0)
+    with world_on(node, world, "follow-gone") as on:
+        vhost = on.amqp_url.rsplit("/", 1)[1]
+        async with on.open() as covey, session_reader.watch_sessions(covey.namespace) as opened:
+            await asyncio.to_thread(node.ctl, "suspend_listeners")
+            try:
+                assert await asyncio.to_thread(cut, node, vhost, "covey human:ada") >= 1
+                began = time.monotonic()
+                with pytest.raises(BrokerUnavailable) as gave_up:
+                    async with asyncio.timeout(30):
+                        async for _ in opened:
+                            pass
+                took = time.monotonic() - began
+            finally:
+                await asyncio.to_thread(node.ctl, "resume_listeners")
+    assert 2.0 <= took < 20.0, took
+    assert "\n" not in str(gave_up.value) and "covey sessions" in str(gave_up.value)

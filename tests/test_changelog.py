@@ -181,6 +181,16 @@ def test_the_instructions_file_is_rendered_before_the_agent_starts(applied: Worl
     assert out.index("You write") < out.index("Renamed the API") < out.index("covey inbox")
 
 
+def test_the_instructions_name_the_mcp_tools_when_the_agent_has_them(applied: World) -> None:
+    folder = applied.add_agent("claude", 'command = "cat CLAUDE.md"\ninstructions = "CLAUDE.md"\n')
+    servers = {"mcpServers": {"mail": {"command": "covey", "args": ["mcp"]}}}
+    (folder / ".mcp.json").write_text(json.dumps(servers))
+    out = applied.ok("run", "claude")
+    assert "Your covey MCP tools: `inbox`" in out and "covey inbox" not in out
+    (folder / ".mcp.json").write_text(json.dumps({"mcpServers": {"x": {"command": "other"}}}))
+    assert "covey inbox" in applied.ok("run", "claude")
+
+
 def test_the_digest_can_come_on_stdin(applied: World) -> None:
     applied.add_agent("piped", 'command = "cat"\ninject = "stdin"\n')
     applied.ok("log", "add", "through the pipe", "--as", "scout")

@@ -6,6 +6,7 @@ Real broker, real `covey` processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -215,3 +216,31 @@ async def test_who_asked_is_what_the_broker_vouches_for_not_what_the_request_say
     assert record["outcome"] == "stopped"
     assert record["stopped_by"] == f"broker user {ada!r}"
     assert "bob" not in record["reason"]
+
+
+async def test_a_stop_sent_the_moment_the_run_is_recorded_started_is_heard(
+    applied: World,
+) -> None:
+    """The run listens for stops before it records `run.started`: a stop sent as soon as
+    that event is seen is never refused as 'not listening'."""
+    from coordinator.topology import EVENTS_EXCHANGE
+
+    applied.add_agent("ticker", TICKER)
+    async with applied.open("human:ada") as ada:
+        gateway = await ada.gateway()
+        channel = await gateway.open_channel()
+        started: asyncio.Queue[Event] = asyncio.Queue()
+
+        async def on_started(message: Any) -> None:
+            started.put_nowait(Event.model_validate_json(message.body))
+
+        await gateway.listen(channel, EVENTS_EXCHANGE, ["run.started.ticker"], on_started)
+        run = Output(start(applied, "run", "ticker"))
+        try:
+            event = await asyncio.wait_for(started.get(), 60)
+            finished = await ada.stop(event.run_id or "", reason="at once")
+            assert finished.outcome == "stopped" and finished.stopped_by == "human:ada"
+            assert await asyncio.to_thread(finish, run) == 1
+        finally:
+            ended(run)
+            await channel.close()

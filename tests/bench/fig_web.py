@@ -1,6 +1,6 @@
-"""Figure 9: the web server. 9a-c: 50 SSE clients following one `covey run` whose agent
-prints 1,000 lines a second, against the same 50 on raw aio-pika stream consumers;
-9d: `GET /api/agents` with a large roster.
+"""Figure 14, the web server (issue #14). 14a-c: 50 SSE clients following one `covey run`
+whose agent prints 1,000 lines a second, against the same 50 on raw aio-pika stream
+consumers; 14d: `GET /api/agents` with a large roster.
 
 The agent stamps each line with the moment it printed it (`time.time()`), so a client's
 latency is its clock on receipt minus that stamp (one machine, one clock). It waits for a
@@ -199,7 +199,7 @@ async def _sse_figures(bench: Bench, seconds: float) -> list[Figure]:
         note += f"; raw: {raw_side['clients_behind']} of {CLIENTS} clients fell behind"
     return [
         Figure(
-            "9a",
+            "14a",
             f"SSE, {CLIENTS} clients, {RATE} lines/s: p99 latency",
             "ms",
             covey_side["p99_ms"],
@@ -210,7 +210,7 @@ async def _sse_figures(bench: Bench, seconds: float) -> list[Figure]:
             extra={"covey": covey_side, "raw": raw_side},
         ),
         Figure(
-            "9b",
+            "14b",
             f"SSE, {CLIENTS} clients: median latency",
             "ms",
             covey_side["p50_ms"],
@@ -221,7 +221,7 @@ async def _sse_figures(bench: Bench, seconds: float) -> list[Figure]:
             f"p99 {covey_side.get('upstream_p99_ms')} ms",
         ),
         Figure(
-            "9c",
+            "14c",
             f"SSE, {CLIENTS} clients: `covey web` CPU",
             "%core",
             covey_side["server_cpu_percent"],
@@ -337,7 +337,7 @@ async def _agents_figure(bench: Bench) -> Figure:
         _stop(web)
     median = statistics.median(took[1:])  # the first warms the connection up
     return Figure(
-        "9d",
+        "14d",
         f"GET /api/agents, {count} agents",
         "ms",
         median,

@@ -5,16 +5,21 @@
 
 Figures (see issue #7): 1 send throughput, 2 drain throughput, 3 round trip,
 4 cold CLI commands, 5 locks, 6 digest far behind, 7 `covey topology apply`
-for 1,000 agents, 8 `covey supervise` idle with them, 9 the web server (50 SSE
-clients following a fast run; `/api/agents` on figure 7's roster). `--only` takes
-send, drain, roundtrip, cli, locks, digest, topology, supervisor, web.
+for 1,000 agents, 8 `covey supervise` idle with them; sessions (issue #13): 9 a
+printed line until an attached reader sees it, 10 an agent printing as fast as
+it can under `covey run`, 11 attaching to a run from its start far behind the
+head; the web server (issue #14): 14 fifty SSE clients following a fast run,
+`/api/agents` on figure 7's roster; MCP (issue #15): 15 `covey mcp` per call, its
+tool definitions, a cold `covey notify`. `--only` takes send, drain, roundtrip,
+cli, locks, digest, topology, supervisor, sessions, web, mcp.
 
 Each figure is measured for covey and for the plain aio-pika equivalent,
 interleaved (covey, raw, covey, raw, …) so that a noisy machine hits both
 alike; the table gives medians, the ratio covey/raw, the target and whether it
 was met, and `--out` writes all of it with every repetition and the machine's
-facts as JSON. A full run takes under 3 minutes on 2 cores; `--quick` uses tiny
-sizes and takes about half a minute, most of it starting the broker.
+facts as JSON. A full run takes about 5 minutes on 2 cores (the sessions
+figures under 2 of them); `--quick` uses tiny sizes and takes about a minute,
+much of it starting the broker.
 
 By default the run starts a private throwaway RabbitMQ node
 (coordinator.localbroker) and removes it at the end, so a thousand quorum
@@ -55,7 +60,9 @@ from benchlib import Admin, Bench, CtlAdmin, Figure, admin_for_url
 from fig_cli import bench_cli
 from fig_locks import bench_locks
 from fig_mail import bench_drain, bench_round_trip, bench_send
+from fig_mcp import bench_mcp
 from fig_roster import bench_digest, bench_supervisor, bench_topology, topology_size
+from fig_sessions import SESSION_VHOSTS, bench_sessions
 from fig_web import bench_web
 
 from coordinator import __version__
@@ -70,14 +77,18 @@ FIGURES: dict[str, Callable[[Bench], Awaitable[list[Figure]]]] = {
     "digest": bench_digest,
     "topology": bench_topology,
     "supervisor": bench_supervisor,
+    "sessions": bench_sessions,
     "web": bench_web,
+    "mcp": bench_mcp,
 }
 
 
 def vhosts_needed(names: list[str], bench: Bench) -> int:
     """How many vhosts the chosen figures take, to create them in one go."""
     _, topology_runs = topology_size(bench)
-    count = sum(1 for name in names if name not in ("topology", "supervisor"))
+    count = sum(1 for name in names if name not in ("topology", "supervisor", "sessions"))
+    if "sessions" in names:
+        count += SESSION_VHOSTS
     if "topology" in names:
         count += 2 * topology_runs
     elif "supervisor" in names:
