@@ -10,18 +10,14 @@ it shows it.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.errors import NotFound
-from coordinator.gateway import Gateway, in_parallel
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from coordinator.lock import Holder
     from coordinator.namespace import Namespace
     from coordinator.records import RunRecord
@@ -178,135 +174,10 @@ class DeadLetterView(View):
 # -- answers ------------------------------------------------------------------------------
 
 
-PARALLELISM = 16  # held slots' notes read at once for /api/agents
-PROBES = 4  # channels asking about queues at once (see `agents`: aiormq's write buffer)
-
-
 async def agents(namespace: Namespace) -> list[AgentView]:
-    """What `covey status` says (status.agent_statuses), asked of the broker in parallel.
+    from coordinator.status import agent_statuses
 
-    `covey status` asks about one agent after another: a passive declare for its mail
-    queue, one for its own lock slot and one for each slot of its shared lock (the same
-    `global` slot once per agent), each on a channel of its own. At 1,000 agents that
-    is some 9,000 round trips in a row. Here each queue is asked about once, over
-    PROBES channels (gateway.ready_counts for mail, `_held` for lock slots) while the
-    run records are read, and the notes of the few held slots are read together; the
-    answer is built from the same parts, so it is the same answer."""
-    from coordinator.envelope import now
-    from coordinator.lock import LockSpec, slot_state
-    from coordinator.names import Address
-    from coordinator.records import recent_runs
-    from coordinator.roster import NO_LOCK
-    from coordinator.runner import configured_lock
-    from coordinator.schedule import Schedule
-    from coordinator.status import RECENT_RUNS, AgentStatus
-
-    gateway = await namespace.gateway()
-    snapshot = namespace.snapshot
-    roster = snapshot.roster
-    names = sorted({*roster.agents, *roster.broken})
-    own = {name: LockSpec.for_agent(name).queues[0] for name in names}
-    shared = {
-        name: configured_lock(snapshot.settings, agent) for name, agent in roster.agents.items()
-    }
-    mail = {
-        name: (roster.agents[name].address if name in roster.agents else Address("agent", name))
-        for name in names
-    }
-    slots = sorted({*own.values(), *(q for spec in shared.values() if spec for q in spec.queues)})
-
-    async def probe() -> tuple[dict[str, int | None], dict[str, bool]]:
-        # On a connection of its own: a probe for a slot nobody holds is answered by the
-        # broker closing its channel, and aiormq drops its reply (CloseOk) when its
-        # 10-frame write buffer is full, as a busy connection's (session streams) may
-        # be; the broker then closes the whole connection (CHANNEL_ERROR, "second
-        # 'channel.open' seen"). Few channels at once keep this one's buffer short.
-        async with await Gateway.connect(namespace.settings, f"{namespace.name} status") as own:
-            counts = await own.ready_counts([mail[n].queue for n in names], PROBES)
-            return counts, await _held(own, slots)
-
-    # Together: finding the runs stream's head waits for quiet (stream.head), which
-    # costs as much as the passive declares for a small roster.
-    records, (pending, held) = await asyncio.gather(
-        recent_runs(gateway, limit=RECENT_RUNS), probe()
-    )
-    last: dict[str, RunRecord] = {}
-    for record in records:
-        last[record.agent] = record
-    holders: dict[str, Holder | None] = {}
-
-    async def read_holders(_: int, share: Sequence[str]) -> None:
-        for queue in share:
-            still_held, holder = await slot_state(gateway, queue)
-            held[queue] = still_held
-            holders[queue] = holder
-
-    await in_parallel([q for q in slots if held[q]], PARALLELISM, read_holders)
-    moment = now()
-    views = []
-    for name in names:
-        agent = roster.agents.get(name)
-        running = held[own[name]]
-        run_holder = holders.get(own[name]) if running else None
-        if agent is None:  # broken: what it would lock and when it would run are unknown
-            status = AgentStatus(
-                name=name,
-                pending=pending[mail[name].queue],
-                running=running,
-                run_holder=run_holder,
-                lock="?",
-                lock_holders=[],
-                last_run=last.get(name),
-                next_run=None,
-                problem=roster.broken[name],
-            )
-        else:
-            spec = shared[name]
-            schedule = agent.config.schedule
-            status = AgentStatus(
-                name=name,
-                pending=pending[mail[name].queue],
-                running=running,
-                run_holder=run_holder,
-                lock=spec.name if spec else NO_LOCK,
-                lock_holders=[holders.get(q) for q in (spec.queues if spec else []) if held[q]],
-                last_run=last.get(name),
-                next_run=Schedule(schedule, snapshot.settings.timezone).next_after(moment)
-                if schedule
-                else None,
-                schedule=schedule,
-            )
-        views.append(AgentView.of(status))
-    return views
-
-
-async def _held(gateway: Gateway, queues: Sequence[str]) -> dict[str, bool]:
-    """Whether each lock slot is held, as `lock.slot_state` judges it (its queue exists,
-    ours or another connection's), by passive declares over PROBES channels. A slot
-    that is not held closes its channel (NOT_FOUND), so the next one opens another."""
-    import aiormq
-
-    held: dict[str, bool] = {}
-
-    async def check(_: int, share: Sequence[str]) -> None:
-        channel = await gateway.open_channel()
-        try:
-            for queue in share:
-                if channel.is_closed:
-                    channel = await gateway.open_channel()
-                try:
-                    await channel.declare_queue(queue, passive=True)
-                    held[queue] = True
-                except aiormq.exceptions.ChannelLockedResource:  # another connection's
-                    held[queue] = True
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    held[queue] = False
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-
-    await in_parallel(queues, PROBES, check)
-    return held
+    return [AgentView.of(status) for status in await agent_statuses(namespace)]
 
 
 async def locks(namespace: Namespace) -> list[LockView]:
