@@ -74,7 +74,7 @@ COOKIE_MAX_AGE = 7 * 24 * 3600  # a week of the page remembering who signed in o
 CSRF_HEADER = "X-CSRF-Token"  # headers are looked up regardless of case
 MAX_REQUEST_BYTES_OVER_BODY = 64 * 1024  # a JSON body's quoting and its other fields
 DEFAULT_PORTS = {"http": 80, "https": 443}
-HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 

@@ -212,7 +212,8 @@ async def runs(
     from coordinator.records import recent_runs
 
     if agent is not None and agent not in namespace.roster.agents:
-        namespace.roster.agent(agent)  # NotFound, naming the roster
+        known = ", ".join(sorted(namespace.roster.agents)) or "none"
+        raise NotFound(f"no agent {agent!r} in the roster (known: {known})")
     gateway = await namespace.gateway()
     # An outcome filter reads further back, as an agent filter does, to fill `limit`.
     scan = limit * (10 if outcome else 1)

@@ -26,12 +26,12 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import uvicorn
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -84,10 +84,24 @@ class RunsQuery(LimitQuery):
     outcome: str | None = Field(None, description="only runs that ended so (ok, failed, …)")
 
 
+def _stream_point(value: object) -> object:
+    """An offset (digits) or an ISO time, as written: not pydantic's lax reading, which
+    takes `0.5` for a Unix time."""
+    if not isinstance(value, str):
+        return value
+    if value.isascii() and value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("give an offset (digits) or an ISO time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class ChangelogQuery(LimitQuery):
-    since: int | datetime | None = Field(
-        None, description="an offset, or an ISO time: the first `limit` from there"
-    )
+    since: Annotated[
+        Annotated[int, Field(ge=0)] | datetime | None, BeforeValidator(_stream_point)
+    ] = Field(None, description="an offset, or an ISO time: the first `limit` from there")
 
 
 def _query(model: type[Query], request: Request) -> Any:
@@ -179,6 +193,11 @@ def _route(namespace: Namespace, endpoint: Endpoint) -> Route:
 
 # -- the OpenAPI document -----------------------------------------------------------------
 
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "run_id": {"type": "string", "minLength": 1},
+    "letter_id": {"type": "string", "minLength": 4},  # a prefix of 4 or more
+}
+
 
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 for the GET API, from the very models it answers with."""
@@ -198,7 +217,7 @@ def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for endpoint, schema in zip(ENDPOINTS, refs, strict=False):
         parameters = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {"name": name, "in": "path", "required": True, "schema": PATH_PARAMETERS[name]}
             for name in endpoint.path_params
         ]
         if endpoint.query is not None:
@@ -218,9 +237,10 @@ def openapi_document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": error}},
             },
         }
-        if endpoint.path_params:
+        names_something = endpoint.query is not None and "agent" in endpoint.query.model_fields
+        if endpoint.path_params or names_something:
             responses["404"] = {
-                "description": "no such id",
+                "description": "no such id, or no such agent",
                 "content": {"application/json": {"schema": error}},
             }
         paths[endpoint.path] = {
@@ -276,8 +296,13 @@ async def _http_error(request: Request, err: Exception) -> Response:
         path = request.url.path
         return error_response(404, f"no such path {path!r}: /api/openapi.json lists them")
     if err.status_code == 405:
-        return error_response(405, f"{request.method} is not allowed on {request.url.path}")
-    return error_response(err.status_code, str(err.detail))
+        # RFC 9110: a 405 says which methods the path does take.
+        answer = error_response(405, f"{request.method} is not allowed on {request.url.path}")
+        answer.headers.update(err.headers or {})
+        return answer
+    answer = error_response(err.status_code, str(err.detail))
+    answer.headers.update(err.headers or {})
+    return answer
 
 
 async def _bug(request: Request, err: Exception) -> Response:

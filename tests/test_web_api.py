@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -118,7 +120,8 @@ def test_changelog_and_dead_letters(applied: World, web: httpx.Client) -> None:
         ("/api/runs?limit=0", 400, "limit"),
         ("/api/runs?limit=many", 400, "limit"),
         ("/api/runs?limit=1&limit=2", 400, "once"),
-        ("/api/runs?agent=nobody", 400, "unknown agent"),
+        ("/api/runs?agent=nobody", 404, "no agent 'nobody'"),
+        ("/api/changelog?since=0.5", 400, "since"),
         ("/api/runs?colour=red", 400, "colour"),
         ("/api/changelog?since=yesterday-ish", 400, "since"),
         ("/api/nothing-here", 404, "no such path"),
@@ -136,6 +139,7 @@ def test_bad_input_is_a_json_error_with_a_4xx_status(
 def test_a_post_on_a_read_only_path_is_405(web: httpx.Client) -> None:
     answer = web.post("/api/agents")
     assert answer.status_code == 405 and "not allowed" in answer.json()["error"]
+    assert answer.headers["allow"] == "GET, HEAD"  # RFC 9110: which methods it takes
 
 
 def test_the_openapi_document_names_every_path_and_its_models(web: httpx.Client) -> None:
@@ -170,3 +174,35 @@ def test_a_busy_port_is_one_line_and_exit_2(applied: World) -> None:
         result = applied.covey("web", "--port", port, timeout=30)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "pick another --port" in result.stderr
+
+
+def test_schemathesis_finds_no_5xx_and_no_schema_violation(applied: World) -> None:
+    """Schemathesis, from the OpenAPI document alone, against a real `covey web`: every
+    check (server errors, response schemas, status codes, headers, methods) on every
+    operation but the two event streams, which end only with their run or never."""
+    applied.add_agent("quick", 'command = "echo hello"\n')
+    assert applied.covey("run", "quick").returncode == 0
+    applied.ok("log", "add", "a change", "--as", "scout")
+    with serving(applied) as web:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "st"),
+                "run",
+                f"{web.base_url}/api/openapi.json",
+                "--checks",
+                "all",
+                "--exclude-path-regex",
+                "events$",
+                "--max-examples",
+                "25",
+                "--request-timeout",
+                "30",
+                "--seed",
+                "14",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
