@@ -36,6 +36,8 @@ from coordinator.roster import Roster
 from coordinator.settings import Settings
 
 if TYPE_CHECKING:  # aio-pika is the heaviest import: reading mail never needs it
+    from aio_pika.abc import AbstractIncomingMessage
+
     from coordinator.changelog import Logged
     from coordinator.client import Covey
     from coordinator.digest import Digest
@@ -130,6 +132,67 @@ class Namespace:
 
                 self._gateway = await Gateway.connect(self.settings, self.name)
             return self._gateway
+
+    async def keep_listening(
+        self,
+        exchange: str,
+        keys: list[str],
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        *,
+        what: str,
+        on_bound: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        """Call `on_message` with a copy of each message routed through `exchange` with
+        any of `keys`, for as long as the calling task lives (cancel it to stop): on a
+        channel of this namespace's connection, bound again every RECONNECT_SECONDS after
+        the connection or the channel went. `on_bound` is told each time it is bound (from
+        then on nothing is missed), `on_lost` each time it was lost; `what` names it in
+        the log."""
+        from coordinator.errors import CoveyError
+        from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS
+        from coordinator.logs import get_logger
+
+        while True:
+            try:
+                await self._listen_until_closed(exchange, keys, on_message, on_bound)
+            except (*BROKER_ERRORS, CoveyError) as err:
+                get_logger("covey").warning(
+                    f"cannot listen for {what}; trying again", problem=str(err)
+                )
+            if on_lost is not None:
+                on_lost()
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _listen_until_closed(
+        self,
+        exchange: str,
+        keys: list[str],
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        on_bound: Callable[[], None] | None,
+    ) -> None:
+        """One listener, until its channel closes (with its connection, whoever closed
+        it); its channel closed when cancelled."""
+        import contextlib
+
+        from coordinator.gateway import BROKER_ERRORS
+
+        gateway = await self.gateway()
+        channel = await gateway.open_channel()
+        # The channel's callback, not the connection's: those would pile up on a
+        # long-lived connection, one for every listener it ever had.
+        closed = asyncio.Event()
+        channel.close_callbacks.add(lambda *_: closed.set())
+        try:
+            await gateway.listen(channel, exchange, keys, on_message)
+            if on_bound is not None:
+                on_bound()
+            if not channel.is_closed:
+                await closed.wait()
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.close()
 
     # -- topology -----------------------------------------------------------------------
 

@@ -99,7 +99,10 @@ def _new_mail_line(mailbox: Path) -> str:
         raise ConfigError(f"cannot read the mailbox {mailbox} ({err})") from None
     if not rows:
         return ""
-    told_file.write_text(str(rows[-1][0]))  # told once: silent until more comes
+    try:
+        told_file.write_text(str(rows[-1][0]))  # told once: silent until more comes
+    except OSError as err:  # a full disk, say: the news is still told, and again next time
+        print(f"covey notify: cannot note what it told ({err})", file=sys.stderr)
     senders = list(dict.fromkeys(printable(sender) for _, sender in rows))
     named = senders[:MAX_SENDERS]
     if len(senders) > MAX_SENDERS:

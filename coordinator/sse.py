@@ -73,7 +73,6 @@ from starlette.routing import BaseRoute, Route
 from coordinator import session_reader, stream
 from coordinator.errors import BadInput, CoveyError
 from coordinator.events import Event
-from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS
 from coordinator.logs import get_logger
 from coordinator.session import RUN_HEADER, STREAM, SessionEvent, event_id, offset_of, parse_batch
 from coordinator.topology import EVENTS_EXCHANGE
@@ -187,30 +186,22 @@ class ControlChannel:
         self._send(f"event: {event.kind}{SEP}data: {data}{SEP}{SEP}".encode())
 
     async def _listen(self) -> None:
-        while True:
-            try:
-                await self._listen_until_closed()
-            except (*BROKER_ERRORS, CoveyError) as err:
-                log.warning("cannot listen for control events; trying again", problem=str(err))
-            if self._live:
-                self._live, self._resumed = False, True
-            await asyncio.sleep(RECONNECT_SECONDS)
+        await self.namespace.keep_listening(
+            EVENTS_EXCHANGE,
+            ["#"],
+            self._on_message,
+            what="control events",
+            on_bound=self._bound,
+            on_lost=self._lost,
+        )
 
-    async def _listen_until_closed(self) -> None:
-        gateway = await self.namespace.gateway()
-        channel = await gateway.open_channel()
-        closed = asyncio.Event()
-        channel.close_callbacks.add(lambda *_: closed.set())
-        try:
-            await gateway.listen(channel, EVENTS_EXCHANGE, ["#"], self._on_message)
-            self._live = True
-            self._send(_encode_control("listening", {"resumed": self._resumed}))
-            if not channel.is_closed:
-                await closed.wait()
-        finally:
-            if not channel.is_closed:
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await channel.close()
+    def _bound(self) -> None:
+        self._live = True
+        self._send(_encode_control("listening", {"resumed": self._resumed}))
+
+    def _lost(self) -> None:
+        if self._live:
+            self._live, self._resumed = False, True
 
 
 def _encode_control(kind: str, data: dict[str, Any]) -> bytes:

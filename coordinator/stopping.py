@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,6 @@ log = structlog.get_logger("covey.stop")
 
 REASON_LIMIT = 500  # characters of a stop's reason kept (it lands in the run record)
 BIND_WAIT_SECONDS = 5.0  # a run waits this long at most for its listener to be bound
-RESUBSCRIBE_SECONDS = 0.5  # a run whose listener was dropped listens again after this
 WAIT_MARGIN_SECONDS = 30.0  # beyond the agent's grace: recording, a slow broker
 AGENT_RUNS_SCANNED = 20  # an agent's newest runs looked at to find its live one
 
@@ -203,7 +202,7 @@ async def _listen(
     senders: SenderCheck,
     bound: asyncio.Event,
 ) -> None:
-    from coordinator.gateway import BROKER_ERRORS
+    from coordinator import topology
 
     async def on_request(message: AbstractIncomingMessage) -> None:
         event = _event(message.body)
@@ -212,41 +211,13 @@ async def _listen(
         signal.ask(_request_of(event, message.user_id, senders))
         log.info("asked to stop", by=signal.request.by if signal.request else None)
 
-    while True:
-        try:
-            await _listen_until_closed(namespace, f"stop.requested.{agent}", on_request, bound)
-        except (*BROKER_ERRORS, CoveyError) as err:
-            log.warning("cannot listen for stop requests; trying again", problem=str(err))
-        await asyncio.sleep(RESUBSCRIBE_SECONDS)
-
-
-async def _listen_until_closed(
-    namespace: Namespace,
-    key: str,
-    on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
-    bound: asyncio.Event,
-) -> None:
-    """Listen for `key` on a channel of the namespace's connection until that channel
-    closes (with its connection, whoever closed it); close it when cancelled. `bound`
-    is set once the listener's queue is bound."""
-    from coordinator import topology
-    from coordinator.gateway import BROKER_ERRORS
-
-    gateway = await namespace.gateway()
-    channel = await gateway.open_channel()
-    # The channel's callback, not the connection's: those would pile up on a
-    # supervisor's connection, one for every run it ever ran.
-    closed = asyncio.Event()
-    channel.close_callbacks.add(lambda *_: closed.set())
-    try:
-        await gateway.listen(channel, topology.EVENTS_EXCHANGE, [key], on_message)
-        bound.set()
-        if not channel.is_closed:
-            await closed.wait()
-    finally:
-        if not channel.is_closed:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await channel.close()
+    await namespace.keep_listening(
+        topology.EVENTS_EXCHANGE,
+        [f"stop.requested.{agent}"],
+        on_request,
+        what="stop requests",
+        on_bound=bound.set,
+    )
 
 
 def _request_of(event: Event, user_id: str | None, senders: SenderCheck) -> StopRequest:

@@ -277,3 +277,22 @@ def test_notify_in_a_hook_never_exits_2(applied: World) -> None:
     result = notify(applied, "--as", "team:research", "--format", "claude-hook", stdin="{}")
     assert result.returncode == 1 and "not a participant" in result.stderr
     assert notify(applied, "--as", "team:research").returncode == 2
+
+
+def test_notify_still_tells_when_it_cannot_note_what_it_told(applied: World) -> None:
+    """A `.told` marker that cannot be written (a full disk, a read-only folder; here a
+    folder in its place) costs a repeat, never the news nor a traceback."""
+    from coordinator.notify import TOLD_SUFFIX
+
+    applied.ok("send", "scout", "first")
+    applied.ok("inbox", "--as", "scout")
+    scout = Covey.open("scout", home=applied.home, amqp_url=applied.amqp_url,
+                       state_dir=applied.state_dir)  # fmt: skip
+    mailbox = scout.store.path
+    scout.store.close()
+    mailbox.with_name(mailbox.name + TOLD_SUFFIX).mkdir()
+    for _ in range(2):  # told, and told again: nothing could be noted
+        told = notify(applied, "scout")
+        assert told.returncode == 0, told.stderr
+        assert told.stdout.strip() == "1 new message, from human:ada — check your inbox"
+        assert told.stderr.count("\n") == 1 and "cannot note what it told" in told.stderr

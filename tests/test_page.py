@@ -16,7 +16,6 @@ import contextlib
 import json
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -337,7 +336,7 @@ def test_a_dropped_connection_resumes_by_itself_with_each_line_once(
 ) -> None:
     add_ticker(applied, "ticker", TICKS)
     port = free_port()
-    first = web_on(applied, port)
+    first = serving(applied, port=port)
     run = Output(start(applied, "run", "ticker"))
     try:
         with first as server, watching(browser, server) as watched:
@@ -356,7 +355,7 @@ def test_a_dropped_connection_resumes_by_itself_with_each_line_once(
             server.process.wait(30)  # type: ignore[attr-defined]
             page.wait_for_selector(".following:has-text('connecting')")
             time.sleep(1)
-            with web_on(applied, port):
+            with serving(applied, port=port):
                 assert run.finish(60) == 0
                 wait_ended(page, timeout=30)
                 texts = lines_on_page(page)
@@ -372,36 +371,6 @@ def test_a_dropped_connection_resumes_by_itself_with_each_line_once(
         if run.process.poll() is None:
             run.process.kill()
             run.process.wait()
-
-
-@contextlib.contextmanager
-def web_on(world: World, port: int) -> Iterator[httpx.Client]:
-    """`covey web` on `port` (serving() picks a port of its own; this one comes back to
-    the same), stopped when the block ends unless the test stopped it first."""
-    process = start(world, "web", "--port", str(port), stdout=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{base}/api/openapi.json", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "the server never answered"
-                time.sleep(0.1)
-        with httpx.Client(base_url=base, timeout=30) as client:
-            client.process = process  # type: ignore[attr-defined]
-            yield client
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            _, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-        assert process.returncode == 0, err
 
 
 def test_a_long_run_shows_its_newest_entries_and_says_how_many_left(

@@ -21,9 +21,11 @@ from coordinator.localbroker import free_port
 
 
 @contextlib.contextmanager
-def serving(world: World, *args: str) -> Iterator[httpx.Client]:
-    """`covey web` (or ARGS, e.g. supervise) on a free port; an HTTP client for it."""
-    port = free_port()
+def serving(world: World, *args: str, port: int | None = None) -> Iterator[httpx.Client]:
+    """`covey web` (or ARGS, e.g. supervise) on `port` (a free one by default); an HTTP
+    client for it. Stopped, and checked to exit 0, when the block ends, unless the test
+    stopped it itself (with `client.process`)."""
+    port = port or free_port()
     command = args or ("web",)
     flag = "--port" if command[0] == "web" else "--metrics-port"
     process = start(world, *command, flag, str(port), stdout=subprocess.DEVNULL)
@@ -42,7 +44,8 @@ def serving(world: World, *args: str) -> Iterator[httpx.Client]:
             client.process = process  # type: ignore[attr-defined]  # to signal it
             yield client
     finally:
-        process.send_signal(signal.SIGTERM)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
         try:
             _, err = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
