@@ -235,7 +235,8 @@ async def _run_attached(namespace: Namespace, roster: Roster, name: str) -> runn
     async with watch_sessions(namespace) as opened:
         running = asyncio.ensure_future(runner.run(namespace, roster.agent(name)))
         try:
-            announced = await asyncio.wait_for(_opened_for(opened, name), ATTACH_WAIT_SECONDS)
+            async with asyncio.timeout(ATTACH_WAIT_SECONDS):
+                announced = await _opened_for(opened, name)
             assert announced.run_id is not None  # every session.opened names its run
             session = namespace.attach(announced.run_id)
             async with contextlib.aclosing(session):

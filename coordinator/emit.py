@@ -327,9 +327,8 @@ class Emitter:
         self._turn = asyncio.Lock()
         path = self._path = self._path or socket_path()
         try:
-            self._stream = await asyncio.wait_for(
-                asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES), ANSWER_SECONDS
-            )
+            async with asyncio.timeout(ANSWER_SECONDS):
+                self._stream = await asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES)
         except (OSError, TimeoutError) as err:
             raise _unreachable(path, err) from None
         return self
@@ -354,7 +353,8 @@ class Emitter:
             try:
                 writer.write(line)
                 await writer.drain()
-                answer = await asyncio.wait_for(reader.readline(), ANSWER_SECONDS)
+                async with asyncio.timeout(ANSWER_SECONDS):
+                    answer = await reader.readline()
             except (OSError, TimeoutError) as err:
                 raise _unreachable(self._path, err) from None
         _outcome(answer, self._path)

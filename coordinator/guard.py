@@ -159,7 +159,8 @@ class Guard:
             os.close(self._pipe)
             self._pipe = -1
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.process.wait(), 5.0)
+            async with asyncio.timeout(5.0):
+                await self.process.wait()
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()

@@ -243,7 +243,8 @@ class LockSession:
                 await self._renewing
         if self.held and self.valid() and self._gateway.alive:
             try:
-                await asyncio.wait_for(self._mark_released(), NOTE_RELEASE_TIMEOUT)
+                async with asyncio.timeout(NOTE_RELEASE_TIMEOUT):
+                    await self._mark_released()
             except (TimeoutError, *BROKER_ERRORS):
                 # The next holder then waits out the lease: slower, never unsafe.
                 log.warning("could not mark the locks released", exc_info=True)
@@ -312,14 +313,10 @@ class LockSession:
                 return
             sent = time.monotonic()
             try:
-                if channel is None or channel.is_closed:
-                    channel = await asyncio.wait_for(
-                        self._gateway.open_channel(), self.valid_until - sent
-                    )
-                await asyncio.wait_for(
-                    channel.declare_queue(queue, passive=True),
-                    self.valid_until - sent,
-                )
+                async with asyncio.timeout(self.valid_until - sent):
+                    if channel is None or channel.is_closed:
+                        channel = await self._gateway.open_channel()
+                    await channel.declare_queue(queue, passive=True)
             except (TimeoutError, *BROKER_ERRORS):
                 if not self._closing:
                     log.warning("lock lease not renewed; the locks are lost", exc_info=True)

@@ -526,9 +526,8 @@ async def _take(
     try:
         while len(batch) + len(arrived) < window:
             try:
-                delivery = await asyncio.wait_for(
-                    deliveries.get(), COMMIT_SECONDS if arrived else timeout
-                )
+                async with asyncio.timeout(COMMIT_SECONDS if arrived else timeout):
+                    delivery = await deliveries.get()
             except TimeoutError:
                 if not arrived:
                     break
@@ -614,7 +613,8 @@ class Subscription:
         """What was filed since the last call, waiting up to `timeout` s for something."""
         if not self._filing.added and self._failure is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._news.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._news.wait()
         self._news.clear()
         new, self._filing.added = self._filing.added, []
         if not new and self._failure is not None:

@@ -249,7 +249,8 @@ class Mailroom:
         """Whether more than `seen` messages are filed within `timeout` seconds."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.filed > seen), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(lambda: self.filed > seen)
             return self.filed > seen
 
     async def _follow(self) -> None:

@@ -41,7 +41,8 @@ async def _command_failure(
     except OSError as err:
         return f"{hook.label}: cannot run {command[0]!r} ({err.strerror})"
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), hook.timeout)
+        async with asyncio.timeout(hook.timeout):
+            output, _ = await process.communicate()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

@@ -653,7 +653,8 @@ async def _wind_down(pump: asyncio.Task[None], *watchers: asyncio.Task[object] |
     # Output still buffered is worth keeping; a child that holds the pipe open is not
     # worth waiting for.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(pump), 2.0)
+        async with asyncio.timeout(2.0):
+            await asyncio.shield(pump)
     pump.cancel()
 
 
@@ -774,7 +775,8 @@ async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
     while time.monotonic() < deadline and _group_alive(group):
         if process.returncode is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 0.1)
+                async with asyncio.timeout(0.1):
+                    await process.wait()
         else:  # the leader is gone; a child that ignores SIGTERM gets the rest of the grace
             await asyncio.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):

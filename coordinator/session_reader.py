@@ -369,7 +369,8 @@ async def _next(
     """The next delivery; None after LOST_POLL_SECONDS of quiet; _Lost when the channel
     or the connection is gone (checked while quiet too: a cut connection may say nothing)."""
     try:
-        message = await asyncio.wait_for(deliveries.get(), LOST_POLL_SECONDS)
+        async with asyncio.timeout(LOST_POLL_SECONDS):
+            message = await deliveries.get()
     except TimeoutError:
         message = None
         if channel.is_closed or not gateway.alive:
@@ -504,7 +505,8 @@ class _Watch:
     async def each(self) -> AsyncIterator[Event]:
         while True:
             try:
-                event = await asyncio.wait_for(self.opened.get(), LOST_POLL_SECONDS)
+                async with asyncio.timeout(LOST_POLL_SECONDS):
+                    event = await self.opened.get()
             except TimeoutError:
                 event = None
             if event is not None:

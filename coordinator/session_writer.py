@@ -405,7 +405,8 @@ class SessionWriter:
                 return True
             wait = min(stall, deadline - time.monotonic())
             try:
-                await asyncio.wait_for(self._progress.wait(), max(wait, 0))
+                async with asyncio.timeout(max(wait, 0)):
+                    await self._progress.wait()
             except TimeoutError:
                 return False
 

@@ -155,7 +155,8 @@ async def request_stop(
                 f"just ended, or the covey that ran it is gone (`covey runs {record.agent}`)"
             ) from None
         try:
-            return await asyncio.wait_for(finished, wait)
+            async with asyncio.timeout(wait):
+                return await finished
         except TimeoutError:
             raise CoveyError(
                 f"asked run {record.run_id} of {record.agent} to stop; it has not ended "
@@ -186,7 +187,8 @@ async def listening(
     task = asyncio.create_task(_listen(namespace, agent, run_id, signal, senders, bound))
     try:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(bound.wait(), BIND_WAIT_SECONDS)
+            async with asyncio.timeout(BIND_WAIT_SECONDS):
+                await bound.wait()
         yield
     finally:
         task.cancel()

@@ -93,7 +93,8 @@ async def items_from(
         timeout = FIRST_SECONDS if stop_at is None else RANGE_SECONDS
         while True:
             try:
-                message = await asyncio.wait_for(deliveries.get(), timeout)
+                async with asyncio.timeout(timeout):
+                    message = await deliveries.get()
             except TimeoutError:
                 return
             await message.ack()

@@ -227,7 +227,8 @@ class Supervisor:
                 continue
             with contextlib.suppress(TimeoutError):
                 seconds = max(0.0, (due.at - self.clock()).total_seconds())
-                await asyncio.wait_for(self._reschedule.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await self._reschedule.wait()
                 continue  # the roster changed: recompute
             fired_up_to = due.at
             for name in due.names:

@@ -27,6 +27,7 @@ from faultkit import cut, stop, world_on
 from coordinator import session_reader
 from coordinator.errors import BrokerUnavailable
 from coordinator.events import EVENT_TYPE, Event
+from coordinator.gateway import Gateway
 from coordinator.localbroker import LocalBroker
 from coordinator.runner import new_run_id
 from coordinator.session import (
@@ -38,6 +39,7 @@ from coordinator.session import (
     STREAM,
     SessionEvent,
 )
+from coordinator.settings import Settings
 from coordinator.topology import EVENTS_EXCHANGE
 
 
@@ -483,6 +485,23 @@ async def test_retention_is_explicit_a_notice_first_or_exit_9(world: World) -> N
     assert result.returncode == 9, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "no longer retained" in result.stderr
+
+
+async def test_a_cancel_that_meets_a_delivery_is_not_swallowed(applied: World) -> None:
+    """Ctrl-C cancels the reader once. Python 3.11's `asyncio.wait_for` swallowed a cancel
+    that landed as its delivery arrived, and the reader went on following (a CI run's
+    `covey attach` ignored Ctrl-C for 60 s): waiting must give the cancel back."""
+    settings = Settings(amqp_url=applied.amqp_url)
+    async with await Gateway.connect(settings, "cancel probe") as gateway:
+        channel = await gateway.open_channel()
+        deliveries: asyncio.Queue[Any] = asyncio.Queue()
+        waiting = asyncio.ensure_future(session_reader._next(deliveries, gateway, channel))
+        await asyncio.sleep(0.05)  # it waits for the next delivery
+        deliveries.put_nowait("a delivery")  # arrives in the very turn the cancel does
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert deliveries.qsize() == 1, "a cancelled wait took the delivery with it"
 
 
 async def test_ctrl_c_detaches_with_130_and_leaves_the_run_alone(applied: World) -> None:
