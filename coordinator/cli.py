@@ -368,18 +368,30 @@ def _session_row(row: dict[str, Any]) -> str:
 
 
 async def cmd_status(covey: Covey, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from coordinator import replicas
+    from coordinator.display import printable
     from coordinator.names import Address
     from coordinator.render import status_table
     from coordinator.status import agent_statuses, pending
 
+    # The management API (replicas) is asked while the broker is (the agents).
+    asking = asyncio.ensure_future(replicas.replicas(covey.settings))
     agents = await agent_statuses(covey.namespace)
     humans = {
         h: await pending(covey.namespace, Address("human", h)) for h in sorted(covey.roster.humans)
     }
+    queues = await asking
     if args.json:
-        _emit(args, {"agents": [a.to_dict() for a in agents], "humans": humans}, "")
+        data: dict[str, Any] = {"agents": [a.to_dict() for a in agents], "humans": humans}
+        if queues is not None:
+            data["replicas"] = [q.to_dict() for q in queues]
+        _emit(args, data, "")
         return 0
     print(status_table(agents, humans))
+    for line in replicas.summary(queues or []):
+        print(printable(line))
     return 0
 
 

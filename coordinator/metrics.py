@@ -15,6 +15,11 @@ Two kinds of figures:
   of this supervisor ended: at 1,000 agents a cursor read per agent every
   5 s kept a core a quarter busy.
 
+Where each quorum queue and stream keeps its replicas (its leader, its members, how
+many are online) comes from RabbitMQ's management API, where it answers (see
+replicas.py), every REPLICAS_REFRESH_SECONDS: `covey_queue_online_members` below
+`covey_queue_members` is what the under-replication alert watches.
+
 Message rates per queue are RabbitMQ's own job: its `rabbitmq_prometheus`
 plugin (port 15692) exports them, and the dashboard reads them from there.
 """
@@ -41,6 +46,7 @@ from coordinator.logs import get_logger
 from coordinator.namespace import Namespace
 from coordinator.outcome import Outcome
 from coordinator.records import recent_runs
+from coordinator.replicas import QueueReplicas, replicas
 from coordinator.roster import GLOBAL_LOCK
 from coordinator.schedule import Schedule
 from coordinator.topology import CHANGELOG_STREAM, DEAD, UNROUTED
@@ -49,6 +55,7 @@ log = get_logger(__name__)
 
 REFRESH_SECONDS = 5.0
 CURSOR_REFRESH_SECONDS = 60.0
+REPLICAS_REFRESH_SECONDS = 15.0
 PARALLEL_CHANNELS = 8
 
 
@@ -127,6 +134,7 @@ class Metrics:
             registry=r,
         )
         self.figures = BrokerFigures()
+        self.replicas: list[QueueReplicas] = []  # none known: the management API is silent
         self._cursors: dict[str, Cursor | None] = {}  # the last read of each agent's cursor
         self._cursors_moved: set[str] = set()  # agents whose run ended since
         r.register(_BrokerCollector(self))
@@ -190,9 +198,12 @@ class Metrics:
                 )
 
     async def refresh_forever(self) -> None:
-        cursors_read_at = float("-inf")
+        cursors_read_at = replicas_read_at = float("-inf")
         while True:
             started = time.monotonic()
+            if started - replicas_read_at >= REPLICAS_REFRESH_SECONDS:
+                replicas_read_at = started
+                self.replicas = await replicas(self.namespace.settings) or []
             if started - cursors_read_at >= CURSOR_REFRESH_SECONDS:
                 stale, cursors_read_at = set(self.namespace.roster.agents), started
             else:
@@ -248,6 +259,25 @@ class _BrokerCollector(Collector):
             "changelog entries after the agent's cursor",
             [((agent,), n) for agent, n in sorted(f.lag.items())],
             ["agent"],
+        )
+        queues = self.metrics.replicas
+        yield _gauge(
+            "covey_queue_members",
+            "the replicas a quorum queue or stream has (from the management API)",
+            [((q.name, q.type), len(q.members)) for q in queues],
+            ["queue", "type"],
+        )
+        yield _gauge(
+            "covey_queue_online_members",
+            "the replicas of a quorum queue or stream that are online",
+            [((q.name, q.type), len(q.online)) for q in queues],
+            ["queue", "type"],
+        )
+        yield _gauge(
+            "covey_queue_leader",
+            "1 for the node that leads each quorum queue or stream",
+            [((q.name, q.leader), 1) for q in queues if q.leader],
+            ["queue", "node"],
         )
 
 

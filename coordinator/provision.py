@@ -215,7 +215,9 @@ class Management:
         self._timeout = timeout
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> Management:
+    def for_settings(cls, settings: Settings, timeout: float | None = None) -> Management:
+        """The API of the broker in `amqp_url` (or at `management_url`); each call
+        bounded by `timeout` s (default: connect_timeout)."""
         amqp = urlsplit(settings.amqp_url)
         if settings.management_url:
             api = urlsplit(settings.management_url)
@@ -226,7 +228,7 @@ class Management:
             scheme = "https" if amqp.scheme == "amqps" else "http"
             base = f"{scheme}://{amqp.hostname}:{MANAGEMENT_PORT[amqp.scheme]}"
             user, password = url_user(settings.amqp_url), unquote(amqp.password or "guest")
-        return cls(base, user, password, settings.connect_timeout)
+        return cls(base, user, password, timeout or settings.connect_timeout)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None

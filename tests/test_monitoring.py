@@ -41,7 +41,7 @@ def test_promtool_accepts_the_shipped_config_and_rules() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = promtool("check", "rules", str(DEPLOY / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 6 rules found" in rules.stdout
+    assert "SUCCESS: 7 rules found" in rules.stdout
 
 
 class Prometheus:
@@ -175,6 +175,62 @@ def test_changelog_lag_falls_to_zero_once_a_run_has_seen_the_news(applied: World
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.communicate(timeout=60)
+
+
+def test_the_under_replication_alert_fires_when_a_member_is_offline(tmp_path: Path) -> None:
+    """promtool's rule unit test: one of three members offline for 2 min fires the alert;
+    all three online never does."""
+    (tmp_path / "replicas.test.yml").write_text(
+        f"rule_files: [{DEPLOY / 'alerts.yml'}]\n"
+        "evaluation_interval: 30s\n"
+        "tests:\n"
+        "  - interval: 30s\n"
+        "    input_series:\n"
+        '      - series: \'covey_queue_members{queue="agent.scout",type="quorum"}\'\n'
+        "        values: '3x10'\n"
+        '      - series: \'covey_queue_online_members{queue="agent.scout",type="quorum"}\'\n'
+        "        values: '3 3 2 2 2 2 2 2 2 2 2'\n"
+        '      - series: \'covey_queue_members{queue="covey.dead",type="quorum"}\'\n'
+        "        values: '3x10'\n"
+        '      - series: \'covey_queue_online_members{queue="covey.dead",type="quorum"}\'\n'
+        "        values: '3x10'\n"
+        "    alert_rule_test:\n"
+        "      - eval_time: 1m\n"
+        "        alertname: CoveyQueueUnderReplicated\n"
+        "        exp_alerts: []\n"
+        "      - eval_time: 4m\n"
+        "        alertname: CoveyQueueUnderReplicated\n"
+        "        exp_alerts:\n"
+        "          - exp_labels: {severity: critical, queue: agent.scout, type: quorum}\n"
+        "            exp_annotations:\n"
+        "              summary: agent.scout has only 2 of its replicas online\n"
+        "              description: A RabbitMQ node is down or cut off; `covey status` names it.\n"
+    )
+    tested = promtool("test", "rules", str(tmp_path / "replicas.test.yml"))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_each_replicated_queue_shows_its_leader_and_members(supervised: tuple[World, int]) -> None:
+    """On one node: every quorum queue and stream has one member, online, and leads
+    itself; `covey status --json` says the same (the management API answers guest)."""
+    world, port = supervised
+
+    def scrape() -> str:
+        return fetch(f"http://127.0.0.1:{port}/metrics")
+
+    wait_for(lambda: 'covey_queue_members{queue="agent.loner",type="quorum"} 1.0' in scrape())
+    text = scrape()
+    assert 'covey_queue_online_members{queue="agent.loner",type="quorum"} 1.0' in text
+    assert 'covey_queue_members{queue="covey.dead",type="quorum"} 1.0' in text
+    # A stream is listed where RabbitMQ's listing names its members (3.10 does at times).
+    assert not re.search(r'covey_queue_members\{queue="covey\.[a-z]+",type="stream"\} [^1]', text)
+    assert re.search(r'covey_queue_leader\{node="rabbit@[^"]+",queue="agent.loner"\} 1.0', text)
+    status = json.loads(world.ok("status", "--json"))
+    loner = next(q for q in status["replicas"] if q["queue"] == "agent.loner")
+    assert loner["type"] == "quorum" and len(loner["members"]) == 1
+    assert loner["online"] == loner["members"] and loner["leader"] == loner["members"][0]
+    # One node, all online: the table has nothing to add about replicas.
+    assert "replicas:" not in world.ok("status")
 
 
 def test_promtool_finds_nothing_wrong_in_a_scrape(supervised: tuple[World, int]) -> None:
