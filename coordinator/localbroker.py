@@ -323,9 +323,7 @@ class LocalCluster:
             for node in self.nodes[1:]:
                 node.ctl("stop_app")
                 node.ctl("join_cluster", first)
-                node.ctl("start_app")
-            for node in self.nodes:
-                node.wait_running(timeout)
+                node.ctl("start_app")  # returns once the application runs again
         except BaseException:
             self.remove()
             raise
