@@ -120,7 +120,7 @@ class LocalBroker:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            HOME=str(self.home),  # its own Erlang cookie, shared with `ctl`
+            HOME=str(self.home),  # its Erlang cookie: shared with `ctl`, and a cluster's nodes
             RABBITMQ_NODENAME=self.nodename,
             RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
             RABBITMQ_NODE_PORT=str(self.port),
@@ -282,6 +282,7 @@ class LocalCluster:
 
     Nodes are numbered from 0, as in `nodes` and `urls`. A node stopped with
     `stop_node` keeps its data, and `start_node` brings it back into the cluster.
+    Three nodes take about 400 MB, and here 20-30 s to start and join.
     """
 
     def __init__(self, size: int = 3, workdir: Path | None = None) -> None:

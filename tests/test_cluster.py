@@ -107,7 +107,10 @@ async def test_mail_survives_stopping_the_node_that_leads_its_queue(
     """200 messages sent and confirmed through node 0; the node that leads scout's queue
     is stopped; `covey inbox` through another node's URL gets all 200, each once."""
     vhost = vhost_of(on_cluster)
-    assert len(cluster.quorum_status("agent.scout", vhost).online) == 3
+    before = settled(
+        lambda: cluster.quorum_status("agent.scout", vhost), lambda s: len(s.online) == 3
+    )
+    assert len(before.online) == 3, before
     # One process sends all 200 (the Python API `covey send` runs): 200 `covey send`
     # processes would take minutes of CPU here, for the same confirmed publishes.
     async with on_cluster.open("human:ada") as ada:
