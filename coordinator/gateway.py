@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import (
     AsyncIterator,
@@ -748,8 +749,38 @@ async def _declare_exchange(channel: AbstractChannel, spec: ExchangeSpec) -> Non
     await channel.declare_exchange(spec.name, spec.type, durable=True, arguments=arguments)
 
 
+# How many members a quorum queue or stream starts with (Settings.replicas). RabbitMQ
+# 3.10 compares these on every re-declare like any other argument: a queue declared
+# without one (by covey before it set them), or with another size (`replicas` changed
+# since), refuses a declare that differs with PRECONDITION_FAILED.
+SIZE_ARGUMENTS = ("x-quorum-initial-group-size", "x-initial-cluster-size")
+_CURRENT_SIZE = re.compile(r"but current is (?:the value )?'(\d+)'")
+
+
 async def _declare_queue(channel: AbstractChannel, spec: QueueSpec | StreamSpec) -> None:
-    await channel.declare_queue(spec.name, durable=True, arguments=spec.declare_arguments)
+    """Declare `spec`, with its initial size if it is new, and with the size it was
+    created with if it exists (a size counts only at creation, so an existing queue
+    is never refused for it, whereas any other argument that differs still is).
+
+    One declare when the queue is new or has the size asked for; when RabbitMQ says
+    the size differs, its answer says what the queue has, and the declare is repeated
+    with that. Asking passively first instead would cost a round trip every time and
+    leave the other arguments (a changed delivery limit) unchecked.
+    """
+    arguments = spec.declare_arguments
+    try:
+        await channel.declare_queue(spec.name, durable=True, arguments=arguments)
+        return
+    except aiormq.exceptions.ChannelPreconditionFailed as err:
+        size = next((key for key in SIZE_ARGUMENTS if f"'{key}'" in str(err)), None)
+        if size is None:
+            raise
+        current = _CURRENT_SIZE.search(str(err))  # none: created without one
+        arguments = {key: value for key, value in arguments.items() if key != size}
+        if current is not None:
+            arguments[size] = int(current[1])
+    await channel.reopen()  # the refusal closed it
+    await channel.declare_queue(spec.name, durable=True, arguments=arguments)
 
 
 async def _declare_binding(channel: AbstractChannel, spec: BindingSpec) -> None:

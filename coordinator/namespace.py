@@ -218,7 +218,7 @@ class Namespace:
             roster, settings = snapshot.roster, snapshot.settings
             parts = [topology.for_participant(p, roster.teams_of(p), settings) for p in todo]
             plan = topology.Topology.combine(
-                [topology.core(settings.changelog, settings.sessions), *parts]
+                [topology.core(settings.changelog, settings.sessions, settings.replicas), *parts]
             )
             await (await self.gateway()).apply(plan)
             self._declared.update(todo)

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         default="at-most-once", description="the broker's strategy; see topology.py for why"
     )
     connect_timeout: float = Field(default=10.0, gt=0)
+    replicas: int = Field(
+        default=3,
+        ge=1,
+        description="how many nodes hold each queue and stream covey creates (RabbitMQ "
+        "caps it at the cluster's size, so 3 on one node is 1); counts only at creation",
+    )
     tls_ca: Path | None = Field(default=None, description="CA bundle that signs the broker's cert")
     tls_cert: Path | None = Field(default=None, description="client certificate (mutual TLS)")
     tls_key: Path | None = Field(default=None, description="the client certificate's key")

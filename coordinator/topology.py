@@ -35,7 +35,11 @@ Why it is shaped this way:
   INTERNAL_ERROR). covey's own dead letters (invalid envelopes) are always
   confirmed before the original is acked, whichever strategy is set.
 * Quorum queues replicate in a cluster and survive a broker restart: a message
-  to an agent that is not running waits there, however long it sleeps.
+  to an agent that is not running waits there, however long it sleeps. Every
+  quorum queue and stream is created with `replicas` members (RabbitMQ caps that
+  at the number of nodes), so a cluster's node can stop without losing mail, the
+  changelog, run records or sessions. The size counts only when a queue is
+  created; see `gateway.declare_queue` for queues that already exist.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ QuorumQueueArguments = TypedDict(
         "x-dead-letter-exchange": str,
         "x-dead-letter-strategy": Literal["at-most-once", "at-least-once"],
         "x-overflow": Literal["drop-head", "reject-publish"],
+        "x-quorum-initial-group-size": int,  # members at creation: see Settings.replicas
     },
     total=False,
 )
@@ -111,6 +116,8 @@ class QueueSpec:
             )
         if args.get("x-delivery-limit", 1) < 1:
             raise ValueError(f"queue {self.name}: the delivery limit must be at least 1")
+        if args.get("x-quorum-initial-group-size", 1) < 1:
+            raise ValueError(f"queue {self.name}: a queue needs at least one member")
 
     @property
     def declare_arguments(self) -> dict[str, Any]:
@@ -124,6 +131,7 @@ StreamArguments = TypedDict(
         "x-max-age": str,  # e.g. "30D": RabbitMQ's units are Y M D h m s
         "x-max-length-bytes": int,
         "x-stream-max-segment-size-bytes": int,
+        "x-initial-cluster-size": int,  # members at creation: see Settings.replicas
     },
     total=False,
 )
@@ -145,6 +153,8 @@ class StreamSpec:
             raise ValueError(
                 f"stream {self.name}: a segment larger than the size limit would never be removed"
             )
+        if self.arguments.get("x-initial-cluster-size", 1) < 1:
+            raise ValueError(f"stream {self.name}: a stream needs at least one member")
 
     @property
     def declare_arguments(self) -> dict[str, Any]:
@@ -176,8 +186,13 @@ class Topology:
         return cls(tuple(exchanges), tuple(queues), tuple(bindings))
 
 
-def core(changelog: ChangelogConfig, sessions: SessionsConfig | None = None) -> Topology:
-    """The exchanges and queues every covey namespace has, whoever is in the roster."""
+def core(
+    changelog: ChangelogConfig,
+    sessions: SessionsConfig | None = None,
+    replicas: int = Settings.model_fields["replicas"].default,
+) -> Topology:
+    """The exchanges and queues every covey namespace has, whoever is in the roster,
+    each queue and stream created with `replicas` members."""
     sessions = sessions or SessionsConfig()
     return Topology(
         exchanges=(
@@ -194,8 +209,8 @@ def core(changelog: ChangelogConfig, sessions: SessionsConfig | None = None) -> 
         # Neither holding queue dead-letters further or has a delivery limit: they
         # are where messages end up, to be listed and replayed by a person.
         queues=(
-            QueueSpec(UNROUTED),
-            QueueSpec(DEAD),
+            QueueSpec(UNROUTED, QuorumQueueArguments({"x-quorum-initial-group-size": replicas})),
+            QueueSpec(DEAD, QuorumQueueArguments({"x-quorum-initial-group-size": replicas})),
             # Run events outlive the processes that published them: `covey runs`
             # and `covey status` read them back from here.
             StreamSpec(
@@ -205,6 +220,7 @@ def core(changelog: ChangelogConfig, sessions: SessionsConfig | None = None) -> 
                         "x-max-age": "30D",
                         "x-max-length-bytes": 256 * 1024 * 1024,
                         "x-stream-max-segment-size-bytes": SEGMENT_BYTES,
+                        "x-initial-cluster-size": replicas,
                     }
                 ),
             ),
@@ -216,6 +232,7 @@ def core(changelog: ChangelogConfig, sessions: SessionsConfig | None = None) -> 
                         "x-max-age": changelog.max_age,
                         "x-max-length-bytes": changelog.max_bytes,
                         "x-stream-max-segment-size-bytes": min(SEGMENT_BYTES, changelog.max_bytes),
+                        "x-initial-cluster-size": replicas,
                     }
                 ),
             ),
@@ -227,6 +244,7 @@ def core(changelog: ChangelogConfig, sessions: SessionsConfig | None = None) -> 
                         "x-max-age": sessions.max_age,
                         "x-max-length-bytes": sessions.max_bytes,
                         "x-stream-max-segment-size-bytes": min(SEGMENT_BYTES, sessions.max_bytes),
+                        "x-initial-cluster-size": replicas,
                     }
                 ),
             ),
@@ -249,6 +267,7 @@ def for_participant(address: Address, teams: Iterable[str], settings: Settings) 
             "x-delivery-limit": settings.delivery_limit,
             "x-dead-letter-exchange": DEAD,
             "x-dead-letter-strategy": settings.dead_lettering,
+            "x-quorum-initial-group-size": settings.replicas,
         }
     )
     if settings.dead_lettering == "at-least-once":
@@ -267,7 +286,7 @@ def for_roster(roster: Roster, settings: Settings) -> Topology:
     """Everything `covey topology apply` declares: the core plus every participant."""
     return Topology.combine(
         [
-            core(settings.changelog, settings.sessions),
+            core(settings.changelog, settings.sessions, settings.replicas),
             *(
                 for_participant(address, roster.teams_of(address), settings)
                 for address in roster.participants()
