@@ -2,8 +2,9 @@
 validates and resolves it (`docker compose config`, or Debian's `docker-compose
 config`, neither of which needs an engine), and each test reads what it resolved:
 the files it mounts, the Prometheus config promtool checks, the peer-discovery
-list and the URLs covey gets. One test runs covey against the machine's broker to
-show that a quorum default queue type cannot touch covey's exclusive queues."""
+list and the URLs covey gets. Two tests run covey against the machine's broker: its exclusive
+queues name their type, so a quorum default cannot touch them; and locks, tokens,
+cursors and mail work in a vhost whose default queue type is quorum."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import re
 import shutil
 import signal
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -237,3 +240,65 @@ def test_covey_names_the_type_of_its_exclusive_queues(broker: Broker, applied: W
         for process in (holding, supervising):
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=60)
+
+
+@pytest.fixture
+def quorum_default_world(broker: Broker, tmp_path: Path) -> Iterator[World]:
+    """A covey home on a vhost of its own whose default queue type is quorum: what
+    default_queue_type = quorum in deploy/rabbitmq.conf does to every vhost (a vhost's
+    own default exists from RabbitMQ 3.10, the node-wide one from 3.13.3)."""
+    if not isinstance(broker.admin, ManagementAdmin):
+        pytest.skip("needs RabbitMQ's management API to set a vhost's default queue type")
+    api = broker.admin.api
+    name = f"covey-test-quorum-{uuid.uuid4().hex[:10]}"
+    user = URL(broker.url).user or "guest"
+    where = quote(name, safe="")
+    # 3.10 reads `defaultqueuetype`; 3.11 renamed it and reads both.
+    api.call(
+        "PUT", f"vhosts/{where}", {"defaultqueuetype": "quorum", "default_queue_type": "quorum"}
+    )
+    try:
+        api.call(
+            "PUT",
+            f"permissions/{where}/{quote(user, safe='')}",
+            dict.fromkeys(("configure", "write", "read"), ".*"),
+        )
+        described = api.call("GET", f"vhosts/{where}")
+        if "quorum" not in (
+            described.get("default_queue_type"),
+            described.get("metadata", {}).get("default_queue_type"),
+        ):
+            pytest.skip(f"this RabbitMQ keeps no default queue type for a vhost: {described}")
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "covey.toml").write_text('identity = "human:ada"\n\n[humans.ada]\n')
+        yield World(home=home, amqp_url=broker.vhost_url(name), state_dir=tmp_path / "state")
+    finally:
+        broker.admin.delete_vhost(name)
+
+
+def test_covey_works_where_the_default_queue_type_is_quorum(
+    broker: Broker, quorum_default_world: World
+) -> None:
+    """Locks, fencing tokens, cursors and mail on a vhost whose default queue type is
+    quorum: the notes (lock holders, cursors) become quorum queues there, and still
+    work; the exclusive lock queues stay classic."""
+    world = quorum_default_world
+    world.add_agent(
+        "worker", 'command = "cat \\"$COVEY_DIGEST_FILE\\" > digest-$COVEY_FENCING_TOKEN.txt"\n'
+    )
+    world.ok("topology", "apply")
+    world.ok("log", "add", "first-news")
+    world.ok("run", "worker")
+    world.ok("run", "worker")
+    folder = world.home / "agents" / "worker"
+    # The holder note gave each run a token one higher; the cursor note moved past the news.
+    assert "first-news" in (folder / "digest-1.txt").read_text()
+    assert "first-news" not in (folder / "digest-2.txt").read_text()
+    world.ok("send", "worker", "hello-on-quorum")
+    assert "hello-on-quorum" in world.ok("inbox", "--as", "worker")
+
+    vhost = quote(URL(world.amqp_url).path.lstrip("/"), safe="")
+    queues = {q["name"]: q for q in broker.admin.api.call("GET", f"queues/{vhost}")}  # type: ignore[attr-defined]
+    assert queues["covey.lock.global.holder"]["type"] == "quorum"  # the default took effect
+    assert queues["agent.worker"]["type"] == "quorum"
