@@ -99,6 +99,11 @@ USER_HEADER = "x-covey-user-id"  # who published a letter covey dead-lettered (r
 COVEY_HEADERS = (REASON_HEADER, DETAIL_HEADER, QUEUE_HEADER, DEAD_AT_HEADER, USER_HEADER)
 NOTE_ATTEMPTS = 20
 NOTE_RETRY_SECONDS = 0.01
+# Exclusive queues (lock slots, listeners) say they are classic: a node or vhost whose
+# default queue type is quorum (deploy/rabbitmq.conf sets one) must not make them
+# quorum queues, which cannot be exclusive. An exclusive queue lives on its
+# connection's node and dies with the connection, which is the point of a lock.
+EXCLUSIVE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic"}
 NOTE_ARGUMENTS: dict[str, Any] = {
     "x-max-length": 1,
     "x-overflow": "drop-head",
@@ -596,7 +601,9 @@ class Gateway:
         ours, False if another connection holds it. It lives as long as the connection."""
         async with self.operation_channel() as channel:
             try:
-                await channel.declare_queue(name, exclusive=True, durable=False)
+                await channel.declare_queue(
+                    name, exclusive=True, durable=False, arguments=EXCLUSIVE_ARGUMENTS
+                )
             except aiormq.exceptions.ChannelLockedResource:
                 return False
         return True
@@ -644,7 +651,9 @@ class Gateway:
         without acks: what comes this way is a signal to act on now (a lock released,
         mail routed, a run requested), and one lost with its listener was for nobody.
         """
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        queue = await channel.declare_queue(
+            exclusive=True, auto_delete=True, arguments=EXCLUSIVE_ARGUMENTS
+        )
         for key in keys:
             await queue.bind(exchange, key)
         await queue.consume(on_message, no_ack=True)
