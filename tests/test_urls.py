@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from test_security import as_user, credentials, self_signed, user_named
 from yarl import URL
 
 from coordinator.client import Covey
+from coordinator.gateway import ordered
 from coordinator.localbroker import LocalBroker, free_port
 from coordinator.settings import Settings
 
@@ -67,7 +69,7 @@ def test_three_urls_the_first_dead_covey_send_uses_the_second_silently(applied: 
 
 
 async def test_three_urls_the_first_dead_the_python_api_uses_the_second_silently(
-    applied: World, capfd: pytest.CaptureFixture[str]
+    applied: World, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     world = applied
     live = world.amqp_url
@@ -77,8 +79,10 @@ async def test_three_urls_the_first_dead_the_python_api_uses_the_second_silently
     ) as ada:
         await ada.send("scout", "from python")
         assert (await ada.gateway()).url == live
-    err = capfd.readouterr().err
-    assert err == ""  # not even aiormq's own line for the dead node
+    # Not even aiormq's own line for the dead node, which a program with no logging set
+    # up would print on stderr (pytest takes log records itself, so both are looked at).
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert subjects(world) == ["from python"]
 
 
@@ -212,6 +216,16 @@ def test_a_login_applies_to_every_node() -> None:
         "amqps://covey.agent.scout:pw@node2:5671/prod",
     ]
     assert mine.amqp_url == mine.broker_urls[0]
+
+
+def test_the_node_of_a_lost_connection_is_tried_last() -> None:
+    a, b, c = (f"amqp://guest:guest@node{n}:5672/" for n in "abc")
+    settings = Settings(amqp_urls=[a, b, c], amqp_order="listed")
+    assert ordered(settings) == [a, b, c]
+    assert ordered(settings, avoid="amqp://guest:guest@nodea:5672/") == [b, c, a]
+    shuffled = Settings(amqp_urls=[a, b, c])  # the default: shuffled for each connection
+    orders = {tuple(ordered(shuffled, avoid=b)) for _ in range(200)}
+    assert {order[-1] for order in orders} == {b} and len(orders) == 2
 
 
 # -- provisioned credentials ------------------------------------------------------------
