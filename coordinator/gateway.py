@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import ssl
 from collections.abc import (
@@ -228,15 +229,15 @@ async def open_connection(
     urls = ordered(settings, avoid)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.connect_timeout
-    failures: list[tuple[str, BrokerUnavailable]] = []
+    failures: list[tuple[str, _NodeFailed]] = []
     for index, url in enumerate(urls):
         share = max(deadline - loop.time(), 0.0) / (len(urls) - index)
         try:
             return await _connect_to(url, settings, name, heartbeat, share)
-        except _NodeDown as down:
-            failures.append((url, down.error))
+        except _NodeFailed as failed:
+            failures.append((url, failed))
     if len(failures) == 1:
-        raise failures[0][1]
+        raise BrokerUnavailable(str(failures[0][1]))  # one node: as it always was
     unreachable = [(url, e) for url, e in failures if isinstance(e, _Unreachable)]
     if len(unreachable) < len(failures):  # a node answered, but not with a connection
         first = next(e for _, e in failures if not isinstance(e, _Unreachable))
@@ -268,26 +269,30 @@ def _place(url: str) -> str:
     return f"{parsed.host}:{parsed.port}"
 
 
-class _Unreachable(BrokerUnavailable):
-    """Nothing answered at one node (refused, timed out, reset)."""
+class _NodeFailed(BrokerUnavailable):
+    """One node did not give a connection, for a reason another node may not share."""
+
+
+class _Unreachable(_NodeFailed):
+    """Nothing answered at one node (refused, timed out, reset); `reason` says which."""
 
     def __init__(self, line: str, reason: str) -> None:
         super().__init__(line)
         self.reason = reason
 
 
-class _NodeDown(Exception):
-    """One node did not give a connection, for a reason another node may not share."""
-
-    def __init__(self, error: BrokerUnavailable) -> None:
-        super().__init__(str(error))
-        self.error = error
+def _why(err: BaseException, timeout: float) -> str:
+    """A few words for why a node did not answer ("Connection refused")."""
+    code = err.errno if isinstance(err, OSError) else err.args[0] if err.args else None
+    if isinstance(code, int):
+        return os.strerror(code)
+    return str(err) or f"no answer in {timeout:.1f} s"
 
 
 async def _connect_to(
     amqp_url: str, settings: Settings, name: str, heartbeat: int | None, timeout: float
 ) -> AbstractConnection:
-    """A connection to one node; _NodeDown when it fails there only, BrokerUnavailable
+    """A connection to one node; _NodeFailed when it fails there only, BrokerUnavailable
     when it would fail everywhere (the login), ConfigError for unusable TLS files."""
     url = URL(amqp_url)
     if heartbeat is not None:
@@ -308,30 +313,23 @@ async def _connect_to(
         ) from None
     except aiormq.exceptions.ProtocolSyntaxError:
         # Not the login: a vhost can be down on one node only, so the next may take it.
-        raise _NodeDown(
-            BrokerUnavailable(
-                f"RabbitMQ at {shown} refused to open the connection: check that the vhost "
-                "in COVEY_AMQP_URL exists and the user may use it"
-            )
+        raise _NodeFailed(
+            f"RabbitMQ at {shown} refused to open the connection: check that the vhost "
+            "in COVEY_AMQP_URL exists and the user may use it"
         ) from None
     except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
         tls = err if isinstance(err, ssl.SSLError) else err.__cause__  # aiormq wraps it
         if isinstance(tls, ssl.SSLError):
             why = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
-            raise _NodeDown(
-                BrokerUnavailable(
-                    f"TLS with RabbitMQ at {shown} failed ({why or tls.reason}): "
-                    "set tls_ca to the CA that signed the broker's certificate (and tls_cert, "
-                    "tls_key where it asks for a client certificate)"
-                )
+            raise _NodeFailed(
+                f"TLS with RabbitMQ at {shown} failed ({why or tls.reason}): "
+                "set tls_ca to the CA that signed the broker's certificate (and tls_cert, "
+                "tls_key where it asks for a client certificate)"
             ) from None
-        reason = str(err) or f"no answer in {timeout:.1f} s"
-        raise _NodeDown(
-            _Unreachable(
-                f"cannot reach RabbitMQ at {shown} ({reason}): start it, or point "
-                "COVEY_AMQP_URL at one",
-                reason,
-            )
+        raise _Unreachable(
+            f"cannot reach RabbitMQ at {shown} ({str(err) or _why(err, timeout)}): start it, or "
+            "point COVEY_AMQP_URL at one",
+            _why(err, timeout),
         ) from None
 
 
