@@ -206,6 +206,29 @@ def test_covey_amqp_url_outside_covey_amqp_urls_is_refused(world: World) -> None
     assert "COVEY_AMQP_URL and COVEY_AMQP_URLS both name the broker" in one_line(result.stderr)
 
 
+def test_notify_finds_the_mailbox_with_amqp_urls(world: World) -> None:
+    """notify reads settings without pydantic: with the vhost given only in amqp_urls
+    (the environment's, or covey.toml's) it must land on the file Covey uses."""
+    from coordinator.notify import _mailbox
+
+    live = world.amqp_url
+    urls = [dead(live), live]
+    scout = Covey.open("scout", home=world.home, amqp_urls=urls, state_dir=world.state_dir)
+    expected = scout.store.path
+    scout.store.close()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in world.env.items():
+            env.setenv(key, value)
+        env.delenv("COVEY_AMQP_URL")
+        env.setenv("COVEY_AMQP_URLS", ",".join(urls))
+        env.chdir(world.home)
+        assert _mailbox("scout") == expected
+        env.delenv("COVEY_AMQP_URLS")
+        quoted = ", ".join(f'"{url}"' for url in urls)
+        (world.home / "covey.toml").write_text(f"amqp_urls = [{quoted}]\n[humans.ada]\n")
+        assert _mailbox("scout") == expected
+
+
 def test_a_login_applies_to_every_node() -> None:
     settings = Settings(
         amqp_urls=["amqp://op:secret@node1:5672/prod", "amqps://op:secret@node2:5671/prod"]
