@@ -116,7 +116,11 @@ class Settings(BaseSettings):
     dead_lettering: Literal["at-most-once", "at-least-once"] = Field(
         default="at-most-once", description="the broker's strategy; see topology.py for why"
     )
-    connect_timeout: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="bounds connecting, over all of amqp_urls (each node gets a share)",
+    )
     tls_ca: Path | None = Field(default=None, description="CA bundle that signs the broker's cert")
     tls_cert: Path | None = Field(default=None, description="client certificate (mutual TLS)")
     tls_key: Path | None = Field(default=None, description="the client certificate's key")
