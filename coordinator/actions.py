@@ -259,15 +259,13 @@ class People:
             if kept is not None and kept[0] == url:
                 _, seen, theirs = kept
                 if seen is not base:  # covey.toml or the roster read again (SIGHUP)
-                    theirs.swap(
-                        Snapshot(settings.model_copy(update={"amqp_url": url}), base.roster)
-                    )
+                    theirs.swap(Snapshot(settings.with_login(url), base.roster))
                     self._theirs[person] = (url, base, theirs)
                 return theirs
             if kept is not None:  # a new password (`provision --rotate`): log in again
                 with contextlib.suppress(Exception):
                     await kept[2].close()
-            own = settings.model_copy(update={"amqp_url": url})
+            own = settings.with_login(url)  # their login, at every node
             theirs = Namespace(own, base.roster, name=f"covey web {person}")
             self._theirs[person] = (url, base, theirs)
             return theirs

@@ -71,7 +71,7 @@ async def run_demo(settings: Settings, keep: bool = False) -> int:
     if answers(url.host or "localhost", url.port or 5672):
         with _own_vhost(settings, keep) as vhost_url:
             if vhost_url is not None:
-                settings = settings.model_copy(update={"amqp_url": vhost_url})
+                settings = settings.with_login(vhost_url)  # its vhost, on every node
                 return await _demo(settings, roster, keep)
         print(
             f"covey cannot create a vhost of its own at {broker} (no management API that lets "
@@ -85,7 +85,9 @@ async def run_demo(settings: Settings, keep: bool = False) -> int:
     try:
         with throwaway_broker() as throwaway_url:
             started = True
-            settings = settings.model_copy(update={"amqp_url": throwaway_url})
+            settings = settings.model_copy(
+                update={"amqp_url": throwaway_url, "amqp_urls": [throwaway_url]}
+            )
             return await _demo(settings, roster, keep=False)
     except BrokerUnavailable:
         if started:

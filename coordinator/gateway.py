@@ -25,13 +25,19 @@ Reconnecting, the one policy: a gateway made with `reconnects=True` (a
 participant's, a daemon's) replaces a connection the broker dropped the next time
 it publishes; a lock's gateway never does, since its locks die with its
 connection and a new one would hold nothing (see lock.py). A daemon that must
-keep a subscription re-opens a whole gateway, every `RECONNECT_SECONDS`.
+keep a subscription re-opens a whole gateway, every `RECONNECT_SECONDS`. Every
+connection, first or again, comes from `open_connection`, which tries the broker's
+nodes (`amqp_urls`) in turn, the node of a connection just lost last: so a client
+whose node went away lands on another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import random
 import re
 import ssl
 from collections.abc import (
@@ -112,6 +118,19 @@ NOTE_ARGUMENTS: dict[str, Any] = {
 # a second or two of it answering, a refused connect is cheap, and the outage is logged
 # once, not per attempt.
 RECONNECT_SECONDS = 0.5
+
+
+class _ReportedByCovey(logging.Filter):
+    """Drops aiormq's own line for a node that does not answer: open_connection tries
+    the next node, and reports (once, in one line) only when none answers. Without this
+    a program using covey, with no logging of its own, would print a line on stderr for
+    each dead node even when the next one took the connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_ReportedByCovey())
 
 # What aio-pika and aiormq raise when the broker, the connection or a channel went
 # away (or refused an operation); `translated` turns each into a covey error.
@@ -201,40 +220,122 @@ def session_message(batch: SessionBatch, user_id: str) -> aio_pika.Message:
 
 
 async def open_connection(
-    settings: Settings, name: str, heartbeat: int | None = None
+    settings: Settings, name: str, heartbeat: int | None = None, avoid: str | None = None
 ) -> AbstractConnection:
-    """A plain (not self-reconnecting) connection, or BrokerUnavailable in one line."""
-    url = URL(settings.amqp_url)
+    """A plain (not self-reconnecting) connection to the first of the broker's nodes that
+    answers, tried in `amqp_order`, or BrokerUnavailable in one line.
+
+    `connect_timeout` bounds the whole; each node gets an equal share of what is left,
+    so a node that swallows packets (a host that is off) cannot use up the time of the
+    nodes after it. A node that does not answer is no error while another does. A
+    refused login ends the search at once: a cluster's nodes share their users, so
+    every node would refuse it too (and each refusal is logged against the user).
+    `avoid` (the URL of a connection just lost) is tried last, so a reconnect lands on
+    another node while its own is going down."""
+    urls = ordered(settings, avoid)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.connect_timeout
+    failures: list[tuple[str, _NodeFailed]] = []
+    for index, url in enumerate(urls):
+        share = max(deadline - loop.time(), 0.0) / (len(urls) - index)
+        try:
+            return await _connect_to(url, settings, name, heartbeat, share)
+        except _NodeFailed as failed:
+            failures.append((url, failed))
+    if len(failures) == 1:
+        raise BrokerUnavailable(str(failures[0][1]))  # one node: as it always was
+    unreachable = [(url, e) for url, e in failures if isinstance(e, _Unreachable)]
+    if len(unreachable) < len(failures):  # a node answered, but not with a connection
+        first = next(e for _, e in failures if not isinstance(e, _Unreachable))
+        raise BrokerUnavailable(
+            f"{first}; {len(failures) - 1} other node(s) did not take the connection either"
+        )
+    nodes = ", ".join(redacted(url) for url, _ in failures)
+    reasons = "; ".join(f"{_place(url)}: {e.reason}" for url, e in unreachable)
+    raise BrokerUnavailable(
+        f"cannot reach RabbitMQ at any of {nodes} ({reasons}): start one, or point "
+        "COVEY_AMQP_URLS at running nodes"
+    )
+
+
+def ordered(settings: Settings, avoid: str | None = None) -> list[str]:
+    """The nodes' URLs in the order to try them: `amqp_order`, then `avoid`'s node last."""
+    urls = list(settings.broker_urls)
+    if settings.amqp_order == "shuffle":
+        random.shuffle(urls)
+    if avoid is not None:
+        lost = _place(avoid)
+        urls.sort(key=lambda url: _place(url) == lost)  # stable: the rest keep their order
+    return urls
+
+
+def _place(url: str) -> str:
+    """A URL's host:port, which names its node."""
+    parsed = URL(url)
+    return f"{parsed.host}:{parsed.port}"
+
+
+class _NodeFailed(BrokerUnavailable):
+    """One node did not give a connection, for a reason another node may not share."""
+
+
+class _Unreachable(_NodeFailed):
+    """Nothing answered at one node (refused, timed out, reset); `reason` says which."""
+
+    def __init__(self, line: str, reason: str) -> None:
+        super().__init__(line)
+        self.reason = reason
+
+
+def _why(err: BaseException, timeout: float) -> str:
+    """A few words for why a node did not answer ("Connection refused")."""
+    code = err.errno if isinstance(err, OSError) else err.args[0] if err.args else None
+    if isinstance(code, int):
+        return os.strerror(code)
+    return str(err) or f"no answer in {timeout:.1f} s"
+
+
+async def _connect_to(
+    amqp_url: str, settings: Settings, name: str, heartbeat: int | None, timeout: float
+) -> AbstractConnection:
+    """A connection to one node; _NodeFailed when it fails there only, BrokerUnavailable
+    when it would fail everywhere (the login), ConfigError for unusable TLS files."""
+    url = URL(amqp_url)
     if heartbeat is not None:
         url = url.update_query(heartbeat=heartbeat)
-    shown = redacted(settings.amqp_url)
+    shown = redacted(amqp_url)
+    context = tls_context(settings) if url.scheme == "amqps" else None
     try:
-        return await aio_pika.connect(
-            url,
-            timeout=settings.connect_timeout,
-            client_properties={"connection_name": name},
-            ssl_context=tls_context(settings) if url.scheme == "amqps" else None,
-        )
+        async with asyncio.timeout(timeout):
+            return await aio_pika.connect(
+                url,
+                timeout=timeout,
+                client_properties={"connection_name": name},
+                ssl_context=context,
+            )
     except aiormq.exceptions.ProbableAuthenticationError:
         raise BrokerUnavailable(
             f"RabbitMQ at {shown} refused the login: check the user and password in COVEY_AMQP_URL"
         ) from None
     except aiormq.exceptions.ProtocolSyntaxError:
-        raise BrokerUnavailable(
-            f"RabbitMQ at {shown} refused to open the connection: check that the vhost in "
-            "COVEY_AMQP_URL exists and the user may use it"
+        # Not the login: a vhost can be down on one node only, so the next may take it.
+        raise _NodeFailed(
+            f"RabbitMQ at {shown} refused to open the connection: check that the vhost "
+            "in COVEY_AMQP_URL exists and the user may use it"
         ) from None
     except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as err:
         tls = err if isinstance(err, ssl.SSLError) else err.__cause__  # aiormq wraps it
         if isinstance(tls, ssl.SSLError):
             why = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
-            raise BrokerUnavailable(
+            raise _NodeFailed(
                 f"TLS with RabbitMQ at {shown} failed ({why or tls.reason}): "
                 "set tls_ca to the CA that signed the broker's certificate (and tls_cert, "
                 "tls_key where it asks for a client certificate)"
             ) from None
-        raise BrokerUnavailable(
-            f"cannot reach RabbitMQ at {shown} ({err}): start it, or point COVEY_AMQP_URL at one"
+        raise _Unreachable(
+            f"cannot reach RabbitMQ at {shown} ({str(err) or _why(err, timeout)}): start it, or "
+            "point COVEY_AMQP_URL at one",
+            _why(err, timeout),
         ) from None
 
 
@@ -296,9 +397,11 @@ class Gateway:
         *,
         heartbeat: int | None = None,
         reconnects: bool = True,
+        avoid: str | None = None,
     ) -> Gateway:
-        """Connect, or raise BrokerUnavailable with one line saying why and what to do."""
-        connection = await open_connection(settings, name, heartbeat)
+        """Connect to one of the broker's nodes (`avoid`'s last: see open_connection), or
+        raise BrokerUnavailable with one line saying why and what to do."""
+        connection = await open_connection(settings, name, heartbeat, avoid)
         return cls(connection, settings, name, reconnects)
 
     @property
@@ -306,6 +409,12 @@ class Gateway:
         """The connection itself, for what aio-pika hands out on it (queues, messages);
         open channels with `operation_channel()` or `open_channel()`, not on this."""
         return self._connection
+
+    @property
+    def url(self) -> str:
+        """The URL of the node this gateway is connected to (password included)."""
+        # aio-pika's Connection has `url`; its abstract interface does not declare it.
+        return str(getattr(self._connection, "url", ""))
 
     @property
     def alive(self) -> bool:
@@ -409,7 +518,8 @@ class Gateway:
                     raise
                 # Publishing is safe to retry on a new connection (unlike holding a
                 # lock), so a long run can still record how it ended after a hiccup.
-                self._connection = await open_connection(self._settings, self._name)
+                lost = self.url
+                self._connection = await open_connection(self._settings, self._name, avoid=lost)
                 self._publisher = await self.open_channel(confirms=True)
             return self._publisher
 

@@ -93,7 +93,8 @@ def provisioned(settings: Settings) -> bool:
 
 def url_for(settings: Settings, address: Address) -> str:
     """The AMQP URL to hand a participant: its own credentials once `covey provision`
-    wrote them; the shared URL in the open set-up. A provisioned supervisor never
+    wrote them; the shared URL in the open set-up. One URL: `Settings.with_login`
+    applies its login to every node of `amqp_urls`. A provisioned supervisor never
     hands out its own (ConfigError instead)."""
     path = credentials_file(settings, user_of(address, settings.user_prefix))
     try:

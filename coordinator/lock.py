@@ -13,7 +13,9 @@ Rules that keep it honest:
 * The lock connection is kept only for locks and never reconnects by itself:
   a reconnecting client would re-declare the queue and could "hold" a lock that
   someone else took in between. A holder whose connection drops has lost its
-  locks, and `LockSession.lost` says so.
+  locks, and `LockSession.lost` says so. With several broker nodes (`amqp_urls`)
+  it opens on whichever answers first, and when that node goes, the lock goes
+  with it: it never moves to another node.
 * Each attempt uses a throwaway channel, since RESOURCE_LOCKED closes it.
 * Who holds a slot is written beside it, in `covey.lock.NAME[.SLOT].holder`
   (one message, newest wins), so that others can say "held by scout run R

@@ -122,15 +122,18 @@ class Namespace:
     # -- the broker ---------------------------------------------------------------------
 
     async def gateway(self) -> Gateway:
-        """The gateway, connected on first use and again when the broker dropped it;
-        BrokerUnavailable (one line) when the broker cannot be reached."""
+        """The gateway, connected on first use and again when the broker dropped it (to
+        another of `amqp_urls`' nodes if one answers); BrokerUnavailable (one line) when
+        no node can be reached."""
         async with self._connecting:
+            lost: str | None = None
             if self._gateway is not None and not self._gateway.alive:
-                self._gateway = None
+                lost, self._gateway = self._gateway.url, None
             if self._gateway is None:
                 from coordinator.gateway import Gateway
 
-                self._gateway = await Gateway.connect(self.settings, self.name)
+                # Another node first, when there are several: this one just went away.
+                self._gateway = await Gateway.connect(self.settings, self.name, avoid=lost)
             return self._gateway
 
     async def keep_listening(

@@ -58,8 +58,7 @@ def _mailbox(identity: str | None) -> Path:
         raise BadInput("whose mail? give NAME, --as, COVEY_AGENT, or identity in covey.toml")
     me = Address.participant(who)
     state_dir = Path(_setting("state_dir", config) or DEFAULT_STATE_DIR).expanduser()
-    amqp_url = _setting("amqp_url", config) or DEFAULT_AMQP_URL
-    return store_path(state_dir, amqp_url, str(me))
+    return store_path(state_dir, _broker_url(config), str(me))
 
 
 def _config(home: Path | None) -> dict[str, object]:
@@ -70,6 +69,28 @@ def _config(home: Path | None) -> dict[str, object]:
             return tomllib.load(file)
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{home / CONFIG_FILE}: cannot be read ({err})") from None
+
+
+def _broker_url(config: dict[str, object]) -> str:
+    """One of the broker's URLs, as settings.py ranks them (the environment over
+    covey.toml; in each, amqp_urls over amqp_url): only its vhost matters here, and every
+    entry of amqp_urls has the same."""
+    listed = config.get("amqp_urls")
+    for value in (
+        _first(os.environ.get("COVEY_AMQP_URLS")),
+        os.environ.get("COVEY_AMQP_URL"),
+        _first(listed) if isinstance(listed, str) else None,
+        listed[0] if isinstance(listed, list) and listed else None,
+        config.get("amqp_url"),
+    ):
+        if value:
+            return str(value)
+    return DEFAULT_AMQP_URL
+
+
+def _first(urls: str | None) -> str | None:
+    """The first of comma-separated URLs."""
+    return urls.split(",")[0].strip() if urls else None
 
 
 def _setting(name: str, config: dict[str, object]) -> str | None:

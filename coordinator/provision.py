@@ -31,8 +31,11 @@ signer's participant (see identity.py).
 
 Each user's AMQP URL, password included, is written to
 `<state_dir>/credentials/USER.url` with mode 0600 (or printed, once, with
-`--print`). Re-running is idempotent: existing users keep their passwords,
-permissions are set again. `--rotate NAME` gives one user a new password.
+`--print`). It is one URL, at the first node of `amqp_urls`: its login (user,
+password, vhost) is what counts, and covey uses it at every configured node
+(`Settings.with_login`), since a cluster's nodes share their users. Re-running
+is idempotent: existing users keep their passwords, permissions are set again.
+`--rotate NAME` gives one user a new password.
 """
 
 from __future__ import annotations

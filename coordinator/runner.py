@@ -103,13 +103,18 @@ class Launch:
         # `covey` and the Python it runs under come first on PATH, so an agent started
         # by cron (whose PATH is short) can still call `covey inbox`.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        # The agent's own login (in a provisioned namespace), at every node: the list for
+        # covey, its first entry for tools that take one URL (the two agree, as settings
+        # require of a source that gives both).
+        broker = settings.with_login(url_for(settings, agent.address))
         env = {
             **os.environ,
             **agent.config.env,
             "PATH": path,
             "COVEY_AGENT": agent.name,
             "COVEY_RUN_ID": run_id,
-            "COVEY_AMQP_URL": url_for(settings, agent.address),
+            "COVEY_AMQP_URL": broker.amqp_url,
+            "COVEY_AMQP_URLS": ",".join(broker.broker_urls),
             "COVEY_STATE_DIR": str(settings.expanded_state_dir),
             "COVEY_DIGEST_FILE": str(run_dir / f"{run_id}.digest.md"),
         }

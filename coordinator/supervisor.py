@@ -244,10 +244,13 @@ class Supervisor:
         costs next to nothing), so work resumes within about a second of it answering;
         the outage is logged once when it starts and once when it ends."""
         down_since: float | None = None
+        gone: str | None = None  # the node of the connection last lost: tried last
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
-                gateway = await Gateway.connect(self.namespace.settings, "covey supervise")
+                gateway = await Gateway.connect(
+                    self.namespace.settings, "covey supervise", avoid=gone
+                )
             except CoveyError as err:  # connect maps every failure to one
                 if down_since is None:
                     down_since = loop.time()
@@ -284,6 +287,7 @@ class Supervisor:
                     log.warning("lost the broker while subscribing; reconnecting", problem=str(err))
                 await asyncio.sleep(RECONNECT_SECONDS)
             finally:
+                gone = gateway.url if closed.is_set() else None
                 await gateway.close()
 
     async def _subscribe(self, gateway: Gateway) -> None:
