@@ -15,6 +15,7 @@ from conftest import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # its own bound is the subprocess's 300 s, not pytest's default
 def test_the_quick_benchmark_measures_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +58,17 @@ def writer() -> Writer:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, writer: Writer) -> AsyncIterator[EmitServer]:
-    async with await EmitServer.start(tmp_path / "runs" / "scout", RUN_ID, writer) as served:
+def short_dir() -> Iterator[Path]:
+    """A state folder with a short path: pytest's own (longer under xdist's workers)
+    can pass the 107 bytes a socket path may have, and the server then goes elsewhere."""
+    folder = Path(tempfile.mkdtemp(prefix="covey-emit-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def server(short_dir: Path, writer: Writer) -> AsyncIterator[EmitServer]:
+    async with await EmitServer.start(short_dir / "runs" / "scout", RUN_ID, writer) as served:
         yield served
 
 
@@ -82,9 +93,9 @@ async def ask(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter], line: b
 
 
 async def test_the_socket_is_in_the_run_folder_for_the_run_only(
-    tmp_path: Path, server: EmitServer
+    short_dir: Path, server: EmitServer
 ) -> None:
-    assert server.path == tmp_path / "runs" / "scout" / f"{RUN_ID}.sock"
+    assert server.path == short_dir / "runs" / "scout" / f"{RUN_ID}.sock"
     assert stat.S_IMODE(server.path.stat().st_mode) == 0o600
     assert server.env == {SOCKET_VARIABLE: str(server.path)}
     await server.close()
