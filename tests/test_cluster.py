@@ -35,7 +35,7 @@ def cluster() -> Iterator[LocalCluster]:
     if not LocalBroker.available():
         pytest.skip("needs the rabbitmq-server package, for private nodes")
     began = time.monotonic()
-    with LocalCluster() as started:
+    with LocalCluster(management=True) as started:  # `covey status` reads replicas there
         took = time.monotonic() - began
         megabytes = started.rss_bytes() / 2**20
         print(f"CLUSTER 3 nodes started and joined in {took:.1f} s, {megabytes:.0f} MB resident")
@@ -128,7 +128,26 @@ async def test_mail_survives_stopping_the_node_that_leads_its_queue(
         )
         assert leader not in after.online and len(after.online) == 2, after
         survivor = next(i for i in range(len(cluster.nodes)) if i != stopped)
+        # covey given every node, the stopped one first: it connects to the next that
+        # answers, without a word about the dead one.
         on_cluster.amqp_url = vhost_url(cluster.nodes[survivor], vhost)
+        order = [stopped] + [i for i in range(len(cluster.nodes)) if i != stopped]
+        on_cluster.extra_env["COVEY_AMQP_URLS"] = ",".join(
+            vhost_url(cluster.nodes[i], vhost) for i in order
+        )
+        on_cluster.extra_env["COVEY_AMQP_ORDER"] = "listed"
+        on_cluster.extra_env["COVEY_MANAGEMENT_URL"] = cluster.nodes[survivor].management_url
+        status = settled(
+            lambda: on_cluster.covey("status"),
+            lambda done: f"agent.scout: 2 of 3 members online ({leader} down)" in done.stdout,
+        )
+        assert status.returncode == 0 and status.stderr == "", status.stderr
+        assert f"agent.scout: 2 of 3 members online ({leader} down)" in status.stdout
+        assert "replicas: " in status.stdout and "on 3 nodes" in status.stdout
+        scout = next(
+            q for q in on_cluster.json("status")["replicas"] if q["queue"] == "agent.scout"
+        )
+        assert leader in scout["members"] and leader not in scout["online"], scout
         received = settled(
             lambda: on_cluster.json("inbox", "--as", "scout"),
             lambda mail: len(mail) >= 200,
@@ -140,6 +159,8 @@ async def test_mail_survives_stopping_the_node_that_leads_its_queue(
     finally:
         cluster.start_node(stopped)
     on_cluster.amqp_url = vhost_url(cluster.nodes[0], vhost)  # where world_on deletes it
+    for variable in ("COVEY_AMQP_URLS", "COVEY_AMQP_ORDER", "COVEY_MANAGEMENT_URL"):
+        on_cluster.extra_env.pop(variable)
     back = settled(
         lambda: cluster.quorum_status("agent.scout", vhost), lambda s: len(s.online) == 3
     )
