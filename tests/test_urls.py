@@ -15,14 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, ManagementAdmin, World
-from test_security import as_user, credentials, self_signed, user_named
+from conftest import World
+from test_security import as_user, credentials, secured, self_signed, user_named
 from yarl import URL
 
 from coordinator.client import Covey
 from coordinator.gateway import ordered
 from coordinator.localbroker import LocalBroker, free_port
 from coordinator.settings import Settings
+
+__all__ = ["secured"]  # the fixture (test_security.py), used here by name
 
 
 def dead(url: str) -> str:
@@ -252,20 +254,6 @@ def test_the_node_of_a_lost_connection_is_tried_last() -> None:
 
 
 # -- provisioned credentials ------------------------------------------------------------
-
-
-@pytest.fixture
-def secured(applied: World, broker: Broker, vhost: str) -> Iterator[World]:
-    """The world, provisioned (as in test_security.py)."""
-    if not isinstance(broker.admin, ManagementAdmin):
-        pytest.fail("covey provision needs the management API (.ci/run enables it)")
-    prefix = f"{vhost}."
-    applied.extra_env["COVEY_USER_PREFIX"] = prefix
-    try:
-        applied.ok("provision", "--host", "testhost")
-        yield applied
-    finally:
-        broker.admin.delete_users(prefix)
 
 
 def test_a_provisioned_agent_gets_its_login_at_every_node(secured: World, tmp_path: Path) -> None:
