@@ -4,17 +4,18 @@ again, with the same code, on a private single node and on a private 3-node clus
 
 Each row's two columns are covey on three nodes and covey on one node, so its ratio is
 cluster / one node; the note gives the raw aio-pika figure on both. The two brokers run
-at the same time and the figures alternate between them (one node, then the cluster,
-figure by figure), so that a noisy machine hits both alike; the other broker idles
-meanwhile.
+at the same time and each figure is measured on one node, the cluster, the cluster
+again and one node again (once each in a quick run), so that a noisy machine hits both
+alike; the other broker idles meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from benchlib import COVEY, Bench, CtlAdmin, Figure, covey_env, wall_time, write_roster
@@ -42,7 +43,8 @@ def roster_size(bench: Bench) -> int:
 class Side:
     """One broker under test: a Bench of its own on it, and how to read its memory."""
 
-    bench: Bench
+    bench: Bench  # the first pass's, which figure 16a and the roster use
+    second: Bench  # the second pass's (full runs)
     nodes: list[LocalBroker]
     readings: dict[str, Any]
 
@@ -62,16 +64,21 @@ class Side:
 
 def _side(bench: Bench, nodes: list[LocalBroker], folder: str) -> Side:
     first = nodes[0]  # covey and raw aio-pika both talk to node 0
-    side_bench = Bench(
-        base_url=first.url,
-        admin=CtlAdmin(first.ctl),
-        quick=bench.quick,
-        workdir=bench.folder(folder),
-        prefix=f"{bench.prefix}-{folder}",
-        default_vhost_free=True,  # figure 1 gets "/": the queue status below looks there
-    )
-    side_bench.provision(4)  # drain, round trip, locks, the roster
-    return Side(side_bench, nodes, {})
+    benches = [
+        Bench(
+            base_url=first.url,
+            admin=CtlAdmin(first.ctl),
+            quick=bench.quick,
+            workdir=bench.folder(f"{folder}-{n}"),  # the figures' folders are per Bench
+            prefix=f"{bench.prefix}-{folder}-{n}",
+        )
+        for n in range(2)
+    ]
+    benches[0].default_vhost_free = True  # figure 1 gets "/": the queue status looks there
+    benches[0].provision(4)  # drain, round trip, locks, the roster
+    if not bench.quick:
+        benches[1].provision(4)  # send, drain, round trip, locks
+    return Side(benches[0], benches[1], nodes, {})
 
 
 async def _apply_roster(side: Side, agents: int) -> dict[str, Any]:
@@ -104,17 +111,45 @@ async def _apply_roster(side: Side, agents: int) -> dict[str, Any]:
 async def _both(
     one: Side, cluster: Side, measure: Callable[[Bench], Awaitable[list[Figure]]]
 ) -> tuple[dict[str, Figure], dict[str, Figure]]:
-    """The figures `measure` makes, on one node and then on the cluster, by id; each
-    with the load average when it was done in `extra` (the machine is shared)."""
-    on_one = {f.id: f for f in await measure(one.bench)}
-    load_one = [round(x, 2) for x in os.getloadavg()]
-    on_cluster = {f.id: f for f in await measure(cluster.bench)}
-    load_cluster = [round(x, 2) for x in os.getloadavg()]
-    for figure in on_one.values():
-        figure.extra["load_average_after"] = load_one
-    for figure in on_cluster.values():
-        figure.extra["load_average_after"] = load_cluster
-    return on_one, on_cluster
+    """The figures `measure` makes on one node and on the cluster, by id. A full run
+    measures each twice, one node, cluster, cluster, one node, and gives the means, so
+    that a machine whose load drifts weighs on both alike; every pass is kept in
+    `extra`, with the load average after it (the machine is shared)."""
+    passes: list[tuple[Side, Bench]] = [(one, one.bench), (cluster, cluster.bench)]
+    if not one.bench.quick:
+        passes += [(cluster, cluster.second), (one, one.second)]
+    measured: dict[int, list[list[Figure]]] = {id(one): [], id(cluster): []}
+    for side, bench in passes:
+        figures = await measure(bench)
+        load = [round(x, 2) for x in os.getloadavg()]
+        for figure in figures:
+            figure.extra["load_average_after"] = load
+        measured[id(side)].append(figures)
+    return _mean(measured[id(one)]), _mean(measured[id(cluster)])
+
+
+def _mean(passes: list[list[Figure]]) -> dict[str, Figure]:
+    """One Figure per id from one or more passes: the means of covey's and raw's."""
+    if len(passes) == 1:
+        return {f.id: f for f in passes[0]}
+    by_id: dict[str, list[Figure]] = {}
+    for figures in passes:
+        for figure in figures:
+            by_id.setdefault(figure.id, []).append(figure)
+    return {
+        figure_id: replace(
+            runs[0],
+            covey=statistics.mean(f.covey for f in runs),
+            raw=_mean_of([f.raw for f in runs]),
+            extra={"passes": [f.to_dict() for f in runs]},
+        )
+        for figure_id, runs in by_id.items()
+    }
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
 
 
 def _side_by_side(
@@ -135,7 +170,9 @@ def _side_by_side(
         cluster.covey,
         one.covey,
         "(reported)",
-        note=f"columns: covey on 3 nodes, on 1; figure {one.id}'s code: {one.name}{raw}",
+        note=f"columns: covey on 3 nodes, on 1; figure {one.id}'s code: {one.name}"
+        + ("; means of 2 passes (1, 3, 3, 1 nodes)" if "passes" in one.extra else "")
+        + raw,
         extra={
             "sides": list(SIDES),
             "three_nodes": cluster.to_dict(),
