@@ -281,7 +281,8 @@ async def _measure(bench: Bench, one: Side, cluster: LocalCluster) -> list[Figur
             note=f"RSS before and after `covey topology apply` of {agents} agents x 2 teams, "
             f"all nodes together; idle afterwards the nodes use "
             f"{roster_three['idle_cpu_share']:.0%} of a core on 3 nodes, "
-            f"{roster_one['idle_cpu_share']:.0%} on 1",
+            f"{roster_one['idle_cpu_share']:.0%} on 1. The apply took "
+            f"{roster_three['apply_s']:.1f} s on 3 nodes, {roster_one['apply_s']:.1f} s on 1",
             extra={"sides": list(SIDES), "three_nodes": roster_three, "one_node": roster_one},
         )
     )

@@ -20,7 +20,7 @@ interleaved (covey, raw, covey, raw, …) so that a noisy machine hits both
 alike; the table gives medians, the ratio covey/raw, the target and whether it
 was met, and `--out` writes all of it with every repetition and the machine's
 facts as JSON. A full run takes about 5 minutes on 2 cores (the sessions
-figures under 2 of them, figure 16 about 4 more); `--quick` uses tiny sizes and
+figures under 2 of them, figure 16 about 3 more); `--quick` uses tiny sizes and
 takes about a minute and a half, much of it starting the broker, and leaves figure 16
 out (starting three nodes would add half a minute and 400 MB to CI's smoke test)
 unless asked for with `--only cluster`.
