@@ -236,7 +236,17 @@ class LocalBroker:
         if not self.running:
             return 0
         assert self._process is not None
-        return _group_rss(self._process.pid)
+        return _group_sum(self._process.pid, _RSS_FIELD) * os.sysconf("SC_PAGE_SIZE")
+
+    def cpu_seconds(self) -> float:
+        """The CPU time (user and system) the node's processes have used so far."""
+        if not self.running:
+            return 0.0
+        assert self._process is not None
+        ticks = _group_sum(self._process.pid, _UTIME_FIELD) + _group_sum(
+            self._process.pid, _STIME_FIELD
+        )
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the node (its data stays until `remove`), gracefully then by force."""
@@ -265,19 +275,24 @@ class LocalBroker:
         self.remove()
 
 
-def _group_rss(group: int) -> int:
-    """The summed resident memory of the processes in process group `group`, in bytes."""
-    page = os.sysconf("SC_PAGE_SIZE")
+# Fields of /proc/PID/stat after the command name (which is in parentheses and may hold
+# spaces), counted from 0 at `state`: state ppid pgrp ... utime stime ... rss.
+_PGRP_FIELD = 2
+_UTIME_FIELD = 11  # clock ticks
+_STIME_FIELD = 12
+_RSS_FIELD = 21  # pages
+
+
+def _group_sum(group: int, field: int) -> int:
+    """One /proc/PID/stat field summed over the processes in process group `group`."""
     total = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            # Fields after the command name, which is in parentheses and may hold spaces:
-            # state ppid pgrp ... with rss (in pages) the 22nd of them.
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone while we looked
-        if int(fields[2]) == group:
-            total += int(fields[21]) * page
+        if int(fields[_PGRP_FIELD]) == group:
+            total += int(fields[field])
     return total
 
 
@@ -364,6 +379,10 @@ class LocalCluster:
     def rss_bytes(self) -> int:
         """The resident memory of all the running nodes, in bytes."""
         return sum(node.rss_bytes() for node in self.nodes)
+
+    def cpu_seconds(self) -> float:
+        """The CPU time all the running nodes have used so far."""
+        return sum(node.cpu_seconds() for node in self.nodes)
 
     def _any_running(self) -> LocalBroker:
         for node in self.nodes:

@@ -707,3 +707,23 @@ async def test_concurrent_sends_on_one_handle_share_one_connection_even_after_a_
     assert after_first_use == 1, f"{after_first_use} connections for one handle"
     assert after_reconnect == 1, f"{after_reconnect} connections for one handle after the cut"
     assert after_close == 0, f"{after_close} connections left open after the handle closed"
+
+
+@pytest.mark.slow
+async def test_a_private_node_reports_the_memory_and_cpu_its_processes_use(
+    node: LocalBroker,
+) -> None:
+    """The bench's figure 16 reads these: a running node holds tens of megabytes
+    resident, and its CPU time grows while it takes a thousand confirmed messages."""
+    assert node.rss_bytes() > 30 * 2**20
+    before = node.cpu_seconds()
+    connection = await aio_pika.connect(node.url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue("", exclusive=True)
+        for _ in range(10):
+            message = aio_pika.Message(b"x" * 512, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await asyncio.gather(
+                *(channel.default_exchange.publish(message, queue.name) for _ in range(100))
+            )
+    assert node.cpu_seconds() > before

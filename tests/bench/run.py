@@ -10,16 +10,20 @@ printed line until an attached reader sees it, 10 an agent printing as fast as
 it can under `covey run`, 11 attaching to a run from its start far behind the
 head; the web server (issue #14): 14 fifty SSE clients following a fast run,
 `/api/agents` on figure 7's roster; MCP (issue #15): 15 `covey mcp` per call, its
-tool definitions, a cold `covey notify`. `--only` takes send, drain, roundtrip,
-cli, locks, digest, topology, supervisor, sessions, web, mcp.
+tool definitions, a cold `covey notify`; replication (issue #16): 16 figures 1, 2,
+3a and 5a on a private 3-node cluster against a private single node, and their
+memory. `--only` takes send, drain, roundtrip, cli, locks, digest, topology,
+supervisor, sessions, web, mcp, cluster.
 
 Each figure is measured for covey and for the plain aio-pika equivalent,
 interleaved (covey, raw, covey, raw, …) so that a noisy machine hits both
 alike; the table gives medians, the ratio covey/raw, the target and whether it
 was met, and `--out` writes all of it with every repetition and the machine's
 facts as JSON. A full run takes about 5 minutes on 2 cores (the sessions
-figures under 2 of them); `--quick` uses tiny sizes and takes about a minute,
-much of it starting the broker.
+figures under 2 of them, figure 16 about 3 more); `--quick` uses tiny sizes and
+takes about a minute and a half, much of it starting the broker, and leaves figure 16
+out (starting three nodes would add half a minute and 400 MB to CI's smoke test)
+unless asked for with `--only cluster`.
 
 By default the run starts a private throwaway RabbitMQ node
 (coordinator.localbroker) and removes it at the end, so a thousand quorum
@@ -58,6 +62,7 @@ import aio_pika
 import benchlib
 from benchlib import Admin, Bench, CtlAdmin, Figure, admin_for_url
 from fig_cli import bench_cli
+from fig_cluster import bench_cluster
 from fig_locks import bench_locks
 from fig_mail import bench_drain, bench_round_trip, bench_send
 from fig_mcp import bench_mcp
@@ -80,13 +85,22 @@ FIGURES: dict[str, Callable[[Bench], Awaitable[list[Figure]]]] = {
     "sessions": bench_sessions,
     "web": bench_web,
     "mcp": bench_mcp,
+    "cluster": bench_cluster,
 }
+# Left out of `--quick` unless named with `--only`: see the docstring.
+NOT_QUICK = {"cluster"}
+# Seconds a figure group may take, beyond the default (quick, full): figure 16 starts
+# four nodes of its own and measures every figure twice.
+LIMITS = {"cluster": (240, 900)}
 
 
 def vhosts_needed(names: list[str], bench: Bench) -> int:
     """How many vhosts the chosen figures take, to create them in one go."""
     _, topology_runs = topology_size(bench)
-    count = sum(1 for name in names if name not in ("topology", "supervisor", "sessions"))
+    # Figure 16 brings brokers of its own.
+    count = sum(
+        1 for name in names if name not in ("topology", "supervisor", "sessions", "cluster")
+    )
     if "sessions" in names:
         count += SESSION_VHOSTS
     if "topology" in names:
@@ -161,7 +175,8 @@ def _num(value: float) -> str:
 async def measure(
     args: argparse.Namespace, base_url: str, admin: Admin, workdir: Path
 ) -> dict[str, Any]:
-    names = [name for name in FIGURES if name in (args.only or FIGURES)]
+    chosen = args.only or [n for n in FIGURES if not (args.quick and n in NOT_QUICK)]
+    names = [name for name in FIGURES if name in chosen]
     started = time.perf_counter()
     bench = Bench(
         base_url=base_url,
@@ -179,8 +194,8 @@ async def measure(
             await bench.settled()
         figures: list[Figure] = []
         timings: dict[str, float] = {}
-        limit = 90 if args.quick else 300
         for name in names:
+            limit = LIMITS.get(name, (90, 300))[0 if args.quick else 1]
             began = time.perf_counter()
             print(f"bench: {name} …", file=sys.stderr, flush=True)
             try:
