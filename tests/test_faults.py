@@ -569,7 +569,10 @@ async def test_a_connection_cut_mid_drain_loses_and_repeats_nothing(
     the second drain every message is in the mailbox exactly once, nothing is left in
     the queue, nothing is dead. (What the cut drain had committed but not acked is both
     filed and back in the queue, and must not show twice.)"""
-    total = 6000  # ~20 KB each: a drain of several seconds, long enough to cut into
+    # ~20 KB each: a drain of several seconds, long enough to cut into even when the cut
+    # itself (rabbitmqctl: an Erlang VM's start) takes seconds on a loaded machine; with
+    # 6,000, a CI run at load 12 saw the drain end before the cut landed.
+    total = 12000
     tally = Tally("cut-mid-drain")
     body = "lorem ipsum dolor sit amet consectetur " * 500
     vhost, state, url = node_vhost(on_node), on_node.state_dir, on_node.amqp_url
