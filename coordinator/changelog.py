@@ -212,5 +212,5 @@ async def advance(gateway: Gateway, agent: str, offset: int) -> Cursor:
     if current is not None and current.offset >= offset:
         return current
     cursor = Cursor(offset=offset)
-    await gateway.write_note(CURSOR_PREFIX + agent, cursor.model_dump_json().encode())
+    await gateway.write_note(CURSOR_PREFIX + agent, cursor.model_dump_json().encode(), offset)
     return cursor
