@@ -18,8 +18,11 @@ Rules that keep it honest:
   with it: it never moves to another node.
 * Each attempt uses a throwaway channel, since RESOURCE_LOCKED closes it.
 * Who holds a slot is written beside it, in `covey.lock.NAME[.SLOT].holder`
-  (one message, newest wins), so that others can say "held by scout run R
-  since T"; the exclusive queue, not that note, is the lock.
+  (a note: newest wins), so that others can say "held by scout run R since T";
+  the exclusive queue, not that note, is the lock. The same record goes into
+  `….fence` first, which only the slot's holders read: a peek at the holder note
+  by someone showing it hides that copy for a moment, and the next holder must
+  never miss the last fencing token (see Gateway.write_note).
 * Waiters retry as soon as a `lock.released.NAME` event arrives on
   `covey.events`, and on a short timer for holders that died without saying.
 
