@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 import aio_pika
@@ -118,9 +117,8 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.mark.slow
-def test_notes_outlive_the_node_that_leads_them(
-    world: World, cluster: LocalCluster, tmp_path: Path
-) -> None:
+@pytest.mark.timeout(300)
+def test_notes_outlive_the_node_that_leads_them(world: World, cluster: LocalCluster) -> None:
     """A run through node 0 writes worker's cursor and its lock's holder and fence
     notes; the node that leads the cursor is stopped; through another node the digest
     reads the cursor, and a run takes the lock with the next fencing token and moves the
@@ -134,27 +132,26 @@ def test_notes_outlive_the_node_that_leads_them(
         status = cluster.quorum_status(CURSOR, vhost)
         assert len(status.members) == 3 and status.leader is not None, status
         stopped = cluster.index(status.leader)
+        # Left down: this file's cluster serves this test alone and goes with it (a
+        # restart under load takes a minute). world_on then deletes the vhost through
+        # node 0, or says nothing if node 0 is the one down.
         cluster.stop_node(stopped)
-        try:
-            survivor = next(i for i in range(len(cluster.nodes)) if i != stopped)
-            on.amqp_url = vhost_url(cluster.nodes[survivor], vhost)
-            began = time.monotonic()
-            digest = on.covey("digest", "worker")
-            read_took = time.monotonic() - began
-            assert digest.returncode == 0, digest.stderr
-            assert "first-news" not in digest.stdout  # the cursor was read, past it
-            on.ok("log", "add", "second-news")
-            began = time.monotonic()
-            on.ok("run", "worker")
-            run_took = time.monotonic() - began
-            second = (folder / "digest-2.txt").read_text()  # token 1 was read from the fence
-            assert "second-news" in second and "first-news" not in second
-            print(
-                f"NOTES leader {status.leader} stopped: digest read in {read_took:.1f} s, "
-                f"run (lock notes, cursor moved) in {run_took:.1f} s"
-            )
-            assert read_took < 20 and run_took < 30  # was: BrokerUnavailable after 10 s
-            assert "second-news" not in on.ok("digest", "worker")  # the cursor moved
-        finally:
-            cluster.start_node(stopped)
-            on.amqp_url = vhost_url(cluster.nodes[0], vhost)  # where world_on deletes it
+        survivor = next(i for i in range(len(cluster.nodes)) if i != stopped)
+        on.amqp_url = vhost_url(cluster.nodes[survivor], vhost)
+        began = time.monotonic()
+        digest = on.covey("digest", "worker")
+        read_took = time.monotonic() - began
+        assert digest.returncode == 0, digest.stderr
+        assert "first-news" not in digest.stdout  # the cursor was read, past it
+        on.ok("log", "add", "second-news")
+        began = time.monotonic()
+        on.ok("run", "worker")
+        run_took = time.monotonic() - began
+        second = (folder / "digest-2.txt").read_text()  # token 1 was read from the fence
+        assert "second-news" in second and "first-news" not in second
+        print(
+            f"NOTES leader {status.leader} stopped: digest read in {read_took:.1f} s, "
+            f"run (lock notes, cursor moved) in {run_took:.1f} s"
+        )
+        assert read_took < 20 and run_took < 30  # was: BrokerUnavailable after 10 s
+        assert "second-news" not in on.ok("digest", "worker")  # the cursor moved
