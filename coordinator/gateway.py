@@ -110,11 +110,10 @@ NOTE_RETRY_SECONDS = 0.01
 # quorum queues, which cannot be exclusive. An exclusive queue lives on its
 # connection's node and dies with the connection, which is the point of a lock.
 EXCLUSIVE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic"}
-# A note is a quorum queue (see Gateway.write_note), so that it outlives its node in a
-# cluster; notes made before that are classic queues of at most one message, and are
-# kept as they are (`_declare_note`).
-NOTE_VERSION_HEADER = "x-covey-version"  # which of a note's copies is the newest
-LEGACY_VERSION = -1  # a note written before versions: there is only ever one of them
+NOTE_ARGUMENTS: dict[str, Any] = {
+    "x-max-length": 1,
+    "x-overflow": "drop-head",
+}  # see Gateway.write_note
 # While the broker is away, a daemon tries it again this often: work should resume within
 # a second or two of it answering, a refused connect is cheap, and the outage is logged
 # once, not per attempt.
@@ -388,7 +387,6 @@ class Gateway:
         self._reconnects = reconnects
         self._publisher: AbstractChannel | None = None
         self._publisher_opening = asyncio.Lock()  # concurrent first publishes share one channel
-        self._kept_notes: set[str] = set()  # notes that exist with other arguments (older ones)
         self.user = signer(connection)
 
     @classmethod
@@ -771,46 +769,26 @@ class Gateway:
         await queue.consume(on_message, no_ack=True)
         return queue
 
-    # -- notes: small records, newest wins ------------------------------------
+    # -- notes: one-message queues, newest wins ------------------------------
     # A small piece of shared state kept on the broker (a lock's holder, an agent's
-    # changelog cursor): a durable quorum queue, so that it is replicated like mail and
-    # outlives the loss of a node, holding the record, and a read is a peek (get, then
-    # reject back into the queue). Notes are written through the `covey.notes` topic
-    # exchange, each bound by its own name, not through the default exchange: a user
-    # allowed to publish to the default exchange may publish into any queue, whereas
-    # topic permissions on `covey.notes` say whose notes a provisioned user may write.
-    #
-    # Why every copy carries a version, and no x-max-length: on a quorum queue (3.10),
-    # a write made while a reader has the old note out for a peek is lost when the
-    # reader puts the old one back (x-max-length 1 with drop-head then keeps the old
-    # one; classic queues kept the new). So a note may hold a few copies for a moment:
-    # each carries the writer's version (a cursor's offset, a lock's fencing token),
-    # a reader takes the newest and drops the older copies it took, and a write drops
-    # the older copies it finds. Writers hold the lock that guards the note, so
-    # versions only grow. Nor may a note carry a delivery limit: every peek counts as
-    # a delivery (x-delivery-count), 3.10 sets no limit by default, and its
-    # `x-delivery-limit: -1` drops a message at its first return.
+    # changelog cursor): a durable queue of at most one message, where a new write
+    # drops the old one, and a read is a peek (get, then reject back into the queue).
+    # Notes are written through the `covey.notes` topic exchange, each bound by its
+    # own name, not through the default exchange: a user allowed to publish to the
+    # default exchange may publish into any queue, whereas topic permissions on
+    # `covey.notes` say whose notes a provisioned user may write.
 
-    def note(self, body: bytes, version: int) -> aio_pika.Message:
+    def note(self, body: bytes) -> aio_pika.Message:
         """A note's message, signed by this connection's user."""
         return aio_pika.Message(
-            body,
-            headers={NOTE_VERSION_HEADER: version},
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            user_id=self.user,
+            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.user
         )
 
-    @property
-    def note_arguments(self) -> dict[str, Any]:
-        return {"x-queue-type": "quorum", "x-quorum-initial-group-size": self._settings.replicas}
-
-    async def write_note(self, queue: str, body: bytes, version: int) -> None:
-        """Replace the note in `queue` (created if need be) with `body`, which is newer
-        than what it replaces by `version`; confirmed before returning."""
+    async def write_note(self, queue: str, body: bytes) -> None:
+        """Replace the note in `queue` (created if need be); confirmed before returning."""
         for attempt in range(2):
             async with self.operation_channel(confirms=True) as channel:
-                note = await self.declare_note(channel, queue)
-                ready = note.declaration_result.message_count or 0
+                note = await channel.declare_queue(queue, durable=True, arguments=NOTE_ARGUMENTS)
                 try:
                     await note.bind(NOTES_EXCHANGE, queue)
                 except aiormq.exceptions.ChannelNotFoundEntity:
@@ -819,24 +797,8 @@ class Gateway:
                     await self._declare_notes_exchange()  # a namespace nobody has set up
                     continue
                 notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-                await notes.publish(self.note(body, version), queue)
-                await drop_older_notes(note, version, ready)
+                await notes.publish(self.note(body), queue)
                 return
-
-    async def declare_note(self, channel: AbstractChannel, queue: str) -> AbstractQueue:
-        """Declare the note `queue` as a quorum queue, or, when it exists with other
-        arguments (a classic note from before), as it is: moving it to a new queue
-        would leave a moment with no note at all, in which a lock's next holder would
-        start the fencing tokens again from 1, and a digest from the first entry."""
-        if queue not in self._kept_notes:
-            try:
-                return await channel.declare_queue(
-                    queue, durable=True, arguments=self.note_arguments
-                )
-            except aiormq.exceptions.ChannelPreconditionFailed:
-                self._kept_notes.add(queue)
-                await channel.reopen()  # the refusal closed it
-        return await channel.declare_queue(queue, passive=True)
 
     async def _declare_notes_exchange(self) -> None:
         async with self.operation_channel() as channel:
@@ -855,60 +817,17 @@ class Gateway:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         channel = notes.channel
-        ready = notes.declaration_result.message_count or 0
         try:
             for _ in range(NOTE_ATTEMPTS):
-                note = await newest_note(notes, ready)
+                note = await notes.get(fail=False, no_ack=False)
                 if note is not None:
-                    return note
-                ready = 1
+                    await note.reject(requeue=True)
+                    return note.body
                 await asyncio.sleep(NOTE_RETRY_SECONDS)
             return None  # declared, never written (its writer died between the two)
         finally:
             if not channel.is_closed:
                 await channel.close()
-
-
-def note_version(message: AbstractIncomingMessage) -> int:
-    version = (message.headers or {}).get(NOTE_VERSION_HEADER)
-    return version if isinstance(version, int) else LEGACY_VERSION
-
-
-async def newest_note(notes: AbstractQueue, ready: int) -> bytes | None:
-    """Peek at the note in `notes`, which had `ready` copies waiting: take them (at least
-    one), put the newest back and drop the older ones. None when none was there."""
-    taken: list[AbstractIncomingMessage] = []
-    for _ in range(max(ready, 1)):
-        message = await notes.get(fail=False, no_ack=False)
-        if message is None:
-            break
-        taken.append(message)
-    if not taken:
-        return None
-    newest = max(taken, key=note_version)  # the first of equals
-    for message in taken:
-        if message is newest:
-            await message.reject(requeue=True)
-        else:
-            await message.ack()
-    return newest.body
-
-
-async def drop_older_notes(notes: AbstractQueue, version: int, ready: int) -> None:
-    """After writing `version` into `notes`, which had `ready` copies before: drop those
-    older than it (the new copy is behind them; any copy a reader has out goes when that
-    reader or the next write finds it)."""
-    taken: list[AbstractIncomingMessage] = []
-    for _ in range(ready):
-        message = await notes.get(fail=False, no_ack=False)
-        if message is None:
-            break
-        taken.append(message)
-    for message in taken:
-        if note_version(message) < version:
-            await message.ack()
-        else:
-            await message.reject(requeue=True)
 
 
 # -- queues that exist but are not up yet -------------------------------------------------

@@ -18,11 +18,8 @@ Rules that keep it honest:
   with it: it never moves to another node.
 * Each attempt uses a throwaway channel, since RESOURCE_LOCKED closes it.
 * Who holds a slot is written beside it, in `covey.lock.NAME[.SLOT].holder`
-  (a note: newest wins), so that others can say "held by scout run R since T";
-  the exclusive queue, not that note, is the lock. The same record goes into
-  `….fence` first, which only the slot's holders read: a peek at the holder note
-  by someone showing it hides that copy for a moment, and the next holder must
-  never miss the last fencing token (see Gateway.write_note).
+  (one message, newest wins), so that others can say "held by scout run R
+  since T"; the exclusive queue, not that note, is the lock.
 * Waiters retry as soon as a `lock.released.NAME` event arrives on
   `covey.events`, and on a short timer for holders that died without saying.
 
@@ -72,7 +69,7 @@ from pydantic import BaseModel, ValidationError
 
 from coordinator.envelope import now
 from coordinator.errors import CoveyError, ExitCode
-from coordinator.gateway import BROKER_ERRORS, Gateway, drop_older_notes, newest_note
+from coordinator.gateway import BROKER_ERRORS, Gateway
 from coordinator.guard import GRACE_SECONDS
 from coordinator.logs import get_logger
 from coordinator.settings import Settings
@@ -87,8 +84,6 @@ RENEW_SECONDS = 1.0  # how often a holder proves it still owns its locks
 LEASE_SECONDS = 5.0  # how long one proof lasts: well under the broker's ~10-15 s detection
 TAKEOVER_MARGIN = 1.0  # for scheduling delays in the guard and the holder
 TAKEOVER_SECONDS = LEASE_SECONDS + GRACE_SECONDS + TAKEOVER_MARGIN
-HOLDER_SUFFIX = ".holder"  # the slot's holder note, for showing who holds it
-FENCE_SUFFIX = ".fence"  # the same, read by the slot's holders only: see _read_fence
 NOTE_PATIENCE = 30.0  # how long a hidden holder note (a reader has it out) is waited for
 NOTE_RELEASE_TIMEOUT = 5.0  # marking a note released is worth this much of a release
 
@@ -293,7 +288,7 @@ class LockSession:
             # The exclusive declare was itself a round trip that proved ownership.
             self.valid_until = asked + LEASE_SECONDS
             self._renewing = asyncio.create_task(self._renew(queue))
-        previous = await self._previous_holder(queue)
+        previous = await self._previous_holder(queue + ".holder")
         token = (previous.token if previous else 0) + 1
         takeover = previous is not None and not previous.released
         holder = self.holder.model_copy(update={"since": now(), "token": token})
@@ -343,57 +338,30 @@ class LockSession:
             self._notes = await self._gateway.open_channel(confirms=True)
         return self._notes
 
-    async def _previous_holder(self, queue: str) -> Holder | None:
-        """The slot's last holder as it left its fence note (read under the slot's lock,
-        so nobody writes it meanwhile); None when the slot was never taken."""
-        fence = await self._read_fence(queue + FENCE_SUFFIX)
-        if fence is not None:
-            return fence
-        # No fence yet: the slot was last taken before fences existed, or never.
-        note_queue = queue + HOLDER_SUFFIX
+    async def _previous_holder(self, note_queue: str) -> Holder | None:
+        """The slot's note as its last holder left it (read under the slot's lock, so
+        nobody writes it meanwhile); None when it was never written."""
         channel = await self._note_channel()
         try:
-            notes = await channel.declare_queue(note_queue, passive=True)
+            notes = await channel.get_queue(note_queue, ensure=False)
+            note = await notes.get(no_ack=False, fail=False)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None  # no note queue: the slot was never taken (the channel reopens)
-        note = await newest_note(notes, notes.declaration_result.message_count or 0)
         if note is None:  # a reader has it out for a peek, or it was never written
             return await _patient_previous_holder(self._gateway, note_queue)
-        return _holder_from(note, note_queue)
-
-    async def _read_fence(self, fence_queue: str) -> Holder | None:
-        """The fence note: what the holder note says, read by holders only. Readers who
-        only show who holds a lock peek at the holder note, and a peek hides a copy for
-        a moment; none ever hides the fence's newest copy from the next holder."""
-        channel = await self._note_channel()
-        try:
-            fence = await channel.declare_queue(fence_queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None  # the channel reopens
-        note = await newest_note(fence, fence.declaration_result.message_count or 0)
-        # Empty: its first writer died between declaring and writing it, before it
-        # wrote the holder note; that one then still says who held the slot before.
-        return _holder_from(note, fence_queue) if note is not None else None
+        await note.reject(requeue=True)  # back at the head, for the next write to drop
+        return _holder_from(note.body, note_queue)
 
     async def _write_holder(self, queue: str, holder: Holder) -> None:
-        """Write `holder` into the slot's fence and holder notes, over the lock
-        connection (fenced), the fence first."""
+        """Write `holder` into the slot's note, over the lock connection (fenced)."""
         body = holder.model_dump_json().encode()
-        version = holder.token * 2 + holder.released  # a release is newer than its take
-        for note_queue in (queue + FENCE_SUFFIX, queue + HOLDER_SUFFIX):
-            await self._write_note(note_queue, body, version)
-
-    async def _write_note(self, note_queue: str, body: bytes, version: int) -> None:
-        channel = await self._note_channel()
+        note = self._gateway.note(body)
         try:
-            notes = await channel.declare_queue(note_queue, passive=True)
-            exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-            await exchange.publish(self._gateway.note(body, version), note_queue, mandatory=True)
+            notes = await (await self._note_channel()).get_exchange(NOTES_EXCHANGE, ensure=False)
+            await notes.publish(note, queue + ".holder", mandatory=True)
         except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity):
             # No note queue bound yet, or no notes exchange in a new namespace: make them.
-            await self._gateway.write_note(note_queue, body, version)
-            return
-        await drop_older_notes(notes, version, notes.declaration_result.message_count or 0)
+            await self._gateway.write_note(queue + ".holder", body)
 
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
@@ -415,7 +383,7 @@ async def slot_state(gateway: Gateway, queue: str) -> tuple[bool, Holder | None]
     """
     if await gateway.held(queue) is None:
         return False, None  # no queue, no lock
-    return True, await _holder_of(gateway, queue + HOLDER_SUFFIX)
+    return True, await _holder_of(gateway, queue + ".holder")
 
 
 async def _holder_of(gateway: Gateway, note_queue: str) -> Holder | None:
