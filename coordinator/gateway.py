@@ -110,7 +110,12 @@ NOTE_RETRY_SECONDS = 0.01
 # quorum queues, which cannot be exclusive. An exclusive queue lives on its
 # connection's node and dies with the connection, which is the point of a lock.
 EXCLUSIVE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic"}
+# Notes say they are classic too, whatever the default: on a quorum queue (3.10.8) a
+# write made while a reader has the old note out for a peek is lost when the reader
+# puts the old one back (drop-head then keeps the old one); a lost holder note would
+# hand the next holder a fencing token already given out. So a note lives on one node.
 NOTE_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "classic",
     "x-max-length": 1,
     "x-overflow": "drop-head",
 }  # see Gateway.write_note

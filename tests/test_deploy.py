@@ -281,8 +281,8 @@ def test_covey_works_where_the_default_queue_type_is_quorum(
     broker: Broker, quorum_default_world: World
 ) -> None:
     """Locks, fencing tokens, cursors and mail on a vhost whose default queue type is
-    quorum: the notes (lock holders, cursors) become quorum queues there, and still
-    work; the exclusive lock queues stay classic."""
+    quorum: the mail's queues are quorum queues as ever, and the notes (lock holders,
+    cursors) and exclusive lock queues stay classic (see NOTE_ARGUMENTS for why)."""
     world = quorum_default_world
     world.add_agent(
         "worker", 'command = "cat \\"$COVEY_DIGEST_FILE\\" > digest-$COVEY_FENCING_TOKEN.txt"\n'
@@ -300,5 +300,6 @@ def test_covey_works_where_the_default_queue_type_is_quorum(
 
     vhost = quote(URL(world.amqp_url).path.lstrip("/"), safe="")
     queues = {q["name"]: q for q in broker.admin.api.call("GET", f"queues/{vhost}")}  # type: ignore[attr-defined]
-    assert queues["covey.lock.global.holder"]["type"] == "quorum"  # the default took effect
+    assert queues["covey.lock.global.holder"]["type"] == "classic"
+    assert queues["covey.cursor.worker"]["type"] == "classic"
     assert queues["agent.worker"]["type"] == "quorum"
