@@ -278,6 +278,10 @@ def test_a_run_loses_its_lock_with_its_node_and_a_supervisor_elsewhere_runs_the_
                     f"holder worked {holder.last - nxt.start:.2f} s into next's run"
                 )
                 assert "Nothing new since" in digest_copy.read_text()
+                # Whether its read of holder's note met the quorum queue leaderless (that
+                # closes the lock connection: the run takes the lock again on a new one).
+                retried = said.read_text().count("trying again on a new lock connection")
+                print(f"next's run tried again on a new lock connection {retried} time(s)")
 
                 # Still with A down: appended through B, then next runs again.
                 during = [f"while A is down {n}" for n in range(20)]
