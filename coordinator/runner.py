@@ -249,10 +249,11 @@ async def _lifecycle(run: RunContext) -> RunResult:
     # events exchange, the run records and the changelog exist (idempotent, cached).
     await run.namespace.ensure_participants([run.agent.address])
     holder = Holder.me(run.agent.name, run.run_id)
+    # Another lock connection is tried while the run's wait for its locks lasts.
     wait_until = time.monotonic() + run.wait_lock
     while True:
         try:
-            ending = await _with_locks(run, holder, wait_until)
+            ending = await _with_locks(run, holder)
             break
         except _TakingFailed as failed:
             # Leaving the block closed the lock session: the locks are free.
@@ -276,11 +277,11 @@ class _TakingFailed(Exception):
     started: another connection may take them (within the run's wait for its locks)."""
 
 
-async def _with_locks(run: RunContext, holder: Holder, wait_until: float) -> Ending:
+async def _with_locks(run: RunContext, holder: Holder) -> Ending:
     """The run on one lock connection, from taking the locks to the agent's end."""
     async with await LockSession.open(run.settings, holder) as locks:
         try:
-            await _take_locks(run, locks, wait_until)
+            await _take_locks(run, locks)
             await _preflight(run)
             news = await _digest(run)
             _hand_out_fencing_tokens(run, locks)
@@ -296,9 +297,9 @@ async def _with_locks(run: RunContext, holder: Holder, wait_until: float) -> End
     return ending
 
 
-async def _take_locks(run: RunContext, locks: LockSession, wait_until: float) -> None:
-    """Each lock in turn, each waited for until `wait_until` (`--wait-lock` waits for
-    another run of this same agent too, not only for the lock it shares with others).
+async def _take_locks(run: RunContext, locks: LockSession) -> None:
+    """Each lock in turn, with one wait for each: `--wait-lock` waits for another run of
+    this same agent too, not only for the lock it shares with others.
 
     A broker error here has closed the lock connection (RabbitMQ answers a read of a
     holder note whose quorum queue has lost its leader, and is electing another, with a
@@ -306,8 +307,7 @@ async def _take_locks(run: RunContext, locks: LockSession, wait_until: float) ->
     try:
         for spec in run.lock_specs:
             asked = time.monotonic()
-            wait = max(0.0, wait_until - asked)
-            taken = await locks.acquire(spec, wait=wait, stop=run.stop)
+            taken = await locks.acquire(spec, wait=run.wait_lock, stop=run.stop)
             await run.record.lock_acquired(taken, time.monotonic() - asked)
     except (LockBusy, Interrupted) as not_now:
         outcome = Outcome.SKIPPED_BUSY if isinstance(not_now, LockBusy) else Outcome.STOPPED
