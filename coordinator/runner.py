@@ -41,7 +41,7 @@ from coordinator import changelog, digest, preflight
 from coordinator.emit import EmitServer
 from coordinator.errors import BadInput, CoveyError
 from coordinator.events import Event
-from coordinator.gateway import translated
+from coordinator.gateway import BROKER_ERRORS, translated
 from coordinator.guard import Guard
 from coordinator.identity import url_for
 from coordinator.lock import HeldLock, Holder, Interrupted, LockBusy, LockSession, LockSpec
@@ -249,6 +249,36 @@ async def _lifecycle(run: RunContext) -> RunResult:
     # events exchange, the run records and the changelog exist (idempotent, cached).
     await run.namespace.ensure_participants([run.agent.address])
     holder = Holder.me(run.agent.name, run.run_id)
+    # Another lock connection is tried while the run's wait for its locks lasts.
+    wait_until = time.monotonic() + run.wait_lock
+    while True:
+        try:
+            ending = await _with_locks(run, holder)
+            break
+        except _TakingFailed as failed:
+            # Leaving the block closed the lock session: the locks are free.
+            await run.record.locks_released()
+            if time.monotonic() >= wait_until or run.stop.is_set():
+                ending = Ending(Outcome.LOCK_LOST, reason=str(failed))
+                log.info("not run", outcome=str(ending.outcome), reason=ending.reason)
+                break
+            log.warning("trying again on a new lock connection", problem=str(failed))
+            await asyncio.sleep(TAKE_RETRY_SECONDS)
+    # Leaving the block closed the lock session: the locks are free before the bookkeeping.
+    await run.record.locks_released()
+    return await run.record.finished(ending)
+
+
+TAKE_RETRY_SECONDS = 1.0  # between lock connections that failed while taking the locks
+
+
+class _TakingFailed(Exception):
+    """The lock connection failed while the locks were being taken, before the agent
+    started: another connection may take them (within the run's wait for its locks)."""
+
+
+async def _with_locks(run: RunContext, holder: Holder) -> Ending:
+    """The run on one lock connection, from taking the locks to the agent's end."""
     async with await LockSession.open(run.settings, holder) as locks:
         try:
             await _take_locks(run, locks)
@@ -264,14 +294,16 @@ async def _lifecycle(run: RunContext) -> RunResult:
         except NotStarted as not_started:
             ending = not_started.ending
             log.info("not run", outcome=str(ending.outcome), reason=ending.reason)
-    # Leaving the block closed the lock session: the locks are free before the bookkeeping.
-    await run.record.locks_released()
-    return await run.record.finished(ending)
+    return ending
 
 
 async def _take_locks(run: RunContext, locks: LockSession) -> None:
     """Each lock in turn, with one wait for each: `--wait-lock` waits for another run of
-    this same agent too, not only for the lock it shares with others."""
+    this same agent too, not only for the lock it shares with others.
+
+    A broker error here has closed the lock connection (RabbitMQ answers a read of a
+    holder note whose quorum queue has lost its leader, and is electing another, with a
+    connection error: INTERNAL_ERROR, nodedown), and with it every lock taken so far."""
     try:
         for spec in run.lock_specs:
             asked = time.monotonic()
@@ -280,6 +312,8 @@ async def _take_locks(run: RunContext, locks: LockSession) -> None:
     except (LockBusy, Interrupted) as not_now:
         outcome = Outcome.SKIPPED_BUSY if isinstance(not_now, LockBusy) else Outcome.STOPPED
         raise NotStarted(Ending(outcome, reason=str(not_now))) from not_now
+    except BROKER_ERRORS as err:
+        raise _TakingFailed(f"the lock connection failed while taking the locks: {err}") from err
 
 
 async def _preflight(run: RunContext) -> None:

@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from conftest import Broker, World, start
+from conftest import Broker, ManagementAdmin, World, start
 
 STAMP = """
 import os, sys, time
@@ -257,6 +258,48 @@ def test_a_lost_lock_connection_stops_the_agent_with_exit_8(
     assert "lock-lost" in out
     assert cut_at is not None
     assert time.monotonic() - cut_at < 15
+
+
+def test_a_lock_connection_that_fails_while_waiting_is_replaced_and_the_run_goes_ahead(
+    applied: World, broker: Broker, vhost: str
+) -> None:
+    """`covey run waiter` waits for the global lock `blocker` holds; its lock connection
+    is cut meanwhile (as RabbitMQ closes it with INTERNAL_ERROR when a holder note's quorum
+    leader has just gone): it opens another, and runs once `blocker` lets go."""
+    if not isinstance(broker.admin, ManagementAdmin):
+        pytest.skip("cuts one named connection through the management API")
+    log = stamping_agent(applied, "blocker", 300.0)
+    stamping_agent(applied, "waiter", 0.1, "wait_lock = 120\n")
+    blocker = start(applied, "run", "blocker")
+    waiter = None
+    try:
+        wait_for(lambda: log.exists())
+        waiter = start(applied, "run", "waiter")
+        api, where = broker.admin.api, quote(vhost, safe="")
+
+        def cut_waiters_lock_connection() -> bool:
+            for connection in api.call("GET", f"vhosts/{where}/connections"):
+                given = connection.get("client_properties", {}).get("connection_name", "")
+                if given.startswith("covey lock waiter"):
+                    api.call("DELETE", f"connections/{quote(connection['name'], safe='')}")
+                    return True
+            return False
+
+        # The management API lists a new connection only after its next stats tick.
+        wait_for(cut_waiters_lock_connection, timeout=30)
+        time.sleep(2)  # its next try is on a new connection
+        assert waiter.poll() is None, waiter.communicate()
+        blocker.send_signal(signal.SIGTERM)  # a clean release: the waiter takes the lock
+        out, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0, out + err
+        assert "trying again on a new lock connection" in err
+    finally:
+        for process in (blocker, waiter):
+            if process is not None and process.poll() is None:
+                process.kill()
+            if process is not None:
+                process.communicate(timeout=30)
+    assert [r["outcome"] for r in applied.json("runs", "waiter")] == ["ok"]
 
 
 @pytest.mark.parametrize(
