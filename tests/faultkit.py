@@ -198,6 +198,27 @@ async def send_all(covey: Covey, to: str, subjects: list[str], body: str = "") -
     return ids
 
 
+async def send_until_confirmed(
+    covey: Covey, to: str, n: int, outcome: dict[str, str], attempts: int
+) -> None:
+    """Send message `n` until one attempt is confirmed, as a careful sender would: each
+    attempt under its own subject (`mNNNNN.A`), its outcome in `outcome` ("confirmed",
+    the exception's class, or "hung" past 60 s, far beyond covey's own 10 s bound)."""
+    for attempt in range(attempts):
+        subject = f"m{n:05d}.{attempt}"
+        try:
+            async with asyncio.timeout(60):
+                await covey.send(to, subject)
+            outcome[subject] = "confirmed"
+            return
+        except TimeoutError:
+            outcome[subject] = "hung"
+        except Exception as err:
+            outcome[subject] = type(err).__name__
+        await asyncio.sleep(0.2)  # a failed send: give the broker a moment
+    raise AssertionError(f"message {n} was never confirmed in {attempts} attempts")
+
+
 # -- processes ------------------------------------------------------------------------
 
 

@@ -18,35 +18,34 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
 from conftest import Raw, World, start
-from faultkit import Tally, copies, mailbox, send_all, stop, vhost_url, world_on
+from faultkit import (
+    Tally,
+    copies,
+    mailbox,
+    send_all,
+    send_until_confirmed,
+    stop,
+    vhost_url,
+    world_on,
+)
 from test_attach import FakeRun, Output
+from test_cluster import cluster, settled, vhost_of
 
 from coordinator.client import Covey
-from coordinator.localbroker import LocalBroker, LocalCluster, ReplicaStatus
+from coordinator.localbroker import LocalCluster, ReplicaStatus
 from coordinator.session import SessionEvent
 from coordinator.topology import SESSIONS
 
 pytestmark = pytest.mark.slow
+__all__ = ["cluster"]  # the fixture (test_cluster.py: one cluster per module), used by name
 
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    if not LocalBroker.available():
-        pytest.skip("needs the rabbitmq-server package, for private nodes")
-    began = time.monotonic()
-    with LocalCluster() as started:
-        took = time.monotonic() - began
-        megabytes = started.rss_bytes() / 2**20
-        print(f"CLUSTER 3 nodes started and joined in {took:.1f} s, {megabytes:.0f} MB resident")
-        yield started
 
 
 @pytest.fixture
@@ -54,20 +53,6 @@ def on_cluster(world: World, cluster: LocalCluster) -> Iterator[World]:
     """The test's covey home on a vhost of its own on the cluster, through node 0."""
     with world_on(cluster.nodes[0], world, "mail") as on:
         yield on
-
-
-def vhost_of(world: World) -> str:
-    return world.amqp_url.rsplit("/", 1)[1]
-
-
-def settled(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 60.0) -> T:
-    """`read()` again until `done` says so or `timeout` passes; the last reading."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if done(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.5)
 
 
 def whole(status: ReplicaStatus) -> bool:
@@ -141,20 +126,7 @@ async def test_sends_while_the_node_leading_the_queue_restarts_lose_and_repeat_n
                     stopped_at = time.monotonic()
                 if restarting is not None and not back_at and restarting.done():
                     back_at = time.monotonic()
-                for attempt in range(300):
-                    subject = f"m{n:05d}.{attempt}"
-                    try:
-                        async with asyncio.timeout(60):  # far past its own 10 s bound
-                            await ada.send("scout", subject)
-                        outcome[subject] = "confirmed"
-                        break
-                    except TimeoutError:
-                        outcome[subject] = "hung"
-                    except Exception as err:
-                        outcome[subject] = type(err).__name__
-                    await asyncio.sleep(0.2)  # a failed send: give the cluster a moment
-                else:
-                    pytest.fail(f"message {n} was never confirmed in 300 attempts")
+                await send_until_confirmed(ada, "scout", n, outcome, 300)
             assert restarting is not None
             await restarting
             back_at = back_at or time.monotonic()

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,13 @@ from typing import Any
 import pytest
 from conftest import World, covey_command
 from faultkit import stop, vhost_url, world_on
-from test_cluster import vhost_of
+from test_cluster import cluster, vhost_of
 
-from coordinator.localbroker import LocalBroker, LocalCluster
+from coordinator.localbroker import LocalCluster
 
 # A cluster start, a node stopped and started again, a schedule watched for half a minute.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
+__all__ = ["cluster"]  # the fixture (test_cluster.py: one cluster per module), used by name
 
 # Stamps `start`, `alive` every 0.1 s for argv[2] seconds, then `end`, each with the agent's
 # name, pid, time.time(), fencing token and state folder (which supervisor ran it); copies
@@ -97,16 +97,6 @@ def stamping(world: World, name: str, toml: str, seconds: float, *extra: str) ->
     args = ", ".join(f'"{a}"' for a in (sys.executable, script, world.home / "stamps.log"))
     extras = "".join(f', "{a}"' for a in extra)
     world.add_agent(name, f'command = [{args}, "{seconds}"{extras}]\n{toml}')
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    if not LocalBroker.available():
-        pytest.skip("needs the rabbitmq-server package, for private nodes")
-    began = time.monotonic()
-    with LocalCluster() as started:
-        print(f"CLUSTER 3 nodes started and joined in {time.monotonic() - began:.1f} s")
-        yield started
 
 
 def through(world: World, cluster: LocalCluster, order: list[int], **extra: str) -> dict[str, str]:

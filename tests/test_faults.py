@@ -38,6 +38,7 @@ from faultkit import (
     mark_all_done,
     running,
     send_all,
+    send_until_confirmed,
     stop,
     world_on,
 )
@@ -117,20 +118,7 @@ async def test_a_broker_restart_under_a_sender_loses_no_confirmed_message(
             for n in range(total):
                 if n == restart_at:
                     restarting = asyncio.ensure_future(asyncio.to_thread(restart, node))
-                for attempt in range(200):
-                    subject = f"m{n:05d}.{attempt}"
-                    try:
-                        async with asyncio.timeout(60):  # far past its own 10 s bound
-                            await ada.send("scout", subject)
-                        outcome[subject] = "confirmed"
-                        break
-                    except TimeoutError:
-                        outcome[subject] = "hung"
-                    except Exception as err:
-                        outcome[subject] = type(err).__name__
-                    await asyncio.sleep(0.2)  # a failed send: give the broker a moment
-                else:
-                    pytest.fail(f"message {n} was never confirmed in 200 attempts")
+                await send_until_confirmed(ada, "scout", n, outcome, 200)
             assert restarting is not None
             await restarting
         send_time = time.monotonic() - began
