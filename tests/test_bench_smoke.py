@@ -15,14 +15,14 @@ from conftest import REPO
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)  # its own bound is the subprocess's 300 s, not pytest's default
+@pytest.mark.timeout(540)  # its own bound is the subprocess's, not pytest's default
 def test_the_quick_benchmark_measures_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "tests" / "bench" / "run.py"), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,  # about 80 s alone; a loaded machine (CI's two workers) takes longer
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     figures = {f["id"]: f for f in json.loads(out.read_text())["figures"]}

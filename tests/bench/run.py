@@ -195,7 +195,7 @@ async def measure(
         figures: list[Figure] = []
         timings: dict[str, float] = {}
         for name in names:
-            limit = LIMITS.get(name, (90, 300))[0 if args.quick else 1]
+            limit = LIMITS.get(name, (150, 300))[0 if args.quick else 1]
             began = time.perf_counter()
             print(f"bench: {name} …", file=sys.stderr, flush=True)
             try:
