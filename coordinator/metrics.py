@@ -203,7 +203,10 @@ class Metrics:
             started = time.monotonic()
             if started - replicas_read_at >= REPLICAS_REFRESH_SECONDS:
                 replicas_read_at = started
-                self.replicas = await replicas(self.namespace.settings) or []
+                try:
+                    self.replicas = await replicas(self.namespace.settings) or []
+                except Exception as err:  # as below: the metrics outlive a bad refresh
+                    log.warning("could not read the queues' replicas", error=str(err))
             if started - cursors_read_at >= CURSOR_REFRESH_SECONDS:
                 stale, cursors_read_at = set(self.namespace.roster.agents), started
             else:

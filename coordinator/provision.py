@@ -312,7 +312,7 @@ def provision(
         rotate = _holder(rotate, grants)
     api = Management.for_settings(settings)
     amqp = urlsplit(settings.amqp_url)
-    vhost = unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
+    vhost = settings.vhost
     done = []
     for holder, grant in grants.items():
         path = credentials_file(settings, grant.user)

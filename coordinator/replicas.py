@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 from coordinator.errors import CoveyError
 from coordinator.settings import Settings
@@ -76,8 +76,7 @@ def read_replicas(settings: Settings) -> list[QueueReplicas] | None:
     management API does not answer this user (see the module docstring)."""
     from coordinator.provision import Management
 
-    amqp = urlsplit(settings.amqp_url)
-    vhost = unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
+    vhost = settings.vhost
     try:
         api = Management.for_settings(settings, min(settings.connect_timeout, ASK_SECONDS))
         rows = api.call("GET", f"queues/{quote(vhost, safe='')}?columns={COLUMNS}")

@@ -20,7 +20,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -194,6 +194,12 @@ class Settings(BaseSettings):
         if self.amqp_urls is None:
             self.amqp_urls = [self.amqp_url]
         return self
+
+    @property
+    def vhost(self) -> str:
+        """The vhost in amqp_url (every node's URL names the same one): `/` when none."""
+        path = urlsplit(self.amqp_url).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
     def broker_urls(self) -> list[str]:
