@@ -2,9 +2,10 @@
 
 Appends are cheap and reads start at any offset; retention (age and size) is
 the broker's job. Each agent has a cursor — the offset of the last entry it
-has been shown — kept on the broker in `covey.cursor.NAME`, a one-message
-queue (newest wins), so it survives a supervisor restart and a move to another
-host. The cursor moves only under the agent's own lock, so two supervisors
+has been shown — kept on the broker in `covey.cursor.NAME`, a note (a quorum
+queue, newest wins; the offset is its version: see Gateway.write_note), so it
+survives a supervisor restart, a move to another host and, in a cluster, the
+loss of a node. The cursor moves only under the agent's own lock, so two supervisors
 racing cannot move it backwards or past what the agent saw; and only when a
 run ends `ok`, so a failed run sees the same news again next time.
 
@@ -212,5 +213,5 @@ async def advance(gateway: Gateway, agent: str, offset: int) -> Cursor:
     if current is not None and current.offset >= offset:
         return current
     cursor = Cursor(offset=offset)
-    await gateway.write_note(CURSOR_PREFIX + agent, cursor.model_dump_json().encode())
+    await gateway.write_note(CURSOR_PREFIX + agent, cursor.model_dump_json().encode(), offset)
     return cursor

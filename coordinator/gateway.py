@@ -110,15 +110,11 @@ NOTE_RETRY_SECONDS = 0.01
 # quorum queues, which cannot be exclusive. An exclusive queue lives on its
 # connection's node and dies with the connection, which is the point of a lock.
 EXCLUSIVE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic"}
-# Notes say they are classic too, whatever the default: on a quorum queue (3.10.8) a
-# write made while a reader has the old note out for a peek is lost when the reader
-# puts the old one back (drop-head then keeps the old one); a lost holder note would
-# hand the next holder a fencing token already given out. So a note lives on one node.
-NOTE_ARGUMENTS: dict[str, Any] = {
-    "x-queue-type": "classic",
-    "x-max-length": 1,
-    "x-overflow": "drop-head",
-}  # see Gateway.write_note
+# A note is a quorum queue of a few versioned copies: see Gateway.write_note.
+NOTE_VERSION_HEADER = "x-covey-version"  # which of a note's copies is the newest
+LEGACY_VERSION = -1  # a copy written before versions (a classic note: only ever one)
+NOTE_COPIES = 8  # a bound on the copies, should nobody read a note for a long time
+NOTE_DELIVERY_LIMIT = 2**31 - 1  # every peek is a delivery: never drop a note for it
 # While the broker is away, a daemon tries it again this often: work should resume within
 # a second or two of it answering, a refused connect is cheap, and the outage is logged
 # once, not per attempt.
@@ -774,36 +770,90 @@ class Gateway:
         await queue.consume(on_message, no_ack=True)
         return queue
 
-    # -- notes: one-message queues, newest wins ------------------------------
-    # A small piece of shared state kept on the broker (a lock's holder, an agent's
-    # changelog cursor): a durable queue of at most one message, where a new write
-    # drops the old one, and a read is a peek (get, then reject back into the queue).
+    # -- notes: small records, newest wins ----------------------------------
+    # A small piece of shared state kept on the broker (a lock's fencing token and
+    # holder, an agent's changelog cursor): a durable quorum queue, replicated like
+    # mail so that it outlives the loss of a node, holding the record. A read is a
+    # peek: get, then reject back into the queue.
+    #
+    # Why every copy carries a version, and a note may hold several copies: on a
+    # quorum queue (3.10) a write made while a reader has the only copy out for a peek
+    # would be dropped by `x-max-length: 1` with drop-head (the copy out still counts,
+    # and the new one is the only one there to drop); the reader then puts the old
+    # one back. So a write never replaces anything: it adds a copy carrying its
+    # writer's version (a cursor's offset; a lock's fencing token, doubled, plus one
+    # once released), a reader takes every copy there, puts the newest back and drops
+    # the older ones, and whoever writes under a lock drops what it read once its own
+    # copy is confirmed. A copy is dropped only by someone holding a newer one, so the
+    # newest is never lost. `x-max-length` (NOTE_COPIES, drop-head: the oldest go)
+    # only bounds a note nobody reads; it can bite only if every copy were out with
+    # readers at once. Nor may a peek count against a delivery limit: 3.10 has none by
+    # default but treats `-1` as "drop at the first return", and RabbitMQ 4 defaults
+    # to 20, so notes say a limit no peeking will reach.
+    #
     # Notes are written through the `covey.notes` topic exchange, each bound by its
     # own name, not through the default exchange: a user allowed to publish to the
     # default exchange may publish into any queue, whereas topic permissions on
-    # `covey.notes` say whose notes a provisioned user may write.
+    # `covey.notes` say whose notes a provisioned user may write. Notes made before
+    # versions are classic queues of one message, kept as they are (`declare_note`).
 
-    def note(self, body: bytes) -> aio_pika.Message:
-        """A note's message, signed by this connection's user."""
+    def note(self, body: bytes, version: int) -> aio_pika.Message:
+        """A note's copy at `version`, signed by this connection's user."""
         return aio_pika.Message(
-            body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.user
+            body,
+            headers={NOTE_VERSION_HEADER: version},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user,
         )
 
-    async def write_note(self, queue: str, body: bytes) -> None:
-        """Replace the note in `queue` (created if need be); confirmed before returning."""
-        for attempt in range(2):
-            async with self.operation_channel(confirms=True) as channel:
-                note = await channel.declare_queue(queue, durable=True, arguments=NOTE_ARGUMENTS)
-                try:
-                    await note.bind(NOTES_EXCHANGE, queue)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    if attempt:
-                        raise
-                    await self._declare_notes_exchange()  # a namespace nobody has set up
-                    continue
-                notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-                await notes.publish(self.note(body), queue)
-                return
+    def note_spec(self, queue: str) -> QueueSpec:
+        return QueueSpec(
+            queue,
+            {
+                "x-quorum-initial-group-size": self._settings.replicas,
+                "x-max-length": NOTE_COPIES,
+                "x-overflow": "drop-head",
+                "x-delivery-limit": NOTE_DELIVERY_LIMIT,
+            },
+        )
+
+    async def write_note(self, queue: str, body: bytes, version: int) -> None:
+        """Add `body` at `version` to the note `queue` (created if need be); confirmed
+        before returning."""
+        async with self.operation_channel(confirms=True) as channel:
+            await self.publish_note(channel, queue, body, version)
+
+    async def publish_note(
+        self, channel: AbstractChannel, queue: str, body: bytes, version: int
+    ) -> None:
+        """Write a copy into the note `queue` on `channel` (which has confirms): one
+        confirmed publish when the note exists; else the note (and the notes exchange,
+        in a namespace nobody has set up) is made first. `channel` is reopened if a
+        refusal closed it."""
+        copy = self.note(body, version)
+        try:
+            notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+            await notes.publish(copy, queue, mandatory=True)
+            return
+        except aio_pika.exceptions.DeliveryError:
+            pass  # unrouted: no note by that name yet
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            await channel.reopen()
+            await self._declare_notes_exchange()
+        await self.declare_note(channel, queue)
+        notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+        await (await channel.get_queue(queue, ensure=False)).bind(notes, queue)
+        await notes.publish(copy, queue, mandatory=True)
+
+    async def declare_note(self, channel: AbstractChannel, queue: str) -> None:
+        """Declare the note `queue`, or leave it as it is when it exists with other
+        arguments (a classic note from before versions): moving it to a new queue would
+        leave a moment with no note at all, in which a lock's next holder would start
+        the fencing tokens again from 1, and a digest from the first entry."""
+        try:
+            await _declare_queue(channel, self.note_spec(queue))
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            await channel.reopen()  # the refusal closed it; the note is there
 
     async def _declare_notes_exchange(self) -> None:
         async with self.operation_channel() as channel:
@@ -812,10 +862,12 @@ class Gateway:
             )
 
     async def read_note(self, queue: str) -> bytes | None:
-        """The note in `queue`, left in place; None when there is none (or no queue).
+        """The newest copy in the note `queue`, left in place; None when there is none
+        (or no queue).
 
-        A note queue is never empty once written, so an empty one means another reader
-        has the note out for its own peek: try again in a moment rather than answer None.
+        A note is never empty once written, so an empty one means other readers have
+        its copies out for their own peeks: try again in a moment rather than answer
+        None.
         """
         try:
             notes = await self.existing_queue(queue)
@@ -824,15 +876,43 @@ class Gateway:
         channel = notes.channel
         try:
             for _ in range(NOTE_ATTEMPTS):
-                note = await notes.get(fail=False, no_ack=False)
-                if note is not None:
-                    await note.reject(requeue=True)
-                    return note.body
+                copies = await take_copies(notes)
+                if copies:
+                    newest = newest_copy(copies)
+                    for copy in copies:
+                        if copy is newest:
+                            await copy.reject(requeue=True)
+                        else:
+                            await copy.ack()
+                    return newest.body
                 await asyncio.sleep(NOTE_RETRY_SECONDS)
             return None  # declared, never written (its writer died between the two)
         finally:
             if not channel.is_closed:
                 await channel.close()
+
+
+def note_version(copy: AbstractIncomingMessage) -> int:
+    version = (copy.headers or {}).get(NOTE_VERSION_HEADER)
+    return version if isinstance(version, int) else LEGACY_VERSION
+
+
+def newest_copy(copies: Sequence[AbstractIncomingMessage]) -> AbstractIncomingMessage:
+    return max(copies, key=note_version)  # the first of equals
+
+
+async def take_copies(notes: AbstractQueue) -> list[AbstractIncomingMessage]:
+    """Take every copy waiting in the note `notes`, unacknowledged (the caller puts
+    back or drops each); [] when none is there. Each get says how many are left."""
+    copies: list[AbstractIncomingMessage] = []
+    for _ in range(2 * NOTE_COPIES):  # copies written meanwhile can wait for the next read
+        copy = await notes.get(fail=False, no_ack=False)
+        if copy is None:
+            break
+        copies.append(copy)
+        if not copy.message_count:
+            break
+    return copies
 
 
 # -- queues that exist but are not up yet -------------------------------------------------

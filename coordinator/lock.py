@@ -18,8 +18,12 @@ Rules that keep it honest:
   with it: it never moves to another node.
 * Each attempt uses a throwaway channel, since RESOURCE_LOCKED closes it.
 * Who holds a slot is written beside it, in `covey.lock.NAME[.SLOT].holder`
-  (one message, newest wins), so that others can say "held by scout run R
-  since T"; the exclusive queue, not that note, is the lock.
+  (a note: newest wins), so that others can say "held by scout run R since T";
+  the exclusive queue, not that note, is the lock. The same record goes into
+  `….fence`, which only the slot's holders read: someone showing who holds the
+  lock has the holder note's copies out for a moment, and the next holder must
+  never miss the last fencing token (see Gateway.write_note). Both are written
+  at once, so a take costs one confirm round trip for them.
 * Waiters retry as soon as a `lock.released.NAME` event arrives on
   `covey.events`, and on a short timer for holders that died without saying.
 
@@ -69,7 +73,7 @@ from pydantic import BaseModel, ValidationError
 
 from coordinator.envelope import now
 from coordinator.errors import CoveyError, ExitCode
-from coordinator.gateway import BROKER_ERRORS, Gateway
+from coordinator.gateway import BROKER_ERRORS, Gateway, newest_copy, take_copies
 from coordinator.guard import GRACE_SECONDS
 from coordinator.logs import get_logger
 from coordinator.settings import Settings
@@ -84,6 +88,8 @@ RENEW_SECONDS = 1.0  # how often a holder proves it still owns its locks
 LEASE_SECONDS = 5.0  # how long one proof lasts: well under the broker's ~10-15 s detection
 TAKEOVER_MARGIN = 1.0  # for scheduling delays in the guard and the holder
 TAKEOVER_SECONDS = LEASE_SECONDS + GRACE_SECONDS + TAKEOVER_MARGIN
+HOLDER_SUFFIX = ".holder"  # the slot's holder note, for showing who holds it
+FENCE_SUFFIX = ".fence"  # the same, read by the slot's holders only: see _previous_holder
 NOTE_PATIENCE = 30.0  # how long a hidden holder note (a reader has it out) is waited for
 NOTE_RELEASE_TIMEOUT = 5.0  # marking a note released is worth this much of a release
 
@@ -196,6 +202,8 @@ class LockSession:
         self._closing = False
         self._renewing: asyncio.Task[None] | None = None
         self._notes: AbstractChannel | None = None
+        # The fence copies a take read, dropped once its own copy is confirmed.
+        self._fence_read: dict[str, list[AbstractIncomingMessage]] = {}
         gateway.on_lost(self._on_close)
 
     @classmethod
@@ -288,7 +296,7 @@ class LockSession:
             # The exclusive declare was itself a round trip that proved ownership.
             self.valid_until = asked + LEASE_SECONDS
             self._renewing = asyncio.create_task(self._renew(queue))
-        previous = await self._previous_holder(queue + ".holder")
+        previous = await self._previous_holder(queue)
         token = (previous.token if previous else 0) + 1
         takeover = previous is not None and not previous.released
         holder = self.holder.model_copy(update={"since": now(), "token": token})
@@ -338,30 +346,54 @@ class LockSession:
             self._notes = await self._gateway.open_channel(confirms=True)
         return self._notes
 
-    async def _previous_holder(self, note_queue: str) -> Holder | None:
-        """The slot's note as its last holder left it (read under the slot's lock, so
-        nobody writes it meanwhile); None when it was never written."""
+    async def _previous_holder(self, queue: str) -> Holder | None:
+        """The slot's last holder as it left the fence note (read under the slot's lock,
+        so no holder writes it meanwhile, and no other reader has its copies out); None
+        when the slot was never taken. The copies read are kept, to be dropped once this
+        take's own copy is confirmed (`_write_holder`)."""
+        fence_queue = queue + FENCE_SUFFIX
         channel = await self._note_channel()
         try:
-            notes = await channel.get_queue(note_queue, ensure=False)
-            note = await notes.get(no_ack=False, fail=False)
+            fence = await channel.get_queue(fence_queue, ensure=False)
+            copies = await take_copies(fence)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return None  # no note queue: the slot was never taken (the channel reopens)
-        if note is None:  # a reader has it out for a peek, or it was never written
-            return await _patient_previous_holder(self._gateway, note_queue)
-        await note.reject(requeue=True)  # back at the head, for the next write to drop
-        return _holder_from(note.body, note_queue)
+            # No fence (the channel reopens): the slot was never taken, or last taken
+            # before fences existed, when its holder note held the token.
+            return await _patient_previous_holder(self._gateway, queue + HOLDER_SUFFIX)
+        if not copies:
+            # Its first writer died between declaring and writing it (a holder's copies
+            # out when its connection died are on their way back): wait, as for a note.
+            return await _patient_previous_holder(self._gateway, fence_queue)
+        self._fence_read[queue] = copies
+        return _holder_from(newest_copy(copies).body, fence_queue)
 
     async def _write_holder(self, queue: str, holder: Holder) -> None:
-        """Write `holder` into the slot's note, over the lock connection (fenced)."""
+        """Write `holder` into the slot's fence and holder notes at once, over the lock
+        connection (fenced), then drop the fence copies this take read."""
         body = holder.model_dump_json().encode()
-        note = self._gateway.note(body)
-        try:
-            notes = await (await self._note_channel()).get_exchange(NOTES_EXCHANGE, ensure=False)
-            await notes.publish(note, queue + ".holder", mandatory=True)
-        except (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity):
-            # No note queue bound yet, or no notes exchange in a new namespace: make them.
-            await self._gateway.write_note(queue + ".holder", body)
+        version = holder.token * 2 + holder.released  # a release is newer than its take
+        notes = (queue + FENCE_SUFFIX, queue + HOLDER_SUFFIX)
+        channel = await self._note_channel()
+        exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+        writes = await asyncio.gather(
+            *(
+                exchange.publish(self._gateway.note(body, version), n, mandatory=True)
+                for n in notes
+            ),
+            return_exceptions=True,
+        )
+        # A note not there yet, or no notes exchange in a new namespace: make them.
+        missing = (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity)
+        making = any(isinstance(written, missing) for written in writes)
+        for note_queue, written in zip(notes, writes, strict=True):
+            if isinstance(written, BaseException):
+                if not making:
+                    raise written
+                channel = await self._note_channel()  # reopened if the refusal closed it
+                await self._gateway.publish_note(channel, note_queue, body, version)
+        for copy in self._fence_read.pop(queue, []):
+            if not copy.channel.is_closed:  # else the broker has put it back: next time
+                await copy.ack()
 
     async def _watch_releases(self, spec: LockSpec) -> tuple[AbstractChannel, asyncio.Event]:
         """Subscribe to `lock.released.NAME`; the caller closes the channel when done."""
@@ -383,7 +415,7 @@ async def slot_state(gateway: Gateway, queue: str) -> tuple[bool, Holder | None]
     """
     if await gateway.held(queue) is None:
         return False, None  # no queue, no lock
-    return True, await _holder_of(gateway, queue + ".holder")
+    return True, await _holder_of(gateway, queue + HOLDER_SUFFIX)
 
 
 async def _holder_of(gateway: Gateway, note_queue: str) -> Holder | None:

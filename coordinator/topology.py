@@ -80,6 +80,7 @@ QuorumQueueArguments = TypedDict(
         "x-dead-letter-exchange": str,
         "x-dead-letter-strategy": Literal["at-most-once", "at-least-once"],
         "x-overflow": Literal["drop-head", "reject-publish"],
+        "x-max-length": int,
         "x-quorum-initial-group-size": int,  # members at creation: see Settings.replicas
     },
     total=False,

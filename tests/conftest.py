@@ -45,6 +45,7 @@ class Admin(Protocol):
     def add_vhost(self, name: str, user: str) -> None: ...
     def delete_vhost(self, name: str) -> None: ...
     def close_connections(self, vhost: str) -> int: ...
+    def queue_types(self, vhost: str) -> dict[str, str]: ...
 
 
 class ManagementAdmin:
@@ -86,6 +87,11 @@ class ManagementAdmin:
             self.api.call("DELETE", f"connections/{quote(connection['name'], safe='')}")
         return len(connections)
 
+    def queue_types(self, vhost: str) -> dict[str, str]:
+        """Each queue of `vhost` by name: classic, quorum or stream."""
+        queues = self.api.call("GET", f"queues/{quote(vhost, safe='')}?columns=name,type")
+        return {queue["name"]: queue["type"] for queue in queues}
+
 
 def system_rabbitmqctl(*args: str) -> str:
     done = subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
@@ -108,6 +114,10 @@ class CtlAdmin:
     def close_connections(self, vhost: str) -> int:
         self._ctl("close_all_connections", "-p", vhost, "cut by a covey test")
         return -1  # rabbitmqctl does not say how many
+
+    def queue_types(self, vhost: str) -> dict[str, str]:
+        listed = self._ctl("list_queues", "-q", "-p", vhost, "name", "type", "--formatter", "json")
+        return {queue["name"]: queue["type"] for queue in json.loads(listed)}
 
 
 @dataclass

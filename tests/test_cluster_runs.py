@@ -1,17 +1,19 @@
-"""Supervisors on a three-node cluster (issue #16).
+"""Runs, locks, supervisors and the changelog on a three-node cluster with a node failing
+(issue #16).
 
 One LocalCluster (private nodes on free loopback ports, never the machine's own broker)
 serves the whole file. Every agent here stamps its start, its progress and its end, with
 time.time(), in a log shared by all of them (one machine, one clock), and the checks are
-made on those stamps and on covey's run records: two supervisors on different nodes,
-three agents on schedules every few seconds; every firing in the window runs once, none
-twice.
+made on those stamps and on covey's run records:
 
-Not here yet: a lock holder's node stopped, and a supervisor elsewhere taking the lock.
-covey's notes (a lock's holder and fencing token, cursors) are classic queues on the node
-that made them (see gateway.NOTE_ARGUMENTS), so while the holder note's node is down the
-next holder cannot learn the last fencing token, and waits. That test (in this file's
-history) comes back with replicated notes.
+* a `covey run` holding the global lock on node A, which also leads the changelog
+  stream; A stopped: the run learns it lost the lock (exit 8, lock-lost), changelog
+  entries are appended through node B while A is down, a supervisor on node B takes the
+  lock (reading the last fencing token from the replicated fence note) and runs the next
+  agent, whose digest shows those entries once; the two agents never ran at once, and
+  every entry is there once A is back;
+* two supervisors on different nodes, three agents on schedules every few seconds: every
+  firing in the window runs once, none twice.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from typing import Any
 
 import pytest
 from conftest import World, covey_command
-from faultkit import stop, vhost_url, world_on
-from test_cluster import cluster, vhost_of
+from faultkit import connections, stop, vhost_url, world_on
+from test_cluster import cluster, settled, vhost_of
 
+from coordinator.guard import GRACE_SECONDS
 from coordinator.localbroker import LocalCluster
+from coordinator.lock import HEARTBEAT_SECONDS, TAKEOVER_SECONDS
+from coordinator.topology import CHANGELOG_STREAM
 
 # A cluster start, a node stopped and started again, a schedule watched for half a minute.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
@@ -63,6 +68,21 @@ say("end")
 
 # Appends argv[2:] to the changelog as argv[1], on one connection (20 `covey log add`
 # processes would take as many seconds here).
+
+
+# Appends argv[2:] to the changelog as argv[1], on one connection (20 `covey log add`
+# processes would take as many seconds here).
+APPEND = """
+import asyncio, sys
+from coordinator.client import Covey
+
+async def main() -> None:
+    async with Covey.open(identity=sys.argv[1]) as covey:
+        for summary in sys.argv[2:]:
+            await covey.log_add(summary)
+
+asyncio.run(main())
+"""
 
 
 @dataclass
@@ -110,6 +130,17 @@ def through(world: World, cluster: LocalCluster, order: list[int], **extra: str)
     }
 
 
+def launch(world: World, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*covey_command(), *args],
+        env=env,
+        cwd=world.home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def covey_json(world: World, env: dict[str, str], *args: str) -> Any:
     done = world.covey(*args, "--json", env=env)
     assert done.returncode == 0, done.stderr
@@ -129,6 +160,164 @@ def wait_until(condition: Any, timeout: float, what: str, said: Path | None = No
             log = f"; it said:\n{said.read_text()[-4000:]}" if said else ""
             raise AssertionError(f"timed out waiting for {what}{log}")
         time.sleep(0.2)
+
+
+def test_a_run_loses_its_lock_with_its_node_and_a_supervisor_elsewhere_runs_the_next(
+    world: World, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Node A leads the changelog stream and holds `covey run holder`'s lock connection
+    (lock connections never move); a supervisor on node B runs `next`, which waits for the
+    global lock. A stopped: the run exits 8, lock-lost, within the heartbeat bound; the
+    supervisor takes the lock, waits out holder's lease and runs `next`, never beside
+    `holder`. Entries appended through B while A is down are in `next`'s following
+    digest once, and all there once A is back."""
+    with world_on(cluster.nodes[0], world, "runs") as on:
+        vhost = vhost_of(on)
+        stream = settled(
+            lambda: cluster.stream_status(CHANGELOG_STREAM, vhost),
+            lambda s: len(s.members) == 3 and s.leader is not None,
+        )
+        assert stream.leader is not None, stream
+        a = cluster.index(stream.leader)
+        b, c = (i for i in range(3) if i != a)
+        stamping(on, "holder", "", 120)
+        digest_copy = tmp_path / "next-digest.txt"
+        stamping(on, "next", "wait_lock = 120\n", 1, str(digest_copy))
+        log = on.home / "stamps.log"
+        on_a, on_b = through(on, cluster, [a, b, c]), through(on, cluster, [b, c])
+
+        on.ok("log", "add", "before the stop", "--as", "scout", env=on_b)
+        on.ok("digest", "next", "--advance", env=on_b)  # next's cursor: past "before"
+
+        # The run tries A first and so takes its lock there; its other connection may move.
+        run = launch(on, on_a, "run", "holder")
+        said = tmp_path / "supervisor.err"  # a file: read when a wait times out
+        with said.open("w") as into:
+            supervisor = subprocess.Popen(
+                [*covey_command(), "supervise", "--no-metrics"],
+                env=on_b | {"COVEY_STATE_DIR": str(tmp_path / "state-b")},
+                cwd=on.home,
+                stdout=subprocess.DEVNULL,
+                stderr=into,
+            )
+        try:
+            wait_until(lambda: spans(log), 60, "holder to start")
+            lock_names = [name for _, name in connections(cluster.nodes[a], vhost)]
+            assert any(name.startswith("covey lock holder") for name in lock_names), lock_names
+            # Accepted once the supervisor listens; its run then waits for the global lock,
+            # on a lock connection to B.
+            wait_until(
+                lambda: on.covey("run", "next", "--via-supervisor", env=on_b).returncode == 0,
+                60,
+                "the supervisor to take requests",
+            )
+            wait_until(
+                lambda: any(
+                    name.startswith("covey lock next")
+                    for _, name in connections(cluster.nodes[b], vhost)
+                ),
+                30,
+                "next's run to wait for the lock on B",
+            )
+            stopping, stopping_at = time.monotonic(), time.time()
+            cluster.stop_node(a)
+            stopped = time.monotonic()
+            try:
+                out, err = run.communicate(timeout=90)
+                exited = time.monotonic() - stopping
+                assert run.returncode == 8, out + err
+                assert "lock-lost" in out
+                # A graceful stop closes the connection; a dead node's heartbeats would be
+                # missed twice: the agent is stopped within that, plus the guard's grace.
+                # (The run then records its end through another node: slower, unbounded.)
+                stopped_agent = spans(log)[0].last - stopping_at
+                print(
+                    f"node {a} stop took {stopped - stopping:.1f} s; holder's agent last seen "
+                    f"{stopped_agent:.1f} s and covey run exited {exited:.1f} s after it began"
+                )
+                bound = (stopped - stopping) + 2 * HEARTBEAT_SECONDS + GRACE_SECONDS
+                assert stopped_agent < bound, f"the agent ran {stopped_agent:.1f} s on"
+
+                wait_until(
+                    lambda: len(spans(log)) == 2 and spans(log)[1].ended,
+                    90,
+                    "next's run",
+                    said,
+                )
+                holder, nxt = spans(log)
+                assert (holder.agent, nxt.agent) == ("holder", "next")
+                assert not holder.ended
+                print(
+                    f"next started {nxt.start - holder.last:.1f} s after holder was last seen "
+                    f"(takeover bound {TAKEOVER_SECONDS:.0f} s)"
+                )
+                assert holder.last < nxt.start, (
+                    f"holder worked {holder.last - nxt.start:.2f} s into next's run"
+                )
+                assert "Nothing new since" in digest_copy.read_text()
+                # Whether its read of the fence note met the quorum queue leaderless (that
+                # closes the lock connection: the run takes the lock again on a new one).
+                retried = said.read_text().count("trying again on a new lock connection")
+                print(f"next's run tried again on a new lock connection {retried} time(s)")
+
+                # Still with A down: appended through B, then next runs again.
+                during = [f"while A is down {n}" for n in range(20)]
+                appended = subprocess.run(
+                    [sys.executable, "-c", APPEND, "agent:scout", *during],
+                    env=on_b,
+                    cwd=on.home,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert appended.returncode == 0, appended.stderr
+                wait_until(
+                    lambda: on.covey("run", "next", "--via-supervisor", env=on_b).returncode == 0,
+                    60,
+                    "the supervisor to take the second request",
+                )
+                wait_until(lambda: len(spans(log)) == 3 and spans(log)[2].ended, 60, "next again")
+                shown = digest_copy.read_text()
+                # Entry lines end with their summary ("- #3 (15s ago) while A is down 2").
+                entries = [line for line in shown.splitlines() if line.startswith("- #")]
+                listed = [line.split(") ", 1)[1] for line in entries]
+                assert Counter(listed) == Counter(during), shown
+                assert "Nothing new since" in on.ok("digest", "next", env=on_b)
+
+                holder_runs = runs_of(on, on_b, "holder")
+                assert [r["outcome"] for r in holder_runs] == ["lock-lost"], holder_runs
+                next_runs = runs_of(on, on_b, "next")
+                assert [r["outcome"] for r in next_runs] == ["ok", "ok"], next_runs
+                # holder never released the global lock: next's first run waited out its
+                # lease (counted from when it took the lock), the second did not.
+                waited = [r["lease_wait_seconds"] for r in next_runs]
+                assert waited[0] >= TAKEOVER_SECONDS - 2 and waited[1] is None, next_runs
+                everything = covey_json(on, on_b, "log", "--since", "0", "--limit", "1000")
+                summaries = [e["summary"] for e in everything]
+                assert Counter(summaries) == Counter(["before the stop", *during]), summaries
+            finally:
+                cluster.start_node(a)
+            # And through A once it is back, when its replica has caught up (until its
+            # stream member runs, a read through A fails: PRECONDITION_FAILED, no replica
+            # on the local node; covey does not then try another node).
+            wanted = Counter(["before the stop", *during])
+            read = settled(
+                lambda: on.covey("log", "--since", "0", "--limit", "1000", "--json", env=on_a),
+                lambda done: (
+                    done.returncode == 0
+                    and Counter(e["summary"] for e in json.loads(done.stdout)) == wanted
+                ),
+                timeout=90,
+            )
+            assert read.returncode == 0, read.stderr
+            assert Counter(e["summary"] for e in json.loads(read.stdout)) == wanted
+        finally:
+            for process in (run, supervisor):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        process.communicate(timeout=30)
+                stop(process)
 
 
 PERIOD = 5  # seconds between firings

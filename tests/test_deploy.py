@@ -281,8 +281,8 @@ def test_covey_works_where_the_default_queue_type_is_quorum(
     broker: Broker, quorum_default_world: World
 ) -> None:
     """Locks, fencing tokens, cursors and mail on a vhost whose default queue type is
-    quorum: the mail's queues are quorum queues as ever, and the notes (lock holders,
-    cursors) and exclusive lock queues stay classic (see NOTE_ARGUMENTS for why)."""
+    quorum: the mail's queues and the notes (lock holders and fences, cursors) are quorum
+    queues as ever, and the exclusive lock queues stay classic (see EXCLUSIVE_ARGUMENTS)."""
     world = quorum_default_world
     world.add_agent(
         "worker", 'command = "cat \\"$COVEY_DIGEST_FILE\\" > digest-$COVEY_FENCING_TOKEN.txt"\n'
@@ -292,14 +292,13 @@ def test_covey_works_where_the_default_queue_type_is_quorum(
     world.ok("run", "worker")
     world.ok("run", "worker")
     folder = world.home / "agents" / "worker"
-    # The holder note gave each run a token one higher; the cursor note moved past the news.
+    # The fence note gave each run a token one higher; the cursor note moved past the news.
     assert "first-news" in (folder / "digest-1.txt").read_text()
     assert "first-news" not in (folder / "digest-2.txt").read_text()
     world.ok("send", "worker", "hello-on-quorum")
     assert "hello-on-quorum" in world.ok("inbox", "--as", "worker")
 
-    vhost = quote(URL(world.amqp_url).path.lstrip("/"), safe="")
-    queues = {q["name"]: q for q in broker.admin.api.call("GET", f"queues/{vhost}")}  # type: ignore[attr-defined]
-    assert queues["covey.lock.global.holder"]["type"] == "classic"
-    assert queues["covey.cursor.worker"]["type"] == "classic"
-    assert queues["agent.worker"]["type"] == "quorum"
+    types = broker.admin.queue_types(URL(world.amqp_url).path.lstrip("/"))
+    for name in ("covey.lock.global.holder", "covey.lock.global.fence", "covey.cursor.worker"):
+        assert types[name] == "quorum", (name, types)
+    assert types["agent.worker"] == "quorum"

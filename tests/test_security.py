@@ -181,7 +181,7 @@ async def test_an_agent_keeps_its_own_cursor_and_changelog_but_not_anothers(
     async with await Gateway.connect(settings, "scout by hand") as gateway:
         cursor = json.dumps({"offset": 0}).encode()
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
-            await gateway.write_note("covey.cursor.writer", cursor)
+            await gateway.write_note("covey.cursor.writer", cursor, 0)
     # A person may ask the supervisor for a run; an agent may not.
     ada = secured.covey("run", "loner", "--via-supervisor", env=as_user(secured, "human.ada"))
     assert ada.returncode == 3 and "no supervisor" in ada.stderr.lower(), ada.stderr
