@@ -263,7 +263,7 @@ async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
     # Run events are anyone's who may publish to covey.events: every field is neutralised.
     lines = [
         f"{r.at.isoformat(timespec='seconds')}  {p(r.agent):<16} {p(r.outcome):<18} "
-        f"{_took(r.duration_seconds):>7}  {p(r.trigger or '-'):<8} {p(r.run_id)}"
+        f"{_took(r.duration_seconds):>7}  {p(r.trigger or '-'):<8} {p(r.host):<12} {p(r.run_id)}"
         + (f"  ({p(r.reason)})" if r.reason else "")
         for r in records
     ]
