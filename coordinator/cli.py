@@ -263,7 +263,7 @@ async def cmd_runs(covey: Covey, args: argparse.Namespace) -> int:
     # Run events are anyone's who may publish to covey.events: every field is neutralised.
     lines = [
         f"{r.at.isoformat(timespec='seconds')}  {p(r.agent):<16} {p(r.outcome):<18} "
-        f"{_took(r.duration_seconds):>7}  {p(r.trigger or '-'):<8} {p(r.run_id)}"
+        f"{_took(r.duration_seconds):>7}  {p(r.trigger or '-'):<8} {p(r.host):<12} {p(r.run_id)}"
         + (f"  ({p(r.reason)})" if r.reason else "")
         for r in records
     ]
@@ -527,7 +527,7 @@ async def cmd_provision(covey: Covey, args: argparse.Namespace) -> int:
     from coordinator.provision import host_name, provision
 
     await covey.namespace.apply_topology()  # the grants name what it declares
-    host = args.host or host_name()
+    host = args.host or host_name(covey.settings.host)
     done = provision(covey.settings, covey.roster, host, args.rotate, print_only=args.print)
     lines = []
     for x in done:
@@ -865,7 +865,9 @@ def _add_setup_commands(commands: _Commands) -> None:
     provision.add_argument(
         "--rotate", metavar="NAME", help="give NAME (a participant, or supervisor) a new password"
     )
-    provision.add_argument("--host", help="the supervisor host's name (default: this machine's)")
+    provision.add_argument(
+        "--host", help="the supervisor host's name (default: the `host` setting)"
+    )
 
     demo = commands.add(
         "demo", cmd_demo, "run the example agents in agents/ and show mail and a session"

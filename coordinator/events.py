@@ -14,7 +14,6 @@ and attach; `run.finished` says the same once the run is over.
 
 from __future__ import annotations
 
-import socket
 from datetime import datetime
 from typing import Literal
 
@@ -44,7 +43,7 @@ class Event(BaseModel):
 
     kind: EventKind
     at: datetime = Field(default_factory=now)
-    host: str = Field(default_factory=socket.gethostname)
+    host: str  # the publisher's Settings.host (see settings.py)
     agent: str | None = None
     run_id: str | None = None
     trigger: str | None = None  # run.*: schedule, mail, manual, request

@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,10 +105,9 @@ class Holder(BaseModel):
     released: bool = False  # set by a clean release, before the lock connection closes
 
     @classmethod
-    def me(cls, agent: str, run_id: str) -> Holder:
-        return cls(
-            agent=agent, run_id=run_id, host=socket.gethostname(), pid=os.getpid(), since=now()
-        )
+    def me(cls, agent: str, run_id: str, host: str) -> Holder:
+        """This process, running `agent`, on `host` (Settings.host)."""
+        return cls(agent=agent, run_id=run_id, host=host, pid=os.getpid(), since=now())
 
     def describe(self) -> str:
         return (

@@ -262,7 +262,7 @@ class Namespace:
         from coordinator import changelog
         from coordinator.lock import Holder, LockSession, LockSpec
 
-        holder = Holder.me(agent, run_id)
+        holder = Holder.me(agent, run_id, self.settings.host)
         async with await LockSession.open(self.settings, holder) as locks:
             await locks.acquire(LockSpec.for_agent(agent), wait=wait)
             await changelog.advance(locks.gateway, agent, offset)
@@ -318,7 +318,9 @@ class Namespace:
         from coordinator.events import Event
 
         name = self.roster.agent(agent).name  # an unknown or broken agent is refused here
-        request = Event(kind="run.requested", agent=name, requested_by=requested_by)
+        request = Event(
+            kind="run.requested", host=self.settings.host, agent=name, requested_by=requested_by
+        )
         try:
             await (await self.gateway()).publish_event(request, mandatory=True)
         except NoRecipient:

@@ -22,7 +22,9 @@ needs (RabbitMQ checks every operation against these regular expressions):
   can stop another's run;
 * a supervisor host declares the topology, takes every agent's lock, moves
   cursors, records runs and publishes their sessions, but may not read anyone's
-  mailbox queue.
+  mailbox queue. Its user has the `management` tag, with which the management API
+  shows it this vhost's queues (where their replicas are, replicas.py) and no other
+  vhost's.
 
 Nobody but the operator may publish to the default exchange, through which one
 could write into any queue. `user_id` does the rest: RabbitMQ refuses a publish
@@ -45,7 +47,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -56,7 +57,7 @@ from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from coordinator.errors import BadInput, BrokerUnavailable, ConfigError
 from coordinator.identity import credentials_file, supervisor_user, url_user, user_of
-from coordinator.names import Address
+from coordinator.names import NAME_PATTERN, Address
 from coordinator.roster import GLOBAL_LOCK, Roster
 from coordinator.settings import Settings
 from coordinator.topology import (
@@ -73,6 +74,7 @@ from coordinator.topology import (
 MANAGEMENT_PORT = {"amqp": 15672, "amqps": 15671}
 PASSWORD_BYTES = 24
 NOTHING = "^$"
+MANAGEMENT_TAG = "management"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,7 @@ class Grant:
     write: str
     read: str
     topics: dict[str, Topic] = field(default_factory=dict)  # per topic exchange
+    tags: tuple[str, ...] = ()  # the user's RabbitMQ tags, besides any it has
 
 
 def _any_of(*names: str) -> str:
@@ -182,12 +185,20 @@ def supervisor_grant(host: str, prefix: str) -> Grant:
         configure=".*",
         write=".*",
         read=r"^(?!(agent|human)\.).*$",  # everything but the mailboxes
+        # The management API answers a `management` user about the vhosts it has
+        # permissions in, and no others: enough for the supervisor's status and metrics
+        # to read where the queues' replicas are (replicas.py), nothing of other vhosts.
+        tags=(MANAGEMENT_TAG,),
     )
 
 
-def host_name() -> str:
-    """This machine's name, as a covey name (a-z, 0-9, '-')."""
-    name = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-")
+def host_name(host: str) -> str:
+    """A host's name (Settings.host) as a covey name, for its supervisor's user: as it
+    is when it is one (a configured host always is); else a machine's name made one
+    (its first label, lower case, a-z, 0-9, '-')."""
+    if re.fullmatch(NAME_PATTERN, host):
+        return host
+    name = re.sub(r"[^a-z0-9-]+", "-", host.split(".")[0].lower()).strip("-")
     return name or "localhost"
 
 
@@ -270,11 +281,32 @@ class Management:
                 "point management_url at RabbitMQ's management API"
             ) from None
 
-    def user_exists(self, user: str) -> bool:
-        return self.call("GET", f"users/{quote(user, safe='')}") is not None
+    def user_tags(self, user: str) -> list[str] | None:
+        """`user`'s tags; None when there is no such user."""
+        found = self.call("GET", f"users/{quote(user, safe='')}")
+        return None if found is None else _tags(found.get("tags"))
 
-    def set_password(self, user: str, password: str) -> None:
-        self.call("PUT", f"users/{quote(user, safe='')}", {"password": password, "tags": ""})
+    def set_password(self, user: str, password: str, tags: list[str]) -> None:
+        """Create `user`, or give it a new password, with `tags` (all of them)."""
+        body = {"password": password, "tags": ",".join(tags)}
+        self.call("PUT", f"users/{quote(user, safe='')}", body)
+
+    def add_tags(self, user: str, tags: tuple[str, ...]) -> None:
+        """Give an existing `user` the `tags` it lacks, keeping its password and other tags."""
+        found = self.call("GET", f"users/{quote(user, safe='')}")
+        if found is None:
+            raise BrokerUnavailable(f"broker user {user!r} went away while being provisioned")
+        had = _tags(found.get("tags"))
+        if all(tag in had for tag in tags):
+            return
+        # A user is PUT whole: its password hash goes back as it was, so the password
+        # (in a credentials file somewhere) still works.
+        body = {
+            "password_hash": found.get("password_hash", ""),
+            "hashing_algorithm": found.get("hashing_algorithm"),
+            "tags": ",".join(had + [t for t in tags if t not in had]),
+        }
+        self.call("PUT", f"users/{quote(user, safe='')}", body)
 
     def grant(self, vhost: str, grant: Grant) -> None:
         where = f"{quote(vhost, safe='')}/{quote(grant.user, safe='')}"
@@ -316,8 +348,10 @@ def provision(
     done = []
     for holder, grant in grants.items():
         path = credentials_file(settings, grant.user)
-        exists = api.user_exists(grant.user)
+        had = api.user_tags(grant.user)
+        exists = had is not None
         if exists and holder != rotate:
+            api.add_tags(grant.user, grant.tags)
             api.grant(vhost, grant)
             if print_only:
                 done.append(Provisioned(grant.user, holder, "kept"))
@@ -327,7 +361,8 @@ def provision(
                 done.append(Provisioned(grant.user, holder, "kept-without-credentials"))
             continue
         password = secrets.token_urlsafe(PASSWORD_BYTES)
-        api.set_password(grant.user, password)
+        tags = had or []
+        api.set_password(grant.user, password, tags + [t for t in grant.tags if t not in tags])
         api.grant(vhost, grant)
         url = _with_login(amqp, grant.user, password)
         action = "rotated" if exists else "created"
@@ -337,6 +372,14 @@ def provision(
             write_secret(path, url)
             done.append(Provisioned(grant.user, holder, action, file=path))
     return done
+
+
+def _tags(tags: object) -> list[str]:
+    """A user's tags as the management API gives them: a list (RabbitMQ 3.9 and later)
+    or one comma-separated string (before)."""
+    if isinstance(tags, str):
+        return [t.strip() for t in tags.split(",") if t.strip()]
+    return [str(t) for t in tags] if isinstance(tags, list) else []
 
 
 def _holder(name: str, grants: dict[str, Grant]) -> str:

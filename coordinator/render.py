@@ -101,7 +101,8 @@ def status_table(agents: Sequence[AgentStatus], humans: dict[str, int | None]) -
     for a in agents:
         state = "idle"
         if a.running:
-            state = f"running {age(a.run_holder.since)}" if a.run_holder else "starting"
+            holder = a.run_holder
+            state = f"running {age(holder.since)} on {p(holder.host)}" if holder else "starting"
         held = ", ".join(p(h.agent) if h else "?" for h in a.lock_holders)
         lock = f"{a.lock}: {'held by ' + held if a.lock_holders else 'free'}"
         last = f"{p(a.last_run.outcome)} {age(a.last_run.at)} ago" if a.last_run else "never"

@@ -2,9 +2,10 @@
 leader, its members, and which of them are online.
 
 AMQP says none of this, so it is read from RabbitMQ's management HTTP API — where
-that answers this user (the plugin is enabled, and the user is an administrator or has
-the `monitoring` tag). Where it does not, there is nothing to show and nothing is said:
-a participant without the tag still gets its `covey status`.
+that answers this user (the plugin is enabled, and the user is an administrator, or
+has the `monitoring` tag, or the `management` tag and permissions in this vhost: a
+supervisor's user that `covey provision` made has). Where it does not, there is nothing
+to show and nothing is said: a participant without a tag still gets its `covey status`.
 
 A queue with fewer members online than it has is under-replicated: one more node lost
 and it may stop taking mail (a quorum queue needs a majority of its members). On one

@@ -248,7 +248,7 @@ async def _lifecycle(run: RunContext) -> RunResult:
     # The crontab form may be the first thing to touch a namespace: make sure the
     # events exchange, the run records and the changelog exist (idempotent, cached).
     await run.namespace.ensure_participants([run.agent.address])
-    holder = Holder.me(run.agent.name, run.run_id)
+    holder = Holder.me(run.agent.name, run.run_id, run.namespace.settings.host)
     # Another lock connection is tried while the run's wait for its locks lasts.
     wait_until = time.monotonic() + run.wait_lock
     while True:
@@ -427,6 +427,7 @@ class _Recorder:
         observe: Observer | None,
     ) -> None:
         self.namespace, self.agent, self.run_id, self.trigger = namespace, agent, run_id, trigger
+        self.host = namespace.settings.host
         self.started_at = time.monotonic()
         self.observe = observe
         self._acquired: dict[str, float] = {}  # when each lock was taken, by name, in order
@@ -451,6 +452,7 @@ class _Recorder:
         await self._publish(
             Event(
                 kind="lock.acquired",
+                host=self.host,
                 lock=lock.spec.name,
                 agent=self.agent,
                 run_id=self.run_id,
@@ -467,6 +469,7 @@ class _Recorder:
             await self._publish(
                 Event(
                     kind="lock.released",
+                    host=self.host,
                     lock=name,
                     agent=self.agent,
                     run_id=self.run_id,
@@ -479,6 +482,7 @@ class _Recorder:
         await self._publish(
             Event(
                 kind="run.started",
+                host=self.host,
                 agent=self.agent,
                 run_id=self.run_id,
                 trigger=self.trigger,
@@ -493,6 +497,7 @@ class _Recorder:
         await self._publish(
             Event(
                 kind="run.finished",
+                host=self.host,
                 agent=self.agent,
                 run_id=self.run_id,
                 trigger=self.trigger,

@@ -333,6 +333,7 @@ class SessionWriter:
         away costs the event, not the run."""
         event = Event(
             kind=kind,
+            host=self._settings.host,
             agent=self.agent,
             run_id=self.run_id,
             stream=STREAM,

@@ -17,6 +17,7 @@ login (user, password, vhost), which every entry must share, as a cluster's node
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,6 +51,7 @@ from coordinator.home import DEFAULT_STATE_DIR
 from coordinator.home import ROSTER_DIR as ROSTER_DIR
 from coordinator.home import find_home as find_home
 from coordinator.home import require_home as require_home
+from coordinator.names import valid_names
 
 
 class HumanConfig(BaseModel):
@@ -108,6 +110,14 @@ class Settings(BaseSettings):
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     identity: str | None = Field(
         default=None, description="who I am when neither --as nor COVEY_AGENT says"
+    )
+    # The default is not checked (pydantic leaves defaults alone): a machine's own name
+    # is recorded as it is, as before this setting existed; `covey provision` makes a
+    # broker user name of it (provision.host_name).
+    host: str = Field(
+        default_factory=socket.gethostname,
+        description="the host name runs and lock holders record (two supervisors on one "
+        "machine, each its own, act as two hosts); unset: this machine's",
     )
     max_body_bytes: int = Field(default=256 * 1024, gt=0)
     delivery_limit: int = Field(
@@ -218,6 +228,11 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both, or neither")
         return self
+
+    @field_validator("host")
+    @classmethod
+    def _host_name(cls, host: str) -> str:
+        return valid_names([host], "host name")[0]
 
     @field_validator("timezone")
     @classmethod

@@ -142,6 +142,7 @@ async def request_stop(
         await gateway.listen(channel, topology.EVENTS_EXCHANGE, [key], on_finished)
         request = Event(
             kind="stop.requested",
+            host=namespace.settings.host,
             agent=record.agent,
             run_id=record.run_id,
             requested_by=requested_by,

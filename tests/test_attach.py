@@ -102,7 +102,7 @@ class FakeRun:
 
     async def control(self, kind: str, **fields: Any) -> None:
         assert self.channel is not None
-        event = Event(kind=kind, agent=self.agent, run_id=self.run_id, **fields)  # type: ignore[arg-type]
+        event = Event(kind=kind, host="test", agent=self.agent, run_id=self.run_id, **fields)  # type: ignore[arg-type]
         exchange = await self.channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
         message = aio_pika.Message(
             event.model_dump_json(exclude_none=True).encode(),

@@ -200,7 +200,9 @@ async def _free_within(world: World, specs: list[LockSpec], since: float, bound:
     """Seconds from `since` until a fresh session took every lock in `specs` (then let go);
     fails past `bound`."""
     settings = world.open().settings
-    async with await LockSession.open(settings, Holder.me("fault-probe", "probe")) as probe:
+    async with await LockSession.open(
+        settings, Holder.me("fault-probe", "probe", settings.host)
+    ) as probe:
         for spec in specs:
             while True:
                 try:
@@ -214,7 +216,9 @@ async def _free_within(world: World, specs: list[LockSpec], since: float, bound:
 
 async def _busy(world: World, spec: LockSpec) -> bool:
     settings = world.open().settings
-    async with await LockSession.open(settings, Holder.me("fault-probe", "check")) as probe:
+    async with await LockSession.open(
+        settings, Holder.me("fault-probe", "check", settings.host)
+    ) as probe:
         try:
             await probe.acquire(spec)
         except LockBusy:
@@ -621,7 +625,7 @@ async def test_a_lock_holder_whose_connection_is_cut_learns_it_lost_the_lock(
     `lost` event is set within 15 s, and another session takes the lock at once."""
     settings = on_node.open().settings
     spec = LockSpec("global")
-    holder = await LockSession.open(settings, Holder.me("scout", "fault-holder"))
+    holder = await LockSession.open(settings, Holder.me("scout", "fault-holder", settings.host))
     try:
         await holder.acquire(spec)
         assert await _busy(on_node, spec)  # really held
@@ -631,7 +635,9 @@ async def test_a_lock_holder_whose_connection_is_cut_learns_it_lost_the_lock(
         cut_at = time.monotonic()
         await asyncio.wait_for(holder.lost.wait(), 15)
         noticed = time.monotonic() - cut_at
-        async with await LockSession.open(settings, Holder.me("writer", "next")) as other:
+        async with await LockSession.open(
+            settings, Holder.me("writer", "next", settings.host)
+        ) as other:
             taken = await other.acquire(spec, wait=5)
             async with await Gateway.connect(settings, "looker") as looker:
                 held, by = await slot_state(looker, spec.queues[0])

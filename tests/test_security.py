@@ -10,6 +10,7 @@ import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aio_pika
 import aiormq
@@ -21,6 +22,7 @@ from coordinator.envelope import MESSAGE_TYPE, Envelope
 from coordinator.gateway import Gateway
 from coordinator.identity import SenderCheck
 from coordinator.localbroker import LocalBroker, TlsFiles
+from coordinator.replicas import read_replicas
 from coordinator.settings import Settings
 
 
@@ -106,6 +108,34 @@ def test_provision_is_idempotent_and_rotates_one_password(secured: World) -> Non
     assert {k: v for k, v in others.items() if "scout" not in k} == {
         k: v for k, v in before.items() if "scout" not in k
     }
+
+
+def test_the_supervisors_user_reads_the_replicas_and_an_older_one_is_given_the_tag(
+    secured: World, broker: Broker
+) -> None:
+    """status and metrics read where the queues' replicas are from the management API
+    (replicas.py): the supervisor's user has the `management` tag for it. A supervisor
+    user provisioned before it had the tag gets it, with its password kept."""
+    url = credentials(secured, "supervisor.testhost")
+    supervisor = Settings(amqp_url=url)
+    queues = read_replicas(supervisor)
+    assert queues is not None
+    assert queues and all(len(q.members) == 1 and q.online == q.members for q in queues)
+    # Quorum queues at once; streams once the API's next statistics tick has seen them.
+    assert {"agent.scout", "covey.dead"} <= {q.name for q in queues}
+
+    assert isinstance(broker.admin, ManagementAdmin)
+    api, user = broker.admin.api, user_named(secured, "supervisor.testhost")
+    found = api.call("GET", f"users/{quote(user, safe='')}")
+    as_before = {"password_hash": found["password_hash"], "tags": ""}
+    api.call("PUT", f"users/{quote(user, safe='')}", as_before)
+    assert read_replicas(supervisor) is None  # without the tag, the API refuses it
+
+    secured.ok("provision", "--host", "testhost")
+    assert credentials(secured, "supervisor.testhost") == url
+    assert read_replicas(supervisor) is not None
+    tags = api.call("GET", f"users/{quote(user, safe='')}")["tags"]
+    assert tags in (["management"], "management")  # a list since RabbitMQ 3.9
 
 
 def test_provision_print_shows_new_credentials_once_and_writes_nothing(

@@ -136,7 +136,9 @@ async def test_a_request_for_another_run_of_the_agent_is_not_this_runs(applied: 
     run = start_run(applied, "ticker")
     try:
         wait_for(lambda: _running(applied, "ticker"), timeout=30)
-        stale = Event(kind="stop.requested", agent="ticker", run_id="20200101T000000-000000")
+        stale = Event(
+            kind="stop.requested", host="test", agent="ticker", run_id="20200101T000000-000000"
+        )
         await _publish_event(applied.amqp_url, stale)
         time.sleep(1.0)
         assert run.process.poll() is None
@@ -182,7 +184,9 @@ def test_in_a_provisioned_namespace_a_person_stops_and_an_agent_cannot(secured: 
 
 async def test_an_agent_cannot_publish_a_stop_request_at_all(secured: World) -> None:
     """Behind covey's back, with plain aio-pika and scout's own credentials."""
-    event = Event(kind="stop.requested", agent="writer", run_id="20260101T000000-abcdef")
+    event = Event(
+        kind="stop.requested", host="test", agent="writer", run_id="20260101T000000-abcdef"
+    )
     with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
         await _publish_event(credentials(secured, "agent.scout"), event)
 
@@ -201,7 +205,11 @@ async def test_who_asked_is_what_the_broker_vouches_for_not_what_the_request_say
         run_id = last_run(world, "ticker")["run_id"]
         ada = user_named(world, "human.ada")
         forged = Event(
-            kind="stop.requested", agent="ticker", run_id=run_id, requested_by="human:bob"
+            kind="stop.requested",
+            host="test",
+            agent="ticker",
+            run_id=run_id,
+            requested_by="human:bob",
         )
         body = forged.model_dump_json(exclude_none=True).encode()
         connection = await aio_pika.connect(credentials(world, "human.ada"))

@@ -49,7 +49,7 @@ async def bench_locks(bench: Bench) -> list[Figure]:
 
         # -- acquire + release -----------------------------------------------------------
         async def covey_cycle() -> float:
-            session = await LockSession.open(settings, Holder.me("bench", "cycle"))
+            session = await LockSession.open(settings, Holder.me("bench", "cycle", settings.host))
             started = time.perf_counter()
             await session.acquire(SPEC)
             await session.close()
@@ -68,7 +68,7 @@ async def bench_locks(bench: Bench) -> list[Figure]:
 
         async def covey_cycle_connect() -> float:
             started = time.perf_counter()
-            session = await LockSession.open(settings, Holder.me("bench", "cycle"))
+            session = await LockSession.open(settings, Holder.me("bench", "cycle", settings.host))
             await session.acquire(SPEC)
             await session.close()
             return (time.perf_counter() - started) * 1000
@@ -90,9 +90,9 @@ async def bench_locks(bench: Bench) -> list[Figure]:
 
         # -- hand-off to a waiter -------------------------------------------------------
         async def covey_handoff(announce: bool, settle: float) -> float:
-            holder = await LockSession.open(settings, Holder.me("holder", "h"))
+            holder = await LockSession.open(settings, Holder.me("holder", "h", settings.host))
             await holder.acquire(SPEC)
-            waiter = await LockSession.open(settings, Holder.me("waiter", "w"))
+            waiter = await LockSession.open(settings, Holder.me("waiter", "w", settings.host))
             got: list[float] = []
 
             async def wait_for_it() -> None:
@@ -104,7 +104,9 @@ async def bench_locks(bench: Bench) -> list[Figure]:
             started = time.perf_counter()
             await holder.close()
             if announce:  # what `covey run` does after it closed its lock session
-                released = Event(kind="lock.released", lock=SPEC.name, agent="holder", run_id="h")
+                released = Event(
+                    kind="lock.released", host="bench", lock=SPEC.name, agent="holder", run_id="h"
+                )
                 await gateway.publish_event(released)
             await waiting
             await waiter.close()
