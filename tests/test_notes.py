@@ -115,7 +115,7 @@ async def test_someone_showing_the_holder_hides_no_fencing_token(amqp_url: str) 
     settings = Settings(amqp_url=amqp_url)
     spec = LockSpec("shown")
     for run in ("r1", "r2"):
-        async with await LockSession.open(settings, Holder.me("worker", run)) as session:
+        async with await LockSession.open(settings, Holder.me("worker", run, "h")) as session:
             await session.acquire(spec)
     reader = await aio_pika.connect(amqp_url)
     async with reader:
@@ -126,7 +126,7 @@ async def test_someone_showing_the_holder_hides_no_fencing_token(amqp_url: str) 
             out.append(copy)
         assert max(c.headers[NOTE_VERSION_HEADER] for c in out) == 2 * 2 + 1  # r2 released
         began = time.monotonic()
-        async with await LockSession.open(settings, Holder.me("worker", "r3")) as session:
+        async with await LockSession.open(settings, Holder.me("worker", "r3", "h")) as session:
             held = await session.acquire(spec)
         took = time.monotonic() - began
         assert held.token == 3 and not held.takeover, held
@@ -143,7 +143,7 @@ async def test_notes_nobody_reads_stay_small(amqp_url: str) -> None:
     copies only (each take drops what it read), the holder note at most NOTE_COPIES."""
     settings = Settings(amqp_url=amqp_url)
     for run in range(20):
-        async with await LockSession.open(settings, Holder.me("worker", f"r{run}")) as session:
+        async with await LockSession.open(settings, Holder.me("worker", f"r{run}", "h")) as session:
             held = await session.acquire(LockSpec("busy"))
     assert held.token == 20
     assert await ready(amqp_url, "covey.lock.busy.fence") == 2  # r19's take and release
