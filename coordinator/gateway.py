@@ -707,16 +707,20 @@ class Gateway:
                 return True
         return False
 
-    async def take_exclusive(self, name: str) -> bool:
+    async def take_exclusive(self, name: str, channel: AbstractChannel | None = None) -> bool:
         """Declare `name` as an exclusive queue of this connection: True if that made it
-        ours, False if another connection holds it. It lives as long as the connection."""
-        async with self.operation_channel() as channel:
-            try:
-                await channel.declare_queue(
-                    name, exclusive=True, durable=False, arguments=EXCLUSIVE_ARGUMENTS
-                )
-            except aiormq.exceptions.ChannelLockedResource:
-                return False
+        ours, False if another connection holds it. It lives as long as the connection.
+        On the caller's `channel` when given (a refusal closes it: the caller reopens it),
+        else on one of its own."""
+        if channel is None:
+            async with self.operation_channel() as own:
+                return await self.take_exclusive(name, own)
+        try:
+            await channel.declare_queue(
+                name, exclusive=True, durable=False, arguments=EXCLUSIVE_ARGUMENTS
+            )
+        except aiormq.exceptions.ChannelLockedResource:
+            return False
         return True
 
     async def ready_counts(

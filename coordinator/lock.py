@@ -16,7 +16,8 @@ Rules that keep it honest:
   locks, and `LockSession.lost` says so. With several broker nodes (`amqp_urls`)
   it opens on whichever answers first, and when that node goes, the lock goes
   with it: it never moves to another node.
-* Each attempt uses a throwaway channel, since RESOURCE_LOCKED closes it.
+* Attempts, and the slot's notes, use one channel the session keeps, reopened
+  after a RESOURCE_LOCKED (a slot someone holds) closes it.
 * Who holds a slot is written beside it, in `covey.lock.NAME[.SLOT].holder`
   (a note: newest wins), so that others can say "held by scout run R since T";
   the exclusive queue, not that note, is the lock. The same record goes into
@@ -199,7 +200,7 @@ class LockSession:
         self.on_renew: list[Renewed] = []  # told each new `valid_until` (the agent's guard)
         self._closing = False
         self._renewing: asyncio.Task[None] | None = None
-        self._notes: AbstractChannel | None = None
+        self._kept: AbstractChannel | None = None
         # The fence copies a take read, dropped once its own copy is confirmed.
         self._fence_read: dict[str, list[AbstractIncomingMessage]] = {}
         gateway.on_lost(self._on_close)
@@ -274,7 +275,7 @@ class LockSession:
             while True:
                 for queue in spec.queues:
                     asked = time.monotonic()
-                    if await self._gateway.take_exclusive(queue):
+                    if await self._gateway.take_exclusive(queue, await self._channel()):
                         return await self._took(spec, queue, asked)
                 left = deadline - time.monotonic()
                 if left <= 0 or released is None:
@@ -336,13 +337,13 @@ class LockSession:
             for listener in self.on_renew:
                 listener(self.valid_until)
 
-    # Holder notes are read and written on one kept channel (a read and a confirmed write
-    # are then a round trip each); what it cannot do goes through the gateway's notes.
+    # Slots are taken, and their notes read and written, on one kept channel (a take, a
+    # read and a confirmed write are then a round trip each, with no channel to open).
 
-    async def _note_channel(self) -> AbstractChannel:
-        if self._notes is None or self._notes.is_closed:
-            self._notes = await self._gateway.open_channel(confirms=True)
-        return self._notes
+    async def _channel(self) -> AbstractChannel:
+        if self._kept is None or self._kept.is_closed:
+            self._kept = await self._gateway.open_channel(confirms=True)
+        return self._kept
 
     async def _previous_holder(self, queue: str) -> Holder | None:
         """The slot's last holder as it left the fence note (read under the slot's lock,
@@ -350,7 +351,7 @@ class LockSession:
         when the slot was never taken. The copies read are kept, to be dropped once this
         take's own copy is confirmed (`_write_holder`)."""
         fence_queue = queue + FENCE_SUFFIX
-        channel = await self._note_channel()
+        channel = await self._channel()
         try:
             fence = await channel.get_queue(fence_queue, ensure=False)
             copies = await take_copies(fence)
@@ -371,7 +372,7 @@ class LockSession:
         body = holder.model_dump_json().encode()
         version = holder.token * 2 + holder.released  # a release is newer than its take
         notes = (queue + FENCE_SUFFIX, queue + HOLDER_SUFFIX)
-        channel = await self._note_channel()
+        channel = await self._channel()
         exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
         writes = await asyncio.gather(
             *(
@@ -387,7 +388,7 @@ class LockSession:
             if isinstance(written, BaseException):
                 if not making:
                     raise written
-                channel = await self._note_channel()  # reopened if the refusal closed it
+                channel = await self._channel()  # reopened if the refusal closed it
                 await self._gateway.publish_note(channel, note_queue, body, version)
         for copy in self._fence_read.pop(queue, []):
             if not copy.channel.is_closed:  # else the broker has put it back: next time
