@@ -29,6 +29,10 @@ keep a subscription re-opens a whole gateway, every `RECONNECT_SECONDS`. Every
 connection, first or again, comes from `open_connection`, which tries the broker's
 nodes (`amqp_urls`) in turn, the node of a connection just lost last: so a client
 whose node went away lands on another.
+
+Reading a stream is the one thing a gateway may do on another connection: a node
+without a running replica of a stream refuses its consumers, so `consume_stream` reads
+it through a node that has one, on a connection the gateway keeps for that stream.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ NOTE_ARGUMENTS: dict[str, Any] = {
 # a second or two of it answering, a refused connect is cheap, and the outage is logged
 # once, not per attempt.
 RECONNECT_SECONDS = 0.5
+DROP_SECONDS = 1.0  # closing a publisher channel that left a publish unconfirmed
 
 
 class _ReportedByCovey(logging.Filter):
@@ -377,7 +382,8 @@ def copy_of(
 
 
 class Gateway:
-    """One AMQP connection, and every channel covey opens on it. Use `async with`."""
+    """One AMQP connection, and every channel covey opens on it (and, for a stream its
+    node has no replica of, one to a node that has: `consume_stream`). Use `async with`."""
 
     def __init__(
         self,
@@ -440,8 +446,8 @@ class Gateway:
         await self.close()
 
     async def close(self) -> None:
-        others, self._stream_connections = list(self._stream_connections.values()), {}
-        for connection in {id(c): c for c in others}.values():
+        others, self._stream_connections = self._stream_connections, {}
+        for connection in others.values():
             if not connection.is_closed:
                 with contextlib.suppress(*BROKER_ERRORS):
                     await connection.close()
@@ -530,6 +536,15 @@ class Gateway:
                 self._publisher = await self.open_channel(confirms=True)
             return self._publisher
 
+    async def _drop_publisher(self) -> None:
+        """Close the publisher channel (a bounded wait: a broker that did not confirm may
+        not answer this either); the next publish opens another."""
+        channel, self._publisher = self._publisher, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(TimeoutError, *BROKER_ERRORS):
+                async with asyncio.timeout(DROP_SECONDS):
+                    await channel.close()
+
     async def publish_message(
         self,
         exchange: str,
@@ -548,19 +563,18 @@ class Gateway:
             target.publish(message, routing_key, mandatory=mandatory, timeout=timeout), what
         )
 
-    async def publish_session(self, batch: SessionBatch) -> None:
+    async def publish_session(self, batch: SessionBatch, timeout: float | None = None) -> None:
         """Publish a batch of a run's consecutive session events to `covey.sessions` as one
-        message (see session.py), and wait for its confirm. No timeout: a broker that
-        blocks publishers (an alarm) is waited for, since giving up would only send the
-        batch twice; a lost connection raises.
+        message (see session.py), and wait up to `timeout` seconds for its confirm.
 
-        Raises as `publish_message` does when it was not confirmed; the caller then
-        publishes the batch again, so its events may land twice (their `seq`s tell a
-        repeat from a new one, and readers pass repeats by)."""
+        Raises as `publish_message` does when it was not confirmed (a timeout included:
+        the next publish then starts on a fresh channel); the caller then publishes the
+        batch again, so its events may land twice (their `seq`s tell a repeat from a new
+        one, and readers pass repeats by)."""
         channel = await self._publish_channel()
         target = await channel.get_exchange(SESSIONS, ensure=False)
         await self._confirmed(
-            target.publish(session_message(batch, self.user), ""),
+            target.publish(session_message(batch, self.user), "", timeout=timeout),
             f"session events of run {batch.run_id}",
         )
 
@@ -638,9 +652,15 @@ class Gateway:
                 "`covey topology apply`"
             ) from None
         except TimeoutError:
+            # The next publish starts on a fresh channel. A channel whose publish was
+            # never confirmed cannot be trusted with the next one: on a cluster (3.10), a
+            # stream publish in flight when the stream's leader stopped is never
+            # confirmed, and one after it on the same channel was confirmed, not stored.
+            await self._drop_publisher()
             raise BrokerUnavailable(
                 f"RabbitMQ did not confirm {what} in time: it may be blocking publishers "
-                "(memory or disk alarm); treat it as not sent"
+                "(memory or disk alarm), or a replica leader may have just gone; treat it "
+                "as not sent"
             ) from None
         except BROKER_ERRORS as err:
             self._publisher = None  # the next publish starts on a fresh channel, or connection
