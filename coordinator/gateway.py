@@ -29,6 +29,10 @@ keep a subscription re-opens a whole gateway, every `RECONNECT_SECONDS`. Every
 connection, first or again, comes from `open_connection`, which tries the broker's
 nodes (`amqp_urls`) in turn, the node of a connection just lost last: so a client
 whose node went away lands on another.
+
+Reading a stream is the one thing a gateway may do on another connection: a node
+without a running replica of a stream refuses its consumers, so `consume_stream` reads
+it through a node that has one, on a connection the gateway keeps for that stream.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import aio_pika
@@ -119,6 +123,7 @@ NOTE_DELIVERY_LIMIT = 2**31 - 1  # every peek is a delivery: never drop a note f
 # a second or two of it answering, a refused connect is cheap, and the outage is logged
 # once, not per attempt.
 RECONNECT_SECONDS = 0.5
+DROP_SECONDS = 1.0  # closing a publisher channel that left a publish unconfirmed
 
 
 class _ReportedByCovey(logging.Filter):
@@ -373,7 +378,8 @@ def copy_of(
 
 
 class Gateway:
-    """One AMQP connection, and every channel covey opens on it. Use `async with`."""
+    """One AMQP connection, and every channel covey opens on it (and, for a stream its
+    node has no replica of, one to a node that has: `consume_stream`). Use `async with`."""
 
     def __init__(
         self,
@@ -388,6 +394,10 @@ class Gateway:
         self._reconnects = reconnects
         self._publisher: AbstractChannel | None = None
         self._publisher_opening = asyncio.Lock()  # concurrent first publishes share one channel
+        # Streams this connection's node holds no replica of, each read through a
+        # connection to a node that has one (see consume_stream); closed with the gateway.
+        self._stream_connections: dict[str, AbstractConnection] = {}
+        self._stream_finding = asyncio.Lock()  # concurrent readers share one search
         self.user = signer(connection)
 
     @classmethod
@@ -414,14 +424,12 @@ class Gateway:
     @property
     def url(self) -> str:
         """The URL of the node this gateway is connected to (password included)."""
-        # aio-pika's Connection has `url`; its abstract interface does not declare it.
-        return str(getattr(self._connection, "url", ""))
+        return _url_of(self._connection)
 
     @property
     def alive(self) -> bool:
-        """Whether the connection is still up. One the broker dropped is not `is_closed`
-        (only close() sets that) but no longer `connected`: both mean it died."""
-        return not self._connection.is_closed and self._connection.connected.is_set()
+        """Whether the connection is still up (see `_open`)."""
+        return _open(self._connection)
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call `callback` once the connection closes, whoever closed it."""
@@ -434,6 +442,11 @@ class Gateway:
         await self.close()
 
     async def close(self) -> None:
+        others, self._stream_connections = self._stream_connections, {}
+        for connection in others.values():
+            if not connection.is_closed:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await connection.close()
         if not self._connection.is_closed:
             await self._connection.close()
 
@@ -445,12 +458,7 @@ class Gateway:
         """A channel the caller keeps (a consumer's, a lock's) and closes itself.
         With `confirms`, publishes on it wait for the broker's confirm and raise
         when a `mandatory` one is returned unrouted."""
-        channel = await self._connection.channel(
-            publisher_confirms=confirms, on_return_raises=confirms
-        )
-        if prefetch is not None:
-            await channel.set_qos(prefetch_count=prefetch)
-        return channel
+        return await _channel(self._connection, confirms, prefetch)
 
     @contextlib.asynccontextmanager
     async def operation_channel(
@@ -524,6 +532,15 @@ class Gateway:
                 self._publisher = await self.open_channel(confirms=True)
             return self._publisher
 
+    async def _drop_publisher(self) -> None:
+        """Close the publisher channel (a bounded wait: a broker that did not confirm may
+        not answer this either); the next publish opens another."""
+        channel, self._publisher = self._publisher, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(TimeoutError, *BROKER_ERRORS):
+                async with asyncio.timeout(DROP_SECONDS):
+                    await channel.close()
+
     async def publish_message(
         self,
         exchange: str,
@@ -542,19 +559,18 @@ class Gateway:
             target.publish(message, routing_key, mandatory=mandatory, timeout=timeout), what
         )
 
-    async def publish_session(self, batch: SessionBatch) -> None:
+    async def publish_session(self, batch: SessionBatch, timeout: float | None = None) -> None:
         """Publish a batch of a run's consecutive session events to `covey.sessions` as one
-        message (see session.py), and wait for its confirm. No timeout: a broker that
-        blocks publishers (an alarm) is waited for, since giving up would only send the
-        batch twice; a lost connection raises.
+        message (see session.py), and wait up to `timeout` seconds for its confirm.
 
-        Raises as `publish_message` does when it was not confirmed; the caller then
-        publishes the batch again, so its events may land twice (their `seq`s tell a
-        repeat from a new one, and readers pass repeats by)."""
+        Raises as `publish_message` does when it was not confirmed (a timeout included:
+        the next publish then starts on a fresh channel); the caller then publishes the
+        batch again, so its events may land twice (their `seq`s tell a repeat from a new
+        one, and readers pass repeats by)."""
         channel = await self._publish_channel()
         target = await channel.get_exchange(SESSIONS, ensure=False)
         await self._confirmed(
-            target.publish(session_message(batch, self.user), ""),
+            target.publish(session_message(batch, self.user), "", timeout=timeout),
             f"session events of run {batch.run_id}",
         )
 
@@ -632,9 +648,15 @@ class Gateway:
                 "`covey topology apply`"
             ) from None
         except TimeoutError:
+            # The next publish starts on a fresh channel. A channel whose publish was
+            # never confirmed cannot be trusted with the next one: on a cluster (3.10), a
+            # stream publish in flight when the stream's leader stopped is never
+            # confirmed, and one after it on the same channel was confirmed, not stored.
+            await self._drop_publisher()
             raise BrokerUnavailable(
                 f"RabbitMQ did not confirm {what} in time: it may be blocking publishers "
-                "(memory or disk alarm); treat it as not sent"
+                "(memory or disk alarm), or a replica leader may have just gone; treat it "
+                "as not sent"
             ) from None
         except BROKER_ERRORS as err:
             self._publisher = None  # the next publish starts on a fresh channel, or connection
@@ -663,14 +685,20 @@ class Gateway:
                 f"queue {name} does not exist; run `covey topology apply`"
             ) from None
 
-    async def existing_queue(self, name: str, prefetch: int | None = None) -> AbstractQueue:
+    async def existing_queue(
+        self,
+        name: str,
+        prefetch: int | None = None,
+        connection: AbstractConnection | None = None,
+    ) -> AbstractQueue:
         """Passively declare `name` on a channel of its own (the caller closes
         `queue.channel`), waiting out a node that is still starting. Raises
         ChannelNotFoundEntity when the queue does not exist (each caller says what that
-        means), BrokerUnavailable when it stays unavailable past STARTING_SECONDS."""
+        means), BrokerUnavailable when it stays unavailable past STARTING_SECONDS.
+        `connection`: another than the gateway's own (a stream reader's: consume_stream)."""
         deadline = asyncio.get_running_loop().time() + STARTING_SECONDS
         while True:
-            channel = await self.open_channel(prefetch=prefetch)
+            channel = await _channel(connection or self._connection, False, prefetch)
             try:
                 return await channel.declare_queue(name, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity as err:
@@ -748,6 +776,96 @@ class Gateway:
 
         await in_parallel(names, parallelism, count)
         return counts
+
+    # -- reading streams ------------------------------------------------------
+    # RabbitMQ serves a stream consumer only on a node that runs a replica of the stream,
+    # and refuses it on any other (PRECONDITION_FAILED "... does not have a replica on
+    # the local node"): a stream with fewer replicas than the cluster has nodes
+    # (`replicas`), or a node whose replica is down or still starting. So the consumer
+    # goes where a replica is: this connection's node when it has one, else the next
+    # node in `amqp_order` that has, on a connection the gateway keeps for that stream.
+
+    async def consume_stream(
+        self,
+        name: str,
+        offset: int | str | datetime,
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+        prefetch: int,
+    ) -> AbstractQueue:
+        """Consume stream `name` from `offset` (`x-stream-offset`: an offset, `first`,
+        `last`, `next` or a time) into `on_message`, on a channel of its own on a node
+        that has a replica of it. Returns the queue: closing `queue.channel` (the caller's
+        to close) ends the consumer.
+
+        Raises ChannelNotFoundEntity when the stream does not exist (each caller says
+        what that means), BrokerUnavailable in one line when no node will serve it."""
+        kept = self._stream_connections.get(name)
+        tried: set[str] = set()
+        for connection in (kept, self._connection):
+            if connection is None or (connection is kept and not _open(connection)):
+                continue
+            place = _place(_url_of(connection))
+            if place in tried:
+                continue
+            tried.add(place)
+            try:
+                return await _consume_on(self, connection, name, offset, on_message, prefetch)
+            except aiormq.exceptions.ChannelPreconditionFailed as err:
+                if not no_local_replica(err):
+                    raise
+        async with self._stream_finding:
+            found = self._stream_connections.get(name)
+            if found is not None and found is not kept and _open(found):  # another reader's
+                try:
+                    return await _consume_on(self, found, name, offset, on_message, prefetch)
+                except aiormq.exceptions.ChannelPreconditionFailed as err:
+                    if not no_local_replica(err):
+                        raise
+                    tried.add(_place(_url_of(found)))
+            return await self._consume_elsewhere(name, offset, on_message, prefetch, tried)
+
+    async def _consume_elsewhere(
+        self,
+        name: str,
+        offset: int | str | datetime,
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+        prefetch: int,
+        tried: set[str],
+    ) -> AbstractQueue:
+        """consume_stream once the nodes in `tried` (host:port) have refused: the other
+        nodes in turn, each on a new connection, kept for `name` if its node serves it."""
+        candidates = [url for url in ordered(self._settings) if _place(url) not in tried]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.connect_timeout
+        for index, url in enumerate(candidates):
+            share = max(deadline - loop.time(), 0.0) / (len(candidates) - index)
+            try:
+                connection = await _connect_to(
+                    url, self._settings, f"{self._name} (stream {name})", None, share
+                )
+            except _NodeFailed:
+                continue  # down, or not taking connections: the next may serve it
+            try:
+                queue = await _consume_on(self, connection, name, offset, on_message, prefetch)
+            except BaseException as err:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await connection.close()
+                if isinstance(err, aiormq.exceptions.ChannelPreconditionFailed) and (
+                    no_local_replica(err)
+                ):
+                    continue
+                raise
+            old = self._stream_connections.get(name)
+            self._stream_connections[name] = connection
+            if old is not None and not old.is_closed:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await old.close()
+            return queue
+        raise BrokerUnavailable(
+            f"no RabbitMQ node covey can reach runs a replica of stream {name} (a node "
+            "without one refuses its readers): start the nodes that hold it "
+            "(`rabbitmq-streams stream_status` lists them), or add their URLs to amqp_urls"
+        )
 
     # -- listening ------------------------------------------------------------
 
@@ -933,6 +1051,53 @@ STARTING_POLL_SECONDS = 0.05
 def starting(err: aiormq.exceptions.ChannelNotFoundEntity) -> bool:
     """Whether a NOT_FOUND says the queue exists but its node is not up (yet)."""
     return "down or inaccessible" in str(err)
+
+
+def no_local_replica(err: aiormq.exceptions.ChannelPreconditionFailed) -> bool:
+    """Whether a PRECONDITION_FAILED says the node holds no (running) replica of a
+    stream: another node may (see Gateway.consume_stream)."""
+    return "replica on the local node" in str(err)
+
+
+async def _channel(
+    connection: AbstractConnection, confirms: bool, prefetch: int | None
+) -> AbstractChannel:
+    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+    if prefetch is not None:
+        await channel.set_qos(prefetch_count=prefetch)
+    return channel
+
+
+async def _consume_on(
+    gateway: Gateway,
+    connection: AbstractConnection,
+    name: str,
+    offset: int | str | datetime,
+    on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+    prefetch: int,
+) -> AbstractQueue:
+    """Consume stream `name` on a new channel of `connection`; the refusal of a node
+    with no replica closes that channel, and is raised."""
+    queue = await gateway.existing_queue(name, prefetch=prefetch, connection=connection)
+    try:
+        await queue.consume(on_message, arguments={"x-stream-offset": offset})
+    except BaseException:
+        if not queue.channel.is_closed:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await queue.channel.close()
+        raise
+    return queue
+
+
+def _url_of(connection: AbstractConnection) -> str:
+    # aio-pika's Connection has `url`; its abstract interface does not declare it.
+    return str(getattr(connection, "url", ""))
+
+
+def _open(connection: AbstractConnection) -> bool:
+    """Whether a connection is still up. One the broker dropped is not `is_closed` (only
+    close() sets that) but no longer `connected`: both mean it died."""
+    return not connection.is_closed and connection.connected.is_set()
 
 
 def _declare_error(err: BaseException) -> BaseException:

@@ -36,10 +36,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
 from coordinator import records, stream
-from coordinator.errors import BrokerUnavailable, CoveyError, NotFound, NotRetained
+from coordinator.errors import (
+    BrokerUnavailable,
+    CoveyError,
+    NotFound,
+    NotRetained,
+    TopologyMissing,
+)
 from coordinator.events import Event
 from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
 from coordinator.logs import get_logger
@@ -212,9 +219,8 @@ class _Reader:
 
     async def read(self, gateway: Gateway) -> AsyncGenerator[tuple[int, SessionEvent], None]:
         """This run's events from `next_id`, on one connection, until the end."""
-        channel = await gateway.open_channel(prefetch=PREFETCH)
+        channel, deliveries = await _consume(gateway, offset_of(self.next_id))
         try:
-            deliveries = await _consume(gateway, channel, offset_of(self.next_id))
             first = True
             while not self.done:
                 message = await _next(deliveries, gateway, channel)
@@ -349,16 +355,23 @@ def _made(
 
 
 async def _consume(
-    gateway: Gateway, channel: AbstractChannel, offset: int
-) -> asyncio.Queue[AbstractIncomingMessage | None]:
-    """Consume the stream from `offset` into a queue (None in it: the channel closed).
-    A callback into a queue, not aio-pika's queue iterator, so that closing the channel
-    is all it takes to stop."""
+    gateway: Gateway, offset: int
+) -> tuple[AbstractChannel, asyncio.Queue[AbstractIncomingMessage | None]]:
+    """Consume the stream from `offset` into a queue (None in it: the channel closed), on
+    a channel of its own (on a node with a replica of it: Gateway.consume_stream). A
+    callback into a queue, not aio-pika's queue iterator, so that closing the channel is
+    all it takes to stop."""
     deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-    queue = await gateway.queue(STREAM, channel)
+    try:
+        queue = await gateway.consume_stream(STREAM, offset, deliveries.put, PREFETCH)
+    except ChannelNotFoundEntity:
+        raise TopologyMissing(
+            f"stream {STREAM} does not exist; run `covey topology apply`"
+        ) from None
+    channel = queue.channel
+    # Quiet, the reader checks `channel.is_closed` too: a close before this is not missed.
     channel.close_callbacks.add(lambda *_: deliveries.put_nowait(None))
-    await queue.consume(deliveries.put, arguments={"x-stream-offset": offset})
-    return deliveries
+    return channel, deliveries
 
 
 async def _next(

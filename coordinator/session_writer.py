@@ -72,6 +72,14 @@ EVENT_BYTES = 200  # what an event costs beyond its text, roughly (model, JSON, 
 FLUSH_STALL_SECONDS = 5.0
 FLUSH_MAX_SECONDS = 60.0
 FINAL_SECONDS = 2.0
+# A batch not confirmed in this time is published again, on a fresh channel (see
+# Gateway._confirmed: on a cluster, a publish in flight when the stream's leader stopped
+# is never confirmed). Generous for a healthy broker, which confirms a batch in
+# milliseconds; short enough that a batch given up on is published again, and confirmed,
+# well within FLUSH_STALL_SECONDS at close. A timeout that was only slowness costs a
+# repeat, which readers pass by; under an alarm the broker blocks the connection, and
+# the publish waits for it unwritten.
+CONFIRM_SECONDS = 3.0
 FIRST_ID_SECONDS = 30.0  # how long the background search for the `opened` offset may take
 LOOKBACK = timedelta(seconds=1)  # clocks differ: start that search a little early
 LAST_OFFSET = 2**63 - 1
@@ -256,7 +264,8 @@ class SessionWriter:
 
     async def _publish(self, batch: list[Pending]) -> None:
         gateway = await self._connected()
-        await gateway.publish_session(SessionBatch.of(self.run_id, self.agent, batch))
+        events = SessionBatch.of(self.run_id, self.agent, batch)
+        await gateway.publish_session(events, timeout=CONFIRM_SECONDS)
 
     async def _connected(self) -> Gateway:
         """The writer's own gateway: it reconnects by itself once it has connected."""

@@ -79,17 +79,17 @@ async def items_from(
 
     The broker starts at the chunk that holds `start`, so a caller that wants an
     exact start filters what comes before it."""
+    deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
     try:
-        # Waits out a stream whose node is still starting (right after a restart).
-        queue = await gateway.existing_queue(stream, prefetch=prefetch)
+        # Waits out a stream whose node is still starting (right after a restart), and
+        # reads through another node when this one has no replica of the stream.
+        queue = await gateway.consume_stream(stream, start, deliveries.put, prefetch)
     except ChannelNotFoundEntity:
         raise TopologyMissing(
             f"stream {stream} does not exist; run `covey topology apply`"
         ) from None
     channel = queue.channel
     try:
-        deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        await queue.consume(deliveries.put, arguments={"x-stream-offset": start})
         timeout = FIRST_SECONDS if stop_at is None else RANGE_SECONDS
         while True:
             try:
