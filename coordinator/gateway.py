@@ -943,29 +943,56 @@ class Gateway:
         """Add `body` at `version` to the note `queue` (created if need be); confirmed
         before returning."""
         async with self.operation_channel(confirms=True) as channel:
-            await self.publish_note(channel, queue, body, version)
+            await self.publish_notes(channel, (queue,), body, version)
 
-    async def publish_note(
-        self, channel: AbstractChannel, queue: str, body: bytes, version: int
+    async def publish_notes(
+        self, channel: AbstractChannel, queues: Sequence[str], body: bytes, version: int
     ) -> None:
-        """Write a copy into the note `queue` on `channel` (which has confirms): one
-        confirmed publish when the note exists; else the note (and the notes exchange,
-        in a namespace nobody has set up) is made first. `channel` is reopened if a
-        refusal closed it."""
-        copy = self.note(body, version)
-        try:
-            notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-            await notes.publish(copy, queue, mandatory=True)
-            return
-        except aio_pika.exceptions.DeliveryError:
-            pass  # unrouted: no note by that name yet
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        """Add `body` at `version` to each note in `queues`, at once, on `channel` (which
+        has confirms): one confirm round trip when the notes exist; those that do not are
+        made first (with the notes exchange, in a namespace nobody has set up), on
+        `channel` reopened if a refusal closed it.
+
+        Raises BrokerUnavailable when a copy is not confirmed within `connect_timeout`
+        (a quorum queue without a majority confirms nothing), as a broker error."""
+        timeout = self._settings.connect_timeout
+        exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+        writes = await asyncio.gather(
+            *(
+                exchange.publish(self.note(body, version), queue, mandatory=True, timeout=timeout)
+                for queue in queues
+            ),
+            return_exceptions=True,
+        )
+        # Returned unrouted: no note by that name yet. No exchange: the refusal closed the
+        # channel, and the other writes on it failed with it.
+        missing = (aio_pika.exceptions.PublishError, aiormq.exceptions.ChannelNotFoundEntity)
+        making = any(isinstance(written, missing) for written in writes)
+        no_exchange = any(isinstance(w, aiormq.exceptions.ChannelNotFoundEntity) for w in writes)
+        for queue, written in zip(queues, writes, strict=True):
+            if not isinstance(written, BaseException):
+                continue
+            if isinstance(written, TimeoutError):
+                raise BrokerUnavailable(
+                    f"RabbitMQ did not confirm note {queue} within {timeout:g} s: most of "
+                    "its nodes may be down; retry once they are back"
+                ) from None
+            if not making:
+                raise written
+            await self._make_note(channel, queue, no_exchange)
+            no_exchange = False
+            exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+            await exchange.publish(self.note(body, version), queue, mandatory=True, timeout=timeout)
+
+    async def _make_note(self, channel: AbstractChannel, queue: str, no_exchange: bool) -> None:
+        """Declare the note `queue` and bind it (after the notes exchange, when there was
+        none: the refusal closed `channel`, which is reopened)."""
+        if channel.is_closed:
             await channel.reopen()
+        if no_exchange:
             await self._declare_notes_exchange()
         await self.declare_note(channel, queue)
-        notes = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-        await (await channel.get_queue(queue, ensure=False)).bind(notes, queue)
-        await notes.publish(copy, queue, mandatory=True)
+        await (await channel.get_queue(queue, ensure=False)).bind(NOTES_EXCHANGE, queue)
 
     async def declare_note(self, channel: AbstractChannel, queue: str) -> None:
         """Declare the note `queue`, or leave it as it is when it exists with other

@@ -66,7 +66,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
@@ -77,7 +76,7 @@ from coordinator.gateway import BROKER_ERRORS, Gateway, newest_copy, take_copies
 from coordinator.guard import GRACE_SECONDS
 from coordinator.logs import get_logger
 from coordinator.settings import Settings
-from coordinator.topology import EVENTS_EXCHANGE, NOTES_EXCHANGE
+from coordinator.topology import EVENTS_EXCHANGE
 
 log = get_logger(__name__)
 
@@ -372,24 +371,7 @@ class LockSession:
         body = holder.model_dump_json().encode()
         version = holder.token * 2 + holder.released  # a release is newer than its take
         notes = (queue + FENCE_SUFFIX, queue + HOLDER_SUFFIX)
-        channel = await self._channel()
-        exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-        writes = await asyncio.gather(
-            *(
-                exchange.publish(self._gateway.note(body, version), n, mandatory=True)
-                for n in notes
-            ),
-            return_exceptions=True,
-        )
-        # A note not there yet, or no notes exchange in a new namespace: make them.
-        missing = (aio_pika.exceptions.DeliveryError, aiormq.exceptions.ChannelNotFoundEntity)
-        making = any(isinstance(written, missing) for written in writes)
-        for note_queue, written in zip(notes, writes, strict=True):
-            if isinstance(written, BaseException):
-                if not making:
-                    raise written
-                channel = await self._channel()  # reopened if the refusal closed it
-                await self._gateway.publish_note(channel, note_queue, body, version)
+        await self._gateway.publish_notes(await self._channel(), notes, body, version)
         for copy in self._fence_read.pop(queue, []):
             if not copy.channel.is_closed:  # else the broker has put it back: next time
                 await copy.ack()

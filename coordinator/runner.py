@@ -39,7 +39,7 @@ import structlog
 
 from coordinator import changelog, digest, preflight
 from coordinator.emit import EmitServer
-from coordinator.errors import BadInput, CoveyError
+from coordinator.errors import BadInput, BrokerUnavailable, CoveyError
 from coordinator.events import Event
 from coordinator.gateway import BROKER_ERRORS, translated
 from coordinator.guard import Guard
@@ -312,7 +312,7 @@ async def _take_locks(run: RunContext, locks: LockSession) -> None:
     except (LockBusy, Interrupted) as not_now:
         outcome = Outcome.SKIPPED_BUSY if isinstance(not_now, LockBusy) else Outcome.STOPPED
         raise NotStarted(Ending(outcome, reason=str(not_now))) from not_now
-    except BROKER_ERRORS as err:
+    except (*BROKER_ERRORS, BrokerUnavailable) as err:  # the latter: a note unconfirmed
         raise _TakingFailed(f"the lock connection failed while taking the locks: {err}") from err
 
 

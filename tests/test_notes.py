@@ -148,3 +148,19 @@ async def test_notes_nobody_reads_stay_small(amqp_url: str) -> None:
     assert held.token == 20
     assert await ready(amqp_url, "covey.lock.busy.fence") == 2  # r19's take and release
     assert await ready(amqp_url, "covey.lock.busy.holder") == NOTE_COPIES
+
+
+async def test_a_lock_in_an_empty_namespace_makes_its_notes(amqp_url: str) -> None:
+    """Nothing declared, not even the notes exchange: the first take's two note writes
+    are refused together (the channel closes), and both notes are made; the second take
+    reads the first's token from the fence."""
+    settings = Settings(amqp_url=amqp_url)
+    tokens = []
+    for run in ("r1", "r2"):
+        async with await LockSession.open(settings, Holder.me("worker", run, "h")) as session:
+            tokens.append((await session.acquire(LockSpec("fresh"))).token)
+    assert tokens == [1, 2]
+    assert await ready(amqp_url, "covey.lock.fresh.fence") == 2
+    async with await Gateway.connect(settings) as gateway:
+        shown = await gateway.read_note("covey.lock.fresh.holder")
+    assert shown is not None and Holder.model_validate_json(shown).released
