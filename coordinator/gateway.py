@@ -1055,7 +1055,14 @@ async def take_copies(notes: AbstractQueue) -> list[AbstractIncomingMessage]:
     back or drops each); [] when none is there. Each get says how many are left."""
     copies: list[AbstractIncomingMessage] = []
     for _ in range(2 * NOTE_COPIES):  # copies written meanwhile can wait for the next read
-        copy = await notes.get(fail=False, no_ack=False)
+        try:
+            copy = await notes.get(fail=False, no_ack=False)
+        except TimeoutError:  # aiormq's own bound on a method: a quorum queue with no
+            # majority answers no get (whatever it has out goes back when the channel does)
+            raise BrokerUnavailable(
+                f"RabbitMQ did not answer a read of note {notes.name} in time: most of "
+                "its nodes may be down; retry once they are back"
+            ) from None
         if copy is None:
             break
         copies.append(copy)

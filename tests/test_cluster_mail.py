@@ -302,11 +302,16 @@ async def test_with_two_of_three_nodes_down_send_exits_4_and_sent_mail_arrives_l
     has no leader. Asserted: `covey send --timeout 3` (given all three URLs) exits 4 with
     one line within its timeout (plus a process's start), three times; once the nodes are
     back, every message reported sent (before, and after) is in scout's mailbox once;
-    a send that failed may have arrived too (at least once, from the sender's side)."""
+    a send that failed may have arrived too (at least once, from the sender's side).
+    And `covey run` of an agent whose lock notes have no majority ends, without starting
+    the agent (it cannot learn the last fencing token), rather than hang."""
     tally = Tally("cluster-minority")
     vhost = vhost_of(on_cluster)
     urls = urls_from(cluster, vhost, 0)
     given_every_node(on_cluster, urls)
+    worker = on_cluster.add_agent("worker", 'command = "touch ran-$COVEY_FENCING_TOKEN"\n')
+    on_cluster.ok("run", "worker")  # its lock's notes exist now, replicated
+    assert (worker / "ran-1").exists()
     settled(lambda: cluster.quorum_status("agent.scout", vhost), whole)
     async with on_cluster.open("human:ada") as ada:
         sent = await send_all(ada, "scout", [f"before {n}" for n in range(20)])
@@ -319,6 +324,9 @@ async def test_with_two_of_three_nodes_down_send_exits_4_and_sent_mail_arrives_l
             began = time.monotonic()
             result = on_cluster.covey("send", "scout", f"during {n}", "--timeout", "3")
             results.append((result, time.monotonic() - began))
+        began = time.monotonic()
+        run = on_cluster.covey("run", "worker", timeout=180)
+        run_took = time.monotonic() - began
     finally:
         start_nodes(cluster, down)
     back = settled(lambda: cluster.quorum_status("agent.scout", vhost), whole)
@@ -344,6 +352,8 @@ async def test_with_two_of_three_nodes_down_send_exits_4_and_sent_mail_arrives_l
         failed_but_delivered=sum(f"during {n}" in subjects for n in range(len(results))),
         minority_leader=minority.leader,
         minority_online=len(minority.online),
+        run_exit=run.returncode,
+        run_seconds=round(run_took, 1),
     )
     tally.show()
     # (Its member on node 0 may still call itself leader: it has no quorum all the same.)
@@ -355,5 +365,11 @@ async def test_with_two_of_three_nodes_down_send_exits_4_and_sent_mail_arrives_l
         assert seconds < 30, seconds  # its 3 s timeout, with room for a slow start
     assert after.returncode == 0, after.stderr
     assert whole(back), back
+    # Its fence note answers no read: the take fails as a broker error (exit 70, a
+    # TimeoutError, before), and the run ends lock-lost with nothing started.
+    assert run.returncode == 8, run.stdout + run.stderr
+    assert "lock-lost" in run.stdout and "Traceback" not in run.stderr, run.stderr
+    assert not (worker / "ran-2").exists()
+    assert run_took < 90, run_took  # connect_timeout (10 s) bounds the read
     assert tally.lost == 0 and tally.duplicates == 0
     assert set(ids) - set(sent) <= {m["id"] for m in inbox if m["subject"].startswith("during")}
