@@ -48,14 +48,15 @@ def single_replicas(world: World, cluster: LocalCluster) -> Iterator[World]:
         yield on
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_streams_are_read_through_another_node_when_the_first_has_no_replica(
     single_replicas: World, cluster: LocalCluster
 ) -> None:
     """`replicas = 1`: each stream lives on one node. covey given every node's URL, the
     nodes with no replica first (`amqp_order = "listed"`), reads all of the changelog
     (`covey log`), a digest and a run's session (`covey attach`) in full, and says nothing
-    of the nodes that refused the consumer."""
+    of the nodes that refused the consumer. With the changelog's node stopped, `covey
+    log` through the others says so in one line (exit 4)."""
     on = single_replicas
     vhost = vhost_of(on)
     on.add_agent(
@@ -100,6 +101,25 @@ def test_streams_are_read_through_another_node_when_the_first_has_no_replica(
         f"TALLY cluster-replicaless-read: first_node={order[0]} log={log_took:.1f}s "
         f"attach={attach_took:.1f}s lines={len(lines)} duplicates={copies(lines)}"
     )
+
+    # No node that answers has a replica (the changelog's one node stopped): one line,
+    # exit 4, within connect_timeout's bounds, not a hang or a traceback.
+    (holder,) = {cluster.index(member) for member in holders[CHANGELOG_STREAM].members}
+    elsewhere = [vhost_url(cluster.nodes[i], vhost) for i in order if i != holder]
+    on.amqp_url = elsewhere[0]
+    given_every_node(on, elsewhere)
+    cluster.stop_node(holder)
+    try:
+        began = time.monotonic()
+        orphaned = on.covey("log", timeout=120)
+        orphaned_took = time.monotonic() - began
+    finally:
+        cluster.start_node(holder)
+    assert orphaned.returncode == 4, orphaned.stdout + orphaned.stderr
+    assert len(orphaned.stderr.strip().splitlines()) == 1, orphaned.stderr
+    assert CHANGELOG_STREAM in orphaned.stderr and "Traceback" not in orphaned.stderr
+    assert orphaned_took < 60, orphaned_took
+    print(f"no replica reachable: exit 4 in {orphaned_took:.1f} s: {orphaned.stderr.strip()}")
 
 
 PRINT_20 = "for n in range(20): print(f'line {n}', flush=True)"
