@@ -797,8 +797,22 @@ class Gateway:
         that has a replica of it. Returns the queue: closing `queue.channel` (the caller's
         to close) ends the consumer.
 
-        Raises ChannelNotFoundEntity when the stream does not exist (each caller says
-        what that means), BrokerUnavailable in one line when no node will serve it."""
+        Raises TopologyMissing when the stream does not exist, BrokerUnavailable in one
+        line when no node will serve it."""
+        try:
+            return await self._consume_stream(name, offset, on_message, prefetch)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise TopologyMissing(
+                f"stream {name} does not exist; run `covey topology apply`"
+            ) from None
+
+    async def _consume_stream(
+        self,
+        name: str,
+        offset: int | str | datetime,
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+        prefetch: int,
+    ) -> AbstractQueue:
         kept = self._stream_connections.get(name)
         tried: set[str] = set()
         for connection in (kept, self._connection):

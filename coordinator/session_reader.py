@@ -36,7 +36,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
 from coordinator import records, stream
@@ -45,7 +44,6 @@ from coordinator.errors import (
     CoveyError,
     NotFound,
     NotRetained,
-    TopologyMissing,
 )
 from coordinator.events import Event
 from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
@@ -362,13 +360,7 @@ async def _consume(
     callback into a queue, not aio-pika's queue iterator, so that closing the channel is
     all it takes to stop."""
     deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-    try:
-        queue = await gateway.consume_stream(STREAM, offset, deliveries.put, PREFETCH)
-    except ChannelNotFoundEntity:
-        raise TopologyMissing(
-            f"stream {STREAM} does not exist; run `covey topology apply`"
-        ) from None
-    channel = queue.channel
+    channel = (await gateway.consume_stream(STREAM, offset, deliveries.put, PREFETCH)).channel
     # Quiet, the reader checks `channel.is_closed` too: a close before this is not missed.
     channel.close_callbacks.add(lambda *_: deliveries.put_nowait(None))
     return channel, deliveries

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import ChannelNotFoundEntity
 
-from coordinator.errors import TopologyMissing
 from coordinator.gateway import Gateway
 
 PREFETCH = 500
@@ -80,15 +78,9 @@ async def items_from(
     The broker starts at the chunk that holds `start`, so a caller that wants an
     exact start filters what comes before it."""
     deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-    try:
-        # Waits out a stream whose node is still starting (right after a restart), and
-        # reads through another node when this one has no replica of the stream.
-        queue = await gateway.consume_stream(stream, start, deliveries.put, prefetch)
-    except ChannelNotFoundEntity:
-        raise TopologyMissing(
-            f"stream {stream} does not exist; run `covey topology apply`"
-        ) from None
-    channel = queue.channel
+    # Waits out a stream whose node is still starting (right after a restart), and reads
+    # through another node when this one has no replica of the stream.
+    channel = (await gateway.consume_stream(stream, start, deliveries.put, prefetch)).channel
     try:
         timeout = FIRST_SECONDS if stop_at is None else RANGE_SECONDS
         while True:

@@ -27,14 +27,14 @@ import pytest
 from conftest import World, start
 from faultkit import copies, vhost_url, world_on
 from test_cluster import cluster, settled, vhost_of
-from test_cluster_mail import given_every_node, urls_from, whole
+from test_cluster_mail import given_every_node, on_cluster, urls_from, whole
 from test_sessions import _finished
 
 from coordinator.localbroker import LocalCluster
 from coordinator.topology import CHANGELOG_STREAM, RUNS_STREAM, SESSIONS
 
 pytestmark = pytest.mark.slow
-__all__ = ["cluster"]  # the fixture (test_cluster.py: one cluster per module), used by name
+__all__ = ["cluster", "on_cluster"]  # fixtures (one cluster per module), used by name
 
 STREAMS = (CHANGELOG_STREAM, RUNS_STREAM, SESSIONS)
 
@@ -130,13 +130,6 @@ STEADY = (
     "    print(f'line {n}', flush=True)\n"
     f"    time.sleep({EVERY})\n"
 )
-
-
-@pytest.fixture
-def on_cluster(world: World, cluster: LocalCluster) -> Iterator[World]:
-    """The test's covey home on a vhost of its own on the cluster, through node 0."""
-    with world_on(cluster.nodes[0], world, "streams") as on:
-        yield on
 
 
 @pytest.mark.timeout(240)
