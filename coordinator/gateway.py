@@ -124,6 +124,8 @@ NOTE_DELIVERY_LIMIT = 2**31 - 1  # every peek is a delivery: never drop a note f
 # once, not per attempt.
 RECONNECT_SECONDS = 0.5
 DROP_SECONDS = 1.0  # closing a publisher channel that left a publish unconfirmed
+StreamOffset = int | str | datetime  # x-stream-offset: an offset, first/last/next, a time
+OnMessage = Callable[[AbstractIncomingMessage], Awaitable[Any]]
 
 
 class _ReportedByCovey(logging.Filter):
@@ -788,8 +790,8 @@ class Gateway:
     async def consume_stream(
         self,
         name: str,
-        offset: int | str | datetime,
-        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+        offset: StreamOffset,
+        on_message: OnMessage,
         prefetch: int,
     ) -> AbstractQueue:
         """Consume stream `name` from `offset` (`x-stream-offset`: an offset, `first`,
@@ -799,20 +801,6 @@ class Gateway:
 
         Raises TopologyMissing when the stream does not exist, BrokerUnavailable in one
         line when no node will serve it."""
-        try:
-            return await self._consume_stream(name, offset, on_message, prefetch)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise TopologyMissing(
-                f"stream {name} does not exist; run `covey topology apply`"
-            ) from None
-
-    async def _consume_stream(
-        self,
-        name: str,
-        offset: int | str | datetime,
-        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
-        prefetch: int,
-    ) -> AbstractQueue:
         kept = self._stream_connections.get(name)
         tried: set[str] = set()
         for connection in (kept, self._connection):
@@ -841,8 +829,8 @@ class Gateway:
     async def _consume_elsewhere(
         self,
         name: str,
-        offset: int | str | datetime,
-        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+        offset: StreamOffset,
+        on_message: OnMessage,
         prefetch: int,
         tried: set[str],
     ) -> AbstractQueue:
@@ -888,7 +876,7 @@ class Gateway:
         channel: AbstractChannel,
         exchange: str,
         keys: Iterable[str],
-        on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+        on_message: OnMessage,
     ) -> AbstractQueue:
         """Call `on_message` with a copy of each message routed through `exchange` with
         any of `keys`, from now on, on `channel` (the caller's, kept open while it listens).
@@ -1120,13 +1108,16 @@ async def _consume_on(
     gateway: Gateway,
     connection: AbstractConnection,
     name: str,
-    offset: int | str | datetime,
-    on_message: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+    offset: StreamOffset,
+    on_message: OnMessage,
     prefetch: int,
 ) -> AbstractQueue:
     """Consume stream `name` on a new channel of `connection`; the refusal of a node
     with no replica closes that channel, and is raised."""
-    queue = await gateway.existing_queue(name, prefetch=prefetch, connection=connection)
+    try:
+        queue = await gateway.existing_queue(name, prefetch=prefetch, connection=connection)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise TopologyMissing(f"stream {name} does not exist; run `covey topology apply`") from None
     try:
         await queue.consume(on_message, arguments={"x-stream-offset": offset})
     except BaseException:
