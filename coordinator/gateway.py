@@ -11,7 +11,7 @@ Who declares what: topology.py describes the lasting topology as data and declar
 nothing; `Gateway.apply` declares such a description (which part, and when, is the
 namespace's call: `Namespace.apply_topology`, `ensure_participants`). What comes and
 goes is declared here as it is needed, never described there: a note's queue on its
-first write (`write_note`), a lock slot (`take_exclusive`), and a listener's own
+first write (`publish_notes`), a lock slot (`take_exclusive`), and a listener's own
 queue (`listen`).
 
 Publishing is always confirmed, and `mandatory` unless the caller says otherwise (most
