@@ -400,25 +400,45 @@ class LocalCluster:
         node.start(timeout)
         node.wait_running(timeout)
 
-    def partition(self, index: int) -> float:
-        """Cut node `index` off from the others, both running on: a network partition
-        on loopback, without firewall rules. Erlang checks a per-peer cookie when two
-        nodes connect, so node `index` is given a wrong cookie for each of its peers and
-        drops its connections to them; neither side can connect again, while
-        `rabbitmqctl` (a node of its own, with the shared cookie) reaches every node.
-        RabbitMQ sees the peers go down at once, not after `net_ticktime` as on a
-        network that goes silent. `heal` undoes it. Returns when the node cut itself
-        off, by its clock (as `time.time()`: `rabbitmqctl` takes seconds to start)."""
-        return self._eval_at(
-            index,
-            f"[begin erlang:set_cookie(N, covey_partitioned), erlang:disconnect_node(N) end"
-            f" || N <- {self._peers(index)}]",
-        )
+    def partition(self, index: int, *, silent: bool = False) -> float:
+        """Cut node `index` off from the others, all running on: a network partition on
+        loopback, without firewall rules. Erlang checks a per-peer cookie when two nodes
+        connect, so node `index` is given a wrong cookie for each of its peers: no side
+        can connect again, while `rabbitmqctl` (a node of its own, with the shared
+        cookie) reaches every node. `heal` undoes it.
+
+        The connections already made: by default node `index` drops them, so both sides
+        notice at once. `silent` leaves them open and stops reading them (passive mode)
+        on both sides, as a network that stops carrying packets: each node notices when
+        its peer's ticks stop coming, within `net_ticktime`, at its own moment.
+
+        Returns when node `index` cut itself off, by its clock (as `time.time()`;
+        `rabbitmqctl` takes a second or more to start)."""
+        peers = self._peers(index)
+        if not silent:
+            return self._eval_at(
+                index,
+                f"[begin erlang:set_cookie(N, covey_partitioned), erlang:disconnect_node(N) end"
+                f" || N <- {peers}]",
+            )
+        # Only node `index` changes cookies: peers given the same wrong one would agree.
+        cut = f"[erlang:set_cookie(N, covey_partitioned) || N <- {peers}], {_mute(peers)}"
+        others = [i for i in range(len(self.nodes)) if i != index]
+        with ThreadPoolExecutor(len(self.nodes)) as pool:  # one CLI start each: at once
+            at = pool.submit(self._eval_at, index, cut)
+            muted = [
+                pool.submit(self._eval_at, i, _mute(f"['{self.nodes[index].nodename}']"))
+                for i in others
+            ]
+            for done in muted:
+                done.result()
+            return at.result()
 
     def heal(self, index: int) -> float:
         """End `partition(index)`: node `index` takes the shared cookie for its peers
         again and connects to them (RabbitMQ then does the rest: a paused node resumes).
-        Returns when, as `partition` does."""
+        After a `silent` cut, heal once both sides have noticed it (the muted connections
+        are closed then). Returns when, as `partition` does."""
         return self._eval_at(
             index,
             f"C = erlang:get_cookie(), [begin erlang:set_cookie(N, C), net_adm:ping(N) end"
@@ -496,6 +516,14 @@ class LocalCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def _mute(peers: str) -> str:
+    """Erlang: stop reading the distribution connections to `peers` (a list of atoms)."""
+    return (
+        f"[inet:setopts(P, [{{active, false}}]) || {{N, P}} <- erlang:system_info(dist_ctrl),"
+        f" lists:member(N, {peers})]"
+    )
 
 
 def _json_rows(output: str) -> list[dict[str, Any]]:
