@@ -78,10 +78,15 @@ class LocalBroker:
         nodename: str | None = None,
         home: Path | None = None,
         management: bool = False,
+        partition_handling: str | None = None,
+        net_ticktime: int | None = None,
     ) -> None:
         """`home` holds the Erlang cookie (default: `workdir`); nodes that are to be
         clustered share one, and with it the cookie. With `management`, the node serves
-        RabbitMQ's management API at `management_url` (a few seconds more to start)."""
+        RabbitMQ's management API at `management_url` (a few seconds more to start).
+        `partition_handling` (`cluster_partition_handling`: "pause_minority", ...) and
+        `net_ticktime` (seconds; Erlang's default is 60) are for a cluster's nodes; unset,
+        RabbitMQ's defaults apply."""
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="covey-broker-"))
         self.home = home or self.workdir
@@ -91,6 +96,8 @@ class LocalBroker:
         self.tls = tls
         self.tls_port = free_port() if tls is not None else None
         self.management_port = free_port() if management else None
+        self.partition_handling = partition_handling
+        self.net_ticktime = net_ticktime
         self._process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -115,6 +122,8 @@ class LocalBroker:
 
     def _config(self) -> str:
         lines = [f"listeners.tcp.1 = 127.0.0.1:{self.port}", "log.console = false"]
+        if self.partition_handling is not None:
+            lines.append(f"cluster_partition_handling = {self.partition_handling}")
         if self.management_port is not None:
             lines += [
                 f"management.tcp.port = {self.management_port}",
@@ -164,6 +173,12 @@ class LocalBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "rabbitmq.conf").write_text(self._config())
         (self.workdir / "rabbitmq-env.conf").write_text("")
+        advanced = self.workdir / "advanced.config"
+        if self.net_ticktime is not None:
+            # Not settable in rabbitmq.conf: it is the Erlang kernel's, not RabbitMQ's.
+            advanced.write_text(f"[{{kernel, [{{net_ticktime, {self.net_ticktime}}}]}}].\n")
+        else:
+            advanced.unlink(missing_ok=True)
         plugins = "rabbitmq_management" if self.management_port is not None else ""
         (self.workdir / "enabled_plugins").write_text(f"[{plugins}].\n")
         log = (self.workdir / "server.log").open("ab")
@@ -317,8 +332,15 @@ class LocalCluster:
     """
 
     def __init__(
-        self, size: int = 3, workdir: Path | None = None, *, management: bool = False
+        self,
+        size: int = 3,
+        workdir: Path | None = None,
+        *,
+        management: bool = False,
+        partition_handling: str | None = None,
+        net_ticktime: int | None = None,
     ) -> None:
+        """`partition_handling` and `net_ticktime`: as for LocalBroker, on every node."""
         if size < 1:
             raise ValueError("a cluster has at least one node")
         self._own_workdir = workdir is None
@@ -330,6 +352,8 @@ class LocalCluster:
                 nodename=f"{stem}-{i}@localhost",
                 home=self.workdir,
                 management=management,
+                partition_handling=partition_handling,
+                net_ticktime=net_ticktime,
             )
             for i in range(size)
         ]
@@ -375,6 +399,71 @@ class LocalCluster:
         node = self.nodes[index]
         node.start(timeout)
         node.wait_running(timeout)
+
+    def partition(self, index: int, *, silent: bool = False) -> float:
+        """Cut node `index` off from the others, all running on: a network partition on
+        loopback, without firewall rules. Erlang checks a per-peer cookie when two nodes
+        connect, so node `index` is given a wrong cookie for each of its peers: no side
+        can connect again, while `rabbitmqctl` (a node of its own, with the shared
+        cookie) reaches every node. `heal` undoes it.
+
+        The connections already made: by default node `index` drops them, so both sides
+        notice at once. `silent` leaves them open and stops reading them (passive mode)
+        on both sides, as a network that stops carrying packets: each node notices when
+        its peer's ticks stop coming, within `net_ticktime`, at its own moment.
+
+        Returns when node `index` cut itself off, by its clock (as `time.time()`;
+        `rabbitmqctl` takes a second or more to start)."""
+        peers = self._peers(index)
+        if not silent:
+            return self._eval_at(
+                index,
+                f"[begin erlang:set_cookie(N, covey_partitioned), erlang:disconnect_node(N) end"
+                f" || N <- {peers}]",
+            )
+        # Only node `index` changes cookies: peers given the same wrong one would agree.
+        cut = f"[erlang:set_cookie(N, covey_partitioned) || N <- {peers}], {_mute(peers)}"
+        others = [i for i in range(len(self.nodes)) if i != index]
+        with ThreadPoolExecutor(len(self.nodes)) as pool:  # one CLI start each: at once
+            at = pool.submit(self._eval_at, index, cut)
+            muted = [
+                pool.submit(self._eval_at, i, _mute(f"['{self.nodes[index].nodename}']"))
+                for i in others
+            ]
+            for done in muted:
+                done.result()
+            return at.result()
+
+    def heal(self, index: int) -> float:
+        """End `partition(index)`: node `index` takes the shared cookie for its peers
+        again and connects to them (RabbitMQ then does the rest: a paused node resumes).
+        After a `silent` cut, heal once both sides have noticed it (the muted connections
+        are closed then). Returns when, as `partition` does."""
+        return self._eval_at(
+            index,
+            f"C = erlang:get_cookie(), [begin erlang:set_cookie(N, C), net_adm:ping(N) end"
+            f" || N <- {self._peers(index)}]",
+        )
+
+    def _eval_at(self, index: int, expression: str) -> float:
+        """Evaluate an Erlang expression on node `index`; the node's time just after."""
+        out = self.nodes[index].ctl("eval", f"{expression}, os:system_time(microsecond).")
+        return int(out.strip()) / 1e6
+
+    def _peers(self, index: int) -> str:
+        """The other nodes' names as an Erlang list of atoms."""
+        names = [f"'{n.nodename}'" for i, n in enumerate(self.nodes) if i != index]
+        return "[" + ", ".join(names) + "]"
+
+    def cluster_status(self, index: int, timeout: float = 30.0) -> dict[str, Any]:
+        """What node `index` says of the cluster (`rabbitmqctl cluster_status`): its
+        `running_nodes`, `partitions` and so on."""
+        status = json.loads(
+            self.nodes[index].ctl("cluster_status", "--formatter", "json", timeout=timeout)
+        )
+        if not isinstance(status, dict):
+            raise RuntimeError(f"unexpected cluster_status: {str(status)[:200]}")
+        return status
 
     def rss_bytes(self) -> int:
         """The resident memory of all the running nodes, in bytes."""
@@ -427,6 +516,14 @@ class LocalCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def _mute(peers: str) -> str:
+    """Erlang: stop reading the distribution connections to `peers` (a list of atoms)."""
+    return (
+        f"[inet:setopts(P, [{{active, false}}]) || {{N, P}} <- erlang:system_info(dist_ctrl),"
+        f" lists:member(N, {peers})]"
+    )
 
 
 def _json_rows(output: str) -> list[dict[str, Any]]:
