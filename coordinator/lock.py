@@ -253,9 +253,11 @@ class LockSession:
             try:
                 async with asyncio.timeout(NOTE_RELEASE_TIMEOUT):
                     await self._mark_released()
-            except (TimeoutError, *BROKER_ERRORS):
+            except (TimeoutError, *BROKER_ERRORS) as err:
                 # The next holder then waits out the lease: slower, never unsafe.
-                log.warning("could not mark the locks released", exc_info=True)
+                log.warning(
+                    "could not mark the locks released", problem=str(err) or type(err).__name__
+                )
         await self._gateway.close()
         self.held.clear()
 
@@ -325,9 +327,12 @@ class LockSession:
                     if channel is None or channel.is_closed:
                         channel = await self._gateway.open_channel()
                     await channel.declare_queue(queue, passive=True)
-            except (TimeoutError, *BROKER_ERRORS):
-                if not self._closing:
-                    log.warning("lock lease not renewed; the locks are lost", exc_info=True)
+            except (TimeoutError, *BROKER_ERRORS) as err:
+                if not self._closing:  # one line: a lost lock is news, not a bug
+                    log.warning(
+                        "lock lease not renewed; the locks are lost",
+                        problem=str(err) or type(err).__name__,
+                    )
                     self.lost.set()
                 return
             if not self.valid():  # the answer came, but too late to count

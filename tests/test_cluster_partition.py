@@ -282,9 +282,8 @@ async def test_a_partition_pauses_the_minority_mail_goes_on_and_the_lock_moves(
     )
 
     assert first.returncode == 8, out1 + err1
-    # (Not "no Traceback in stderr": when the lease's renewal meets the reset connection
-    # before the close, covey logs that warning with the exception's traceback.)
-    assert "lock-lost" in out1, out1 + err1
+    # (A lease renewal that met the reset connection once logged a whole traceback.)
+    assert "lock-lost" in out1 and "Traceback" not in err1, out1 + err1
     assert second.returncode == 0, out2 + err2
     assert (old.agent, new.agent) == ("holder", "holder") and old.pid != new.pid, stamps
     assert not old.ended and new.ended, stamps
