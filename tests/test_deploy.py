@@ -26,6 +26,9 @@ from test_monitoring import promtool
 from test_run import wait_for
 from yarl import URL
 
+from coordinator.guard import GRACE_SECONDS
+from coordinator.lock import TAKEOVER_SECONDS
+
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
 NODES = ("rabbit1", "rabbit2", "rabbit3")
@@ -137,7 +140,34 @@ def test_every_file_it_mounts_exists_in_deploy(resolved: dict[str, Any]) -> None
             assert source.exists(), f"{name} mounts {source} at {target}: it does not exist"
             assert source.is_relative_to(DEPLOY), f"{name} mounts {source}, outside deploy/"
             checked += 1
-    assert checked == 12  # two on each node, the covey home, two for Prometheus, three for Grafana
+    assert (
+        checked == 15
+    )  # three on each node, the covey home, two for Prometheus, three for Grafana
+
+
+def test_the_nodes_notice_a_silent_peer_within_the_lock_takeover_bound(
+    resolved: dict[str, Any],
+) -> None:
+    """Each node gets advanced.config, which Erlang reads (checked with Erlang's own
+    parser), with a net_ticktime short enough that the two sides of a partition notice
+    it less than the 8 s takeover wait apart (half of it at most: see cluster.md)."""
+    services = resolved["services"]
+    for node in NODES:
+        config = bind_mounts(services[node])["/etc/rabbitmq/advanced.config"]
+        read = subprocess.run(
+            [
+                "erl",
+                "-noshell",
+                "-eval",
+                f'{{ok, [[{{kernel, K}}]]}} = file:consult("{config}"), '
+                'io:format("~p", [proplists:get_value(net_ticktime, K)]), halt().',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert read.returncode == 0, read.stderr + read.stdout
+        assert int(read.stdout) * 0.5 < TAKEOVER_SECONDS - GRACE_SECONDS, read.stdout
 
 
 def test_the_nodes_share_one_cookie_and_list_each_other(resolved: dict[str, Any]) -> None:
