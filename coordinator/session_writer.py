@@ -72,13 +72,15 @@ EVENT_BYTES = 200  # what an event costs beyond its text, roughly (model, JSON, 
 FLUSH_STALL_SECONDS = 5.0
 FLUSH_MAX_SECONDS = 60.0
 FINAL_SECONDS = 2.0
-# A batch not confirmed in this time is published again, on a fresh channel (see
-# Gateway._confirmed: on a cluster, a publish in flight when the stream's leader stopped
-# is never confirmed). Generous for a healthy broker, which confirms a batch in
-# milliseconds; short enough that a batch given up on is published again, and confirmed,
-# well within FLUSH_STALL_SECONDS at close. A timeout that was only slowness costs a
-# repeat, which readers pass by; under an alarm the broker blocks the connection, and
-# the publish waits for it unwritten.
+# On a cluster (several `amqp_urls`), a batch not confirmed in this time is published
+# again, on a fresh channel (see Gateway._confirmed: a publish in flight when the
+# stream's leader stopped is never confirmed). Generous for a healthy broker, which
+# confirms a batch in milliseconds; short enough that a batch given up on is published
+# again, and confirmed, well within FLUSH_STALL_SECONDS at close. A timeout that was only
+# slowness costs a repeat, which readers pass by. On one node no leader moves, and a
+# publish waits as long as it takes: under an alarm the broker stops reading the
+# connection, and the batch in flight goes through the moment the alarm clears, where
+# a timeout would spend that moment reopening a channel.
 CONFIRM_SECONDS = 3.0
 FIRST_ID_SECONDS = 30.0  # how long the background search for the `opened` offset may take
 LOOKBACK = timedelta(seconds=1)  # clocks differ: start that search a little early
@@ -265,7 +267,8 @@ class SessionWriter:
     async def _publish(self, batch: list[Pending]) -> None:
         gateway = await self._connected()
         events = SessionBatch.of(self.run_id, self.agent, batch)
-        await gateway.publish_session(events, timeout=CONFIRM_SECONDS)
+        several = len(self._settings.broker_urls) > 1
+        await gateway.publish_session(events, timeout=CONFIRM_SECONDS if several else None)
 
     async def _connected(self) -> Gateway:
         """The writer's own gateway: it reconnects by itself once it has connected."""
