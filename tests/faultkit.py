@@ -219,6 +219,45 @@ async def send_until_confirmed(
     raise AssertionError(f"message {n} was never confirmed in {attempts} attempts")
 
 
+def tally_sends(tally: Tally, outcome: dict[str, str], subjects: list[str], dead: int) -> None:
+    """Count `send_until_confirmed`'s attempts (`outcome`) against the subjects that
+    reached the mailbox, into `tally` (its notes: the failures by kind, failed sends that
+    arrived all the same, resent copies, and mail nobody sent)."""
+    in_mailbox = set(subjects)
+    confirmed = {s for s, how in outcome.items() if how == "confirmed"}
+    failed = set(outcome) - confirmed
+    tally.sent, tally.confirmed, tally.failed = len(outcome), len(confirmed), len(failed)
+    tally.delivered = len(subjects)
+    tally.duplicates = copies(subjects)
+    tally.lost = len(confirmed - in_mailbox)
+    tally.dead = dead
+    logical = Counter(s.split(".")[0] for s in subjects)
+    tally.notes.update(
+        failures=dict(Counter(how for how in outcome.values() if how != "confirmed")),
+        failed_but_delivered=len(failed & in_mailbox),
+        resent_copies=sum(c - 1 for c in logical.values() if c > 1),
+        strangers=len(in_mailbox - set(outcome)),
+    )
+
+
+def assert_sends_whole(
+    outcome: dict[str, str], subjects: list[str], total: int, injected: str
+) -> None:
+    """What a careful sender is promised across a fault: some send failed (else the
+    fault, `injected`, never reached it), each failure was BrokerUnavailable (no hang,
+    no stray exception), nothing confirmed is lost, nothing is there twice or unsent,
+    and every one of the `total` messages made it in the end."""
+    in_mailbox = set(subjects)
+    confirmed = {s for s, how in outcome.items() if how == "confirmed"}
+    failures = Counter(how for how in outcome.values() if how != "confirmed")
+    assert failures, f"{injected} never reached the sender: nothing was injected"
+    assert set(failures) == {"BrokerUnavailable"}, failures
+    assert not confirmed - in_mailbox, sorted(confirmed - in_mailbox)[:10]
+    assert copies(subjects) == 0
+    assert in_mailbox <= set(outcome)  # delivered ⊆ sent
+    assert len({s.split(".")[0] for s in subjects}) == total
+
+
 # -- processes ------------------------------------------------------------------------
 
 
