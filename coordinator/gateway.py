@@ -315,9 +315,8 @@ async def _connect_to(
     context = tls_context(settings) if url.scheme == "amqps" else None
     try:
         async with asyncio.timeout(timeout):
-            return await aio_pika.connect(
+            return await aio_pika.connect(  # no `timeout=`: asyncio's, as for `_confirmed`
                 url,
-                timeout=timeout,
                 client_properties={"connection_name": name},
                 ssl_context=context,
             )
@@ -558,7 +557,7 @@ class Gateway:
         channel = await self._publish_channel()
         target = await channel.get_exchange(exchange, ensure=False)
         await self._confirmed(
-            target.publish(message, routing_key, mandatory=mandatory, timeout=timeout), what
+            target.publish(message, routing_key, mandatory=mandatory), what, timeout
         )
 
     async def publish_session(self, batch: SessionBatch, timeout: float | None = None) -> None:
@@ -572,8 +571,9 @@ class Gateway:
         channel = await self._publish_channel()
         target = await channel.get_exchange(SESSIONS, ensure=False)
         await self._confirmed(
-            target.publish(session_message(batch, self.user), "", timeout=timeout),
+            target.publish(session_message(batch, self.user), ""),
             f"session events of run {batch.run_id}",
+            timeout,
         )
 
     async def publish(self, envelope: Envelope, timeout: float | None = None) -> None:
@@ -637,9 +637,13 @@ class Gateway:
             timeout=self._settings.connect_timeout,
         )
 
-    async def _confirmed(self, publishing: Awaitable[T], what: str) -> T:
+    async def _confirmed(self, publishing: Awaitable[T], what: str, timeout: float | None) -> T:
+        # The timeout is asyncio's, not aio-pika's `timeout=`: that one is asyncio.wait_for,
+        # which on Python 3.11 costs a task per publish and can lose a cancel that comes as
+        # the confirm does (CPython gh-86296); a cancelled sender must stop.
         try:
-            return await publishing
+            async with asyncio.timeout(timeout):
+                return await publishing
         except aio_pika.exceptions.DeliveryError as err:
             if isinstance(err.frame, aiormq.spec.Basic.Return):
                 raise NoRecipient(f"no queue takes {what}") from None
@@ -958,14 +962,22 @@ class Gateway:
         Raises BrokerUnavailable when a copy is not confirmed within `connect_timeout`
         (a quorum queue without a majority confirms nothing), as a broker error."""
         timeout = self._settings.connect_timeout
-        exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-        writes = await asyncio.gather(
-            *(
-                exchange.publish(self.note(body, version), queue, mandatory=True, timeout=timeout)
-                for queue in queues
-            ),
-            return_exceptions=True,
+        unconfirmed = BrokerUnavailable(
+            f"RabbitMQ did not confirm note {', '.join(queues)} within {timeout:g} s: most of "
+            "its nodes may be down; retry once they are back"
         )
+        exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
+        try:
+            async with asyncio.timeout(timeout):  # asyncio's: see `_confirmed`
+                writes = await asyncio.gather(
+                    *(
+                        exchange.publish(self.note(body, version), queue, mandatory=True)
+                        for queue in queues
+                    ),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            raise unconfirmed from None
         # Returned unrouted: no note by that name yet. No exchange: the refusal closed the
         # channel, and the other writes on it failed with it.
         missing = (aio_pika.exceptions.PublishError, aiormq.exceptions.ChannelNotFoundEntity)
@@ -974,17 +986,16 @@ class Gateway:
         for queue, written in zip(queues, writes, strict=True):
             if not isinstance(written, BaseException):
                 continue
-            if isinstance(written, TimeoutError):
-                raise BrokerUnavailable(
-                    f"RabbitMQ did not confirm note {queue} within {timeout:g} s: most of "
-                    "its nodes may be down; retry once they are back"
-                ) from None
             if not making:
                 raise written
             await self._make_note(channel, queue, no_exchange)
             no_exchange = False
             exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
-            await exchange.publish(self.note(body, version), queue, mandatory=True, timeout=timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    await exchange.publish(self.note(body, version), queue, mandatory=True)
+            except TimeoutError:
+                raise unconfirmed from None
 
     async def _make_note(self, channel: AbstractChannel, queue: str, no_exchange: bool) -> None:
         """Declare the note `queue` and bind it (after the notes exchange, when there was

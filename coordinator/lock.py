@@ -317,7 +317,9 @@ class LockSession:
         taken; they all live and die with the connection) is still ours; each proof
         extends the lease to LEASE_SECONDS from when it was sent."""
         channel: AbstractChannel | None = None  # kept; it goes with the connection
-        while not self.lost.is_set():
+        # `_closing` as well as the cancel from `close`: a cancel can be lost (see
+        # `supervisor.Supervisor.serve`), and `close` waits for this task.
+        while not (self.lost.is_set() or self._closing):
             await asyncio.sleep(RENEW_SECONDS)
             if not self.valid():
                 return

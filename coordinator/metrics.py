@@ -27,6 +27,7 @@ plugin (port 15692) exports them, and the dashboard reads them from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -197,9 +198,11 @@ class Metrics:
                     record.finished_at.timestamp()
                 )
 
-    async def refresh_forever(self) -> None:
+    async def refresh_until(self, stop: asyncio.Event) -> None:
+        """Refresh the broker figures every REFRESH_SECONDS until `stop` is set. The loop
+        watches `stop` rather than trusting a cancel alone: see `supervisor.Supervisor.serve`."""
         cursors_read_at = replicas_read_at = float("-inf")
-        while True:
+        while not stop.is_set():
             started = time.monotonic()
             if started - replicas_read_at >= REPLICAS_REFRESH_SECONDS:
                 replicas_read_at = started
@@ -218,7 +221,9 @@ class Metrics:
                 log.warning("could not gather broker figures", error=str(err))
                 self._cursors_moved |= stale
             took = time.monotonic() - started
-            await asyncio.sleep(max(REFRESH_SECONDS, 2 * took))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(REFRESH_SECONDS, 2 * took)):
+                    await stop.wait()
 
 
 class _BrokerCollector(Collector):

@@ -91,8 +91,12 @@ class Supervisor:
         ]
         if self.metrics is not None:
             await self.metrics.remember_last_runs()
-            background.append(asyncio.create_task(self.metrics.refresh_forever()))
+            background.append(asyncio.create_task(self.metrics.refresh_until(self._stopping)))
         await self._stopping.wait()
+        # Each background loop also ends on `_stopping` by itself: on Python 3.11,
+        # asyncio.wait_for (which aio-pika awaits the broker with) loses a cancel that
+        # comes as the call it wraps completes (CPython gh-86296, fixed in 3.12), and a
+        # loop that missed its cancel would keep the daemon from ever exiting.
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -101,6 +105,7 @@ class Supervisor:
     def stop(self) -> None:
         log.info("stopping: no new runs; running agents get their grace period")
         self._stopping.set()
+        self._reschedule.set()  # wakes the scheduler, which then sees `_stopping`
 
     async def _shutdown(self) -> None:
         grace = self.namespace.settings.shutdown_grace
@@ -271,13 +276,15 @@ class Supervisor:
                 log.info("watching for mail and run requests")
                 down_since = None
                 await self._wake_for_waiting_mail()  # then: mail sent while nobody watched
-                changed = asyncio.create_task(self._resubscribe.wait())
-                lost = asyncio.create_task(closed.wait())
+                waits = [
+                    asyncio.create_task(event.wait())
+                    for event in (self._resubscribe, closed, self._stopping)
+                ]
                 try:
-                    await asyncio.wait({changed, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    changed.cancel()
-                    lost.cancel()
+                    for task in waits:
+                        task.cancel()
                 if closed.is_set():
                     down_since = loop.time()
                     log.warning("lost the broker connection; reconnecting")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -210,3 +211,35 @@ def test_a_broken_agent_at_start_is_left_out_and_the_others_run(applied: World, 
     assert "agent left out" in err and "broken" in err
     assert "agent=nodir" in err and "workdir" in err
     assert "run not started" not in err  # left out means not tried every second
+
+
+async def test_the_daemons_loops_end_on_stop_even_without_their_cancel(applied: World) -> None:
+    """On Python 3.11 a cancel can be lost (asyncio.wait_for, which aio-pika awaits the
+    broker with, drops one that comes as its call completes), and `covey supervise` once
+    hung on SIGTERM that way. So each background loop also ends when told to stop, on its
+    own: here none of them is cancelled at all."""
+    from coordinator.metrics import Metrics
+    from coordinator.supervisor import Supervisor
+
+    covey = applied.open("scout")
+    try:
+        await covey.namespace.apply_topology()
+        metrics = Metrics(covey.namespace)
+        supervisor = Supervisor(covey.namespace, metrics)
+        loops = [
+            asyncio.create_task(supervisor._keep_subscribed()),
+            asyncio.create_task(supervisor._schedule()),
+            asyncio.create_task(metrics.refresh_until(supervisor._stopping)),
+        ]
+        for _ in range(600):  # up to 30 s for a refresh to go round
+            if metrics.figures.taken_at:
+                break
+            await asyncio.sleep(0.05)
+        assert metrics.figures.taken_at, "the metrics were never refreshed"
+        await asyncio.sleep(0.5)  # the subscription is up, the refresh waits
+        assert not any(loop.done() for loop in loops)
+        supervisor.stop()
+        async with asyncio.timeout(10):
+            await asyncio.gather(*loops)
+    finally:
+        await covey.close()
