@@ -179,7 +179,7 @@ def test_a_busy_port_is_one_line_and_exit_2(applied: World) -> None:
     assert result.stderr.strip().count("\n") == 0 and "pick another --port" in result.stderr
 
 
-def test_schemathesis_finds_no_5xx_and_no_schema_violation(applied: World) -> None:
+def test_schemathesis_finds_no_5xx_and_no_schema_violation(applied: World, tmp_path: Path) -> None:
     """Schemathesis, from the OpenAPI document alone, against a real `covey web`: every
     check (server errors, response schemas, status codes, headers, methods) on every
     operation but the two event streams, which end only with their run or never."""
@@ -206,6 +206,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(applied: World) -> No
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # its cache (.schemathesis/) goes there, not into the checkout
         )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
