@@ -35,9 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import structlog
-
-from coordinator import changelog, digest, preflight
+from coordinator import changelog, digest, logs, preflight
 from coordinator.emit import EmitServer
 from coordinator.errors import BadInput, BrokerUnavailable, CoveyError
 from coordinator.events import Event
@@ -238,7 +236,7 @@ async def run(
     context = RunContext.prepare(
         namespace, agent, trigger, wait_lock=wait_lock, stop=stop, echo=echo, observe=observe
     )
-    with structlog.contextvars.bound_contextvars(agent=agent.name, run_id=context.run_id):
+    with logs.bound(agent=agent.name, run_id=context.run_id):
         return await _lifecycle(context)
 
 

@@ -334,14 +334,14 @@ def _url_list(text: str) -> list[str]:
 
 
 def _checked_url(url: str) -> str:
-    from yarl import URL  # comes with aio-pika
-
+    # urllib's, not yarl's (which aio-pika uses): a command that never connects (`covey
+    # search`) need not import yarl to check the setting.
     try:
-        parsed = URL(url)
+        parsed = urlsplit(url)
         _ = parsed.port  # a port that is not a number fails here
     except ValueError as err:
         raise ValueError(f"not a URL ({err})") from None
-    if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
         raise ValueError("use amqp://USER:PASSWORD@HOST:PORT/VHOST (or amqps://)")
     return url
 

@@ -28,10 +28,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
-
 from coordinator.errors import CoveyError, NoRecipient, NotFound, NotRunning
 from coordinator.events import Event
+from coordinator.logs import get_logger
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
     from coordinator.namespace import Namespace
     from coordinator.records import RunRecord
 
-log = structlog.get_logger("covey.stop")
+log = get_logger(__name__)
 
 REASON_LIMIT = 500  # characters of a stop's reason kept (it lands in the run record)
 BIND_WAIT_SECONDS = 5.0  # a run waits this long at most for its listener to be bound
