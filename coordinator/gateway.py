@@ -638,9 +638,10 @@ class Gateway:
         )
 
     async def _confirmed(self, publishing: Awaitable[T], what: str, timeout: float | None) -> T:
-        # The timeout is asyncio's, not aio-pika's `timeout=`: that one is asyncio.wait_for,
-        # which on Python 3.11 costs a task per publish and can lose a cancel that comes as
-        # the confirm does (CPython gh-86296); a cancelled sender must stop.
+        # The timeout is asyncio's, not aio-pika's `timeout=`, which aiormq's versions
+        # wait out differently (older ones with asyncio.wait_for, which on Python 3.11 can
+        # lose a cancel that comes as the confirm does: CPython gh-86296); this one keeps
+        # it with any version, and a cancelled sender must stop.
         try:
             async with asyncio.timeout(timeout):
                 return await publishing

@@ -93,10 +93,11 @@ class Supervisor:
             await self.metrics.remember_last_runs()
             background.append(asyncio.create_task(self.metrics.refresh_until(self._stopping)))
         await self._stopping.wait()
-        # Each background loop also ends on `_stopping` by itself: on Python 3.11,
-        # asyncio.wait_for (which aio-pika awaits the broker with) loses a cancel that
-        # comes as the call it wraps completes (CPython gh-86296, fixed in 3.12), and a
-        # loop that missed its cancel would keep the daemon from ever exiting.
+        # Each background loop also ends on `_stopping` by itself: a cancel can be lost
+        # in a broker call (on Python 3.11, asyncio.wait_for, which aio-pika and aiormq
+        # use for their timeouts, drops one that comes as the call it wraps completes:
+        # CPython gh-86296, fixed in 3.12), and a loop that missed its cancel would keep
+        # the daemon from ever exiting.
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
