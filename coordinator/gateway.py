@@ -963,10 +963,13 @@ class Gateway:
         Raises BrokerUnavailable when a copy is not confirmed within `connect_timeout`
         (a quorum queue without a majority confirms nothing), as a broker error."""
         timeout = self._settings.connect_timeout
-        unconfirmed = BrokerUnavailable(
-            f"RabbitMQ did not confirm note {', '.join(queues)} within {timeout:g} s: most of "
-            "its nodes may be down; retry once they are back"
-        )
+
+        def unconfirmed() -> BrokerUnavailable:
+            return BrokerUnavailable(
+                f"RabbitMQ did not confirm note {', '.join(queues)} within {timeout:g} s: "
+                "most of its nodes may be down; retry once they are back"
+            )
+
         exchange = await channel.get_exchange(NOTES_EXCHANGE, ensure=False)
         try:
             async with asyncio.timeout(timeout):  # asyncio's: see `_confirmed`
@@ -978,7 +981,7 @@ class Gateway:
                     return_exceptions=True,
                 )
         except TimeoutError:
-            raise unconfirmed from None
+            raise unconfirmed() from None
         # Returned unrouted: no note by that name yet. No exchange: the refusal closed the
         # channel, and the other writes on it failed with it.
         missing = (aio_pika.exceptions.PublishError, aiormq.exceptions.ChannelNotFoundEntity)
@@ -996,7 +999,7 @@ class Gateway:
                 async with asyncio.timeout(timeout):
                     await exchange.publish(self.note(body, version), queue, mandatory=True)
             except TimeoutError:
-                raise unconfirmed from None
+                raise unconfirmed() from None
 
     async def _make_note(self, channel: AbstractChannel, queue: str, no_exchange: bool) -> None:
         """Declare the note `queue` and bind it (after the notes exchange, when there was
