@@ -131,3 +131,26 @@ def test_a_program_that_chose_warning_for_covey_gets_none_of_its_info(world: Wor
     assert_logging_untouched(report, logging.WARNING)
     records = covey_records(report)
     assert all(level >= logging.WARNING for _, level, _ in records), records
+
+
+def test_a_command_that_logs_nothing_never_imports_structlog(world: World) -> None:
+    """structlog (and `rich`, which it imports where installed) costs a cold command a
+    third of its start-up, so it is imported on the first line logged; `covey search`
+    logs none. A line that is logged (-v) still renders."""
+    check = (
+        "import sys\n"
+        "from coordinator.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('structlog' in sys.modules, code)\n"
+    )
+    quiet = subprocess.run(
+        [sys.executable, "-c", check, "search", "anything", "--as", "scout"],
+        env=world.env,
+        cwd=world.home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert quiet.stdout.splitlines()[-1] == "False 0", quiet.stdout + quiet.stderr
+    logged = world.covey("inbox", "--as", "scout", "-v")
+    assert logged.returncode == 0 and "[info" in logged.stderr and "drained" in logged.stderr
