@@ -66,6 +66,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from coordinator import aiormq_fix
 from coordinator.envelope import MESSAGE_TYPE, Envelope, now
 from coordinator.errors import (
     BrokerUnavailable,
@@ -98,6 +99,8 @@ from coordinator.topology import (
 )
 
 T = TypeVar("T")
+
+aiormq_fix.apply()  # a channel the broker closes is always answered: see aiormq_fix.py
 
 # The headers of covey's copy of a dead letter. They are the dead-letterer's word, not
 # the broker's: dead.py says when `x-covey-user-id` is believed, and why.

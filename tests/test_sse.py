@@ -14,13 +14,15 @@ import json
 import random
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-from conftest import Broker, World
+from conftest import Broker, World, start
 from test_attach import FakeRun
 from test_web_api import serving
 
@@ -340,3 +342,67 @@ async def test_thirty_clients_cut_off_abruptly_leave_the_server_healthy(
     texts = [e["data"]["text"] for e in events if e["event"] == "line"]
     assert texts == ["first", "while they are there", "after them"]
     assert events[-1]["event"] == "end"
+
+
+async def test_fifty_clients_joining_a_run_that_has_printed_nothing_all_get_its_start(
+    applied: World, tmp_path: Path
+) -> None:
+    """The moment a run shows as running, before its agent prints anything, fifty
+    clients ask for its session at once: each gets 200 and the run's `opened`, then
+    every line and `end`. (The benchmark's SSE figure starts its clients this way.)"""
+    go = tmp_path / "go"
+    applied.add_agent("waiter", 'command = "python3 waiter.py"\n')
+    (applied.home / "agents" / "waiter" / "waiter.py").write_text(
+        f"import os, time\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.005)\n"
+        "for n in range(50):\n    print('line', n, flush=True)\n"
+    )
+    run = start(applied, "run", "waiter", stdout=subprocess.DEVNULL)
+    try:
+        with serving(applied) as web:
+            base = base_of(web)
+            run_id = None
+            for _ in range(600):
+                live = [
+                    r
+                    for r in web.get("/api/runs", params={"agent": "waiter"}).json()
+                    if r["outcome"] == "running"
+                ]
+                if live:
+                    run_id = live[-1]["run_id"]
+                    break
+                await asyncio.sleep(0.05)
+            assert run_id is not None, "the run never showed as running"
+            got_opened = [asyncio.Event() for _ in range(50)]
+
+            async def client(n: int) -> list[Sse]:
+                async with opened(base, f"/api/sessions/{run_id}/events") as response:
+                    assert response.status_code == 200, await response.aread()
+                    seen = []
+                    async for event in sse_events(response):
+                        seen.append(event)
+                        if event["event"] == "opened":
+                            got_opened[n].set()
+                    return seen
+
+            clients = [asyncio.create_task(client(n)) for n in range(50)]
+            waiting = asyncio.gather(*(e.wait() for e in got_opened))
+            # Until all have `opened`, or one client ends early (an error answer, or a
+            # stream that closed before the run's end: a failure either way).
+            done, _ = await asyncio.wait(
+                [waiting, *clients], timeout=30, return_when=asyncio.FIRST_COMPLETED
+            )
+            early = [c.exception() or c.result() for c in clients if c.done()]
+            assert not early, early[:3]
+            assert waiting in done, (
+                f"{sum(not e.is_set() for e in got_opened)} of 50 clients got no `opened`"
+                " within 30 s"
+            )
+            go.write_text("go")
+            for events in await asyncio.gather(*clients):
+                kinds = [e["event"] for e in events]
+                assert kinds[0] == "opened" and kinds[-2:] == ["closed", "end"], kinds
+                lines = [e["data"]["text"] for e in events if e["event"] == "line"]
+                assert lines == [f"line {n}" for n in range(50)]
+    finally:
+        go.write_text("go")
+        run.wait(60)

@@ -266,7 +266,7 @@ async def _one_run(
             base, _ = sse
             run_id = await _live_run(base, "printer")
             followers = [asyncio.create_task(follow_sse(base, run_id, c)) for c in clients]
-            await asyncio.wait_for(asyncio.gather(*(c.opened.wait() for c in clients)), 60)
+            await _all_opened(clients, followers)
         cpu_before = cpu_seconds(sse[1]) if sse else 0.0
         own_before = time.process_time()
         began = time.perf_counter()
@@ -309,6 +309,23 @@ async def _one_run(
         ),
         "load_average": os.getloadavg()[0],
     }
+
+
+async def _all_opened(clients: list[Client], followers: list[asyncio.Task[None]]) -> None:
+    """Until every client has the run's `opened`; failing with what the followers that
+    ended early raised (an error answer, say), or with how many were still waiting."""
+    opened = asyncio.ensure_future(asyncio.gather(*(c.opened.wait() for c in clients)))
+    await asyncio.wait([opened, *followers], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if opened.done():
+        return
+    opened.cancel()
+    await asyncio.gather(opened, return_exceptions=True)
+    ended = [repr(f.exception() or "ended without `opened`") for f in followers if f.done()]
+    waiting = sum(not c.opened.is_set() for c in clients)
+    raise RuntimeError(
+        f"{waiting} of {len(clients)} SSE clients had no `opened` after up to 60 s; "
+        f"{len(ended)} ended early: {ended[:3]}"
+    )
 
 
 async def _agents_figure(bench: Bench) -> Figure:
