@@ -406,3 +406,49 @@ async def test_fifty_clients_joining_a_run_that_has_printed_nothing_all_get_its_
     finally:
         go.write_text("go")
         run.wait(60)
+
+
+async def test_every_client_gets_every_line_after_the_server_lost_its_connection(
+    applied: World, broker: Broker, vhost: str
+) -> None:
+    """Fifty clients follow a run; the broker cuts every connection (the server's and the
+    run's) while fifty more are asking for the run. All hundred get the
+    run's `opened`, each of its lines once, then `end`."""
+    async with FakeRun(applied.amqp_url) as run:
+        await run.open()
+        await run.lines(["before the cut"])
+        with serving(applied) as web:
+            base, path = base_of(web), f"/api/sessions/{run.run_id}/events"
+            started = [asyncio.Event() for _ in range(100)]
+
+            async def client(n: int) -> list[Sse]:
+                # The broker's trouble is a 503 before the stream starts: ask again, as a
+                # page's EventSource does.
+                for _ in range(60):
+                    async with opened(base, path) as response:
+                        if response.status_code == 503:
+                            await asyncio.sleep(0.5)
+                            continue
+                        assert response.status_code == 200, await response.aread()
+                        seen = []
+                        async for event in sse_events(response):
+                            seen.append(event)
+                            started[n].set()
+                        return seen
+                raise AssertionError("503 for 30 s")
+
+            first = [asyncio.create_task(client(n)) for n in range(50)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started[:50])), 30)
+            # The second fifty are asking for the run as the cut comes.
+            second = [asyncio.create_task(client(n)) for n in range(50, 100)]
+            await asyncio.sleep(0.1)
+            await asyncio.to_thread(broker.admin.close_connections, vhost)
+            await run.__aenter__()  # the run's writer reconnects too
+            await run.lines(["after the cut"])
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            await run.close()
+            for events in await asyncio.wait_for(asyncio.gather(*first, *second), 60):
+                kinds = [e["event"] for e in events]
+                assert kinds[0] == "opened" and kinds[-2:] == ["closed", "end"], kinds
+                lines = [e["data"]["text"] for e in events if e["event"] == "line"]
+                assert lines == ["before the cut", "after the cut"], lines
