@@ -11,40 +11,52 @@ its channel then queues the `close-ok` with `put_nowait` on the connection's wri
 queue, which holds 10 frames, dropping the `close-ok` when that queue is full
 (aiormq issue 170). A busy connection fills it: fifty readers of a stream each acking
 their deliveries did, in `covey web`, and the next channel given that number took the
-connection down with every reader on it (measured: 1 in about 10 runs of the web
-benchmark under load, always with a full write queue when the close came).
+connection down with every reader on it (2 of 36 runs of the web benchmark, partly
+under load; in the one traced, the write queue was full when the close came).
 
-The correction waits, on that channel's own reader task, until the write queue has
-room, then lets aiormq answer as it does: the `close-ok` is never dropped, and it is
-queued before anything else can be (nothing awaits between the room seen and the
-`put_nowait`). A connection that dies meanwhile cancels that reader, so the wait
-cannot outlive it. `apply` is idempotent; the gateway applies it on import.
+The correction answers as aiormq does, but waits for room in the queue instead of
+dropping the answer, and keeps the channel's number taken until the answer is queued:
+no channel opened meanwhile can get that number. One given it in the moment between
+the close's arrival and its reader's turn has not queued its `channel.open` yet (its
+open takes a task of its own, a turn later), so the reader's put is ahead of it. The operation the broker
+refused raises once the answer is queued: while the broker reads nothing from the
+connection (a resource alarm blocks it), it waits, as every other write on that
+connection does. A connection that dies meanwhile cancels that reader, so the wait
+cannot outlive it.
+
+It replaces aiormq's `Channel._on_close_frame`, a private method, with the same steps
+(tests/test_channel_close.py fails if an aiormq changes what it corrects). `apply`
+is idempotent; the gateway applies it on import.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-from aiormq.channel import Channel
-
-ROOM_POLL_SECONDS = 0.001  # the writer empties the queue as fast as the socket takes it
-
-_OnClose = Callable[[Channel, Any], Awaitable[None]]
+from aiormq.abc import ChannelFrame
+from aiormq.channel import Channel, exception_by_code
+from pamqp import commands as spec
 
 
 def apply() -> None:
-    """Make aiormq's channels wait for room before answering the broker's close."""
-    original: _OnClose = Channel._on_close_frame
-    if getattr(original, "covey_waits_for_room", False):
+    """Make aiormq's channels answer the broker's close without ever dropping it."""
+    if getattr(Channel._on_close_frame, "covey_answers_close", False):
         return
-
-    async def on_close_frame(self: Channel, frame: Any) -> None:
-        # asyncio.Queue tells no one when it has room, short of putting into it.
-        while self.write_queue.full():  # noqa: ASYNC110
-            await asyncio.sleep(ROOM_POLL_SECONDS)
-        await original(self, frame)
-
-    on_close_frame.covey_waits_for_room = True  # type: ignore[attr-defined]
+    on_close_frame.covey_answers_close = True  # type: ignore[attr-defined]
     Channel._on_close_frame = on_close_frame  # type: ignore[method-assign]
+
+
+async def on_close_frame(self: Channel, frame: spec.Channel.Close) -> None:
+    """aiormq's answer to the broker's `channel.close`, which never drops `close-ok`."""
+    channels = self.connection.channels
+    reserved = channels.setdefault(self.number, self) is self  # freed when the close came
+    try:
+        error = exception_by_code(frame)
+        self._close_exception = error
+        close_ok = spec.Channel.CloseOk()
+        await self.write_queue.put(
+            ChannelFrame.marshall(channel_number=self.number, frames=[close_ok])
+        )
+        self._Channel__close_event.set()  # type: ignore[attr-defined]  # aiormq's own step
+        raise error
+    finally:
+        if reserved and channels.get(self.number) is self:
+            del channels[self.number]

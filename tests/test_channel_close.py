@@ -1,6 +1,7 @@
 """A channel the broker closes is answered `close-ok` even when the client's write queue
-is full (coordinator/aiormq_fix.py): else the next channel given its number is a
-connection error that takes every reader on that connection down with it.
+is full, and its number is not given to another channel before that answer is queued
+(coordinator/aiormq_fix.py): else the next channel given its number is a connection
+error that takes every reader on that connection down with it.
 
 The client reaches the broker through a proxy in this test that can hold either
 direction: holding the client's writes fills its socket and then aiormq's write queue;
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aio_pika
 import aiormq
@@ -70,9 +71,9 @@ class HoldingProxy:
             writer.close()
 
 
-async def _until(check: object, what: str, within: float = 30.0) -> None:
+async def _until(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
-    while not check():  # type: ignore[operator]
+    while not check():
         assert asyncio.get_running_loop().time() < deadline, f"not within {within} s: {what}"
         await asyncio.sleep(0.01)
 
@@ -94,7 +95,7 @@ async def test_a_close_from_the_broker_while_the_write_queue_is_full_leaves_the_
             refused = asyncio.ensure_future(
                 doomed.declare_queue("covey.test.no-such-queue", passive=True)
             )
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1)  # the declare has reached the broker
             # ...while the client's writes fill its socket, then aiormq's write queue.
             proxy.to_broker.clear()
             # A publish waits for the socket to take it (aiormq drains after it), and a
@@ -109,12 +110,19 @@ async def test_a_close_from_the_broker_while_the_write_queue_is_full_leaves_the_
             await _until(frames.full, "the write queue filled")
             proxy.to_client.set()  # the close arrives with no room to answer it
             await asyncio.sleep(0.5)
+            # A channel opened before the answer could be queued must not get its number.
+            meanwhile = asyncio.ensure_future(connection.channel())
+            await asyncio.sleep(0.1)
             proxy.to_broker.set()
             with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
                 await refused
             await asyncio.wait_for(flooding, 60)
+            opened_meanwhile = await asyncio.wait_for(meanwhile, 10)
+            assert opened_meanwhile.number != number
+            await opened_meanwhile.close()
 
-            # A new channel gets the closed one's number: the broker must have its close-ok.
+            # Now a new channel gets the closed one's number: the broker must have had
+            # its close-ok, or this is a connection error.
             reused = await asyncio.wait_for(connection.channel(), 10)
             assert reused.number == number
             queue = await asyncio.wait_for(reused.declare_queue(exclusive=True), 10)
