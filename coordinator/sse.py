@@ -39,7 +39,8 @@ stream is what the broker itself cannot keep up with at 1,000 lines a second: se
 figure 14). A hub reads on HUB_LINGER_SECONDS after its last client left, so a
 reconnect resumes from memory. A client that starts `now`, or resumes before what
 the hub kept, gets a reader of its own (`_Pump`). Each client's writes are at least
-SEND_SECONDS apart, whatever was read in between in one write.
+SEND_SECONDS apart, whatever was read in between in one write. Requests for the same
+run at the same moment share one search for where its session starts (`_Hubs.find`).
 
 Streams and disconnects: the session reader consumes `covey.sessions` with a
 callback into a queue (never aio-pika's queue iterator: leaving one nacks, and a
@@ -274,7 +275,7 @@ async def _session_response(
     start, last_id = _start_of(request)
     if last_id is not None and ends.ended(run_or_agent, last_id):
         return Response(status_code=204)
-    run = await session_reader.find_run(namespace, run_or_agent)  # 404, 410
+    run = await hubs.find(run_or_agent)  # 404, 410
     if last_id is not None and (
         ends.ended(run.run_id, last_id) or await _closed_by(namespace, run, last_id)
     ):
@@ -358,6 +359,25 @@ class _Hubs:
     def __init__(self, namespace: Namespace) -> None:
         self.namespace = namespace
         self._hubs: dict[str, _Hub] = {}
+        self._finding: dict[str, asyncio.Task[RunSession]] = {}
+
+    async def find(self, run_or_agent: str) -> RunSession:
+        """`session_reader.find_run`, one lookup shared by the requests that ask for the
+        same run (or agent) while it runs: fifty pages opened on a run that has just
+        started cost the broker one search of the stream, not fifty. A client that
+        leaves meanwhile does not cancel it for the others."""
+        finding = self._finding.get(run_or_agent)
+        if finding is None:
+            finding = asyncio.create_task(session_reader.find_run(self.namespace, run_or_agent))
+            self._finding[run_or_agent] = finding
+            finding.add_done_callback(lambda done: self._found(run_or_agent, done))
+        return await asyncio.shield(finding)
+
+    def _found(self, run_or_agent: str, done: asyncio.Task[RunSession]) -> None:
+        if self._finding.get(run_or_agent) is done:
+            del self._finding[run_or_agent]
+        if not done.cancelled():
+            done.exception()  # its error is its waiters' (all of them may have left)
 
     def source(self, run: RunSession, start: Start) -> _Source:
         hub = self._hubs.get(run.run_id)
