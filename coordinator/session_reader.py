@@ -404,12 +404,14 @@ async def follow(
     gap, no repeat. Ids retention removed come first as one `expired` event. A run that
     has finished ends with its `closed` even when resumed at or after it (see _Reader)."""
     run = found if found is not None else await find_run(namespace, run_id)
-    reader = await _reader(namespace, run, start, follow)
-    if start == "start" and run.first_seq > 0:
-        yield run.first_id, expired(run, None, run.first_id - 1, run.first_seq)
+    reader: _Reader | None = None  # made on the first connection that answers
     gave_up_at: float | None = None
-    while not reader.done:
+    while reader is None or not reader.done:
         try:
+            if reader is None:
+                reader = await _reader(namespace, run, start, follow)
+                if start == "start" and run.first_seq > 0:
+                    yield run.first_id, expired(run, None, run.first_id - 1, run.first_seq)
             async with contextlib.aclosing(reader.read(await namespace.gateway())) as items:
                 async for item in items:
                     gave_up_at = None
@@ -418,9 +420,10 @@ async def follow(
             now_ = asyncio.get_running_loop().time()
             gave_up_at = gave_up_at or now_ + RECONNECT_GIVE_UP_SECONDS
             if now_ > gave_up_at:
+                resume = f" --from {reader.next_id - 1}" if reader is not None else ""
                 raise BrokerUnavailable(
                     f"lost RabbitMQ while following run {run.run_id}; "
-                    f"`covey attach {run.run_id} --from {reader.next_id - 1}` resumes"
+                    f"`covey attach {run.run_id}{resume}` resumes"
                 ) from None
             log.info("session reader reconnecting", run_id=run.run_id, error=str(err))
             await asyncio.sleep(RECONNECT_SECONDS)

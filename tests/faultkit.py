@@ -1,6 +1,7 @@
-"""Tools for the fault-injection tests (tests/test_faults.py): a tally of what was sent and
-what arrived, the connections of a private broker node (to cut them), a look into (and
-a hold on) a mailbox file, and stopping the processes a test started. No mocks: everything here
+"""Tools for the fault-injection tests (tests/test_faults.py and others): a tally of what
+was sent and what arrived, a proxy that holds or cuts a client's connections, the
+connections of a private broker node (to cut them), a look into (and a hold on) a
+mailbox file, and stopping the processes a test started. No mocks: everything here
 talks to a real broker, a real SQLite file or real processes."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,69 @@ from coordinator.names import Address
 
 if TYPE_CHECKING:
     from conftest import World
+
+# -- a proxy to hold or cut ---------------------------------------------------------------
+
+
+class HoldingProxy:
+    """A TCP proxy to the broker whose two directions can each be held, and whose
+    connections can be cut."""
+
+    def __init__(self, upstream: URL) -> None:
+        self.upstream = upstream
+        self.to_broker = asyncio.Event()
+        self.to_client = asyncio.Event()
+        self.to_broker.set()
+        self.to_client.set()
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[HoldingProxy]:
+        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield self
+        finally:
+            self.to_broker.set()
+            self.to_client.set()
+            server.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection(
+            self.upstream.host, self.upstream.port or 5672
+        )
+        self._writers += [client_w, broker_w]
+        for pipe in (
+            self._pipe(client_r, broker_w, self.to_broker),
+            self._pipe(broker_r, client_w, self.to_client),
+        ):
+            task = asyncio.create_task(pipe)
+            self._tasks.add(task)
+
+    def cut(self) -> None:
+        """Drop every connection through the proxy, as a network failure would (the
+        proxy goes on accepting new ones)."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    @staticmethod
+    async def _pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                await gate.wait()  # held: nothing more is read, so the sender's buffers fill
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
 
 # -- the tally --------------------------------------------------------------------------
 

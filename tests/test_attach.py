@@ -11,6 +11,7 @@ exchange, one message a batch (persistent, type covey.session.v1, the run in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -22,9 +23,11 @@ from typing import Any
 import aio_pika
 import pytest
 from conftest import World, start
-from faultkit import cut, stop, world_on
+from faultkit import HoldingProxy, cut, stop, world_on
+from yarl import URL
 
 from coordinator import session_reader
+from coordinator.client import Covey
 from coordinator.errors import BrokerUnavailable
 from coordinator.events import EVENT_TYPE, Event
 from coordinator.gateway import Gateway
@@ -400,6 +403,41 @@ async def test_a_cut_attach_connection_resumes_with_no_gap_and_no_duplicate(
     assert code == 0, out.process.stderr.read() if out.process.stderr else ""
     assert lines == [f"line {n}" for n in range(300)]
     ids = [e["id"] for e in events]
+    assert ids == sorted(set(ids))
+
+
+async def test_a_connection_lost_as_a_follow_starts_is_reopened_like_any_other(
+    applied: World,
+) -> None:
+    """Injected: the reader's connection (through a proxy) is cut while a follow is still
+    finding where to start (its broker's answers held), which once escaped the reader's
+    reconnecting as a raw aiormq error. Asserted: the follow reconnects and yields the run's
+    events once, in order."""
+    async with FakeRun(applied.amqp_url) as run:
+        await run.open()
+        await run.lines([f"line {n}" for n in range(10)])
+        await run.close()
+        url = URL(applied.amqp_url)
+        async with HoldingProxy(url).serving() as proxy:
+            through = str(url.with_host("127.0.0.1").with_port(proxy.port))
+            async with Covey.open(identity="human:ada", home=applied.home, amqp_url=through) as ada:
+                found = await session_reader.find_run(ada.namespace, run.run_id)
+                proxy.to_client.clear()  # the follow's first questions get no answer...
+                follow = session_reader.follow(ada.namespace, run.run_id, found=found)
+                first = asyncio.ensure_future(anext(follow))
+                await asyncio.sleep(0.5)
+                assert not first.done()
+                proxy.cut()  # ...and its connection goes
+                proxy.to_client.set()
+                events = [await asyncio.wait_for(first, 30)]
+                async with contextlib.aclosing(follow):
+                    events += [item async for item in follow]
+    kinds = [event.kind for _, event in events]
+    assert kinds == ["opened", *["line"] * 10, "closed"], kinds
+    assert [event.text for _, event in events if event.kind == "line"] == [
+        f"line {n}" for n in range(10)
+    ]
+    ids = [id_ for id_, _ in events]
     assert ids == sorted(set(ids))
 
 

@@ -10,65 +10,15 @@ holding the broker's answer makes its `channel.close` arrive just then."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aio_pika
 import aiormq
 import pytest
+from faultkit import HoldingProxy
 from yarl import URL
 
 import coordinator.gateway  # noqa: F401  # applies the correction, as every covey process does
-
-
-class HoldingProxy:
-    """A TCP proxy to the broker whose two directions can each be held."""
-
-    def __init__(self, upstream: URL) -> None:
-        self.upstream = upstream
-        self.to_broker = asyncio.Event()
-        self.to_client = asyncio.Event()
-        self.to_broker.set()
-        self.to_client.set()
-        self.port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[HoldingProxy]:
-        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        try:
-            yield self
-        finally:
-            self.to_broker.set()
-            self.to_client.set()
-            server.close()
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        broker_r, broker_w = await asyncio.open_connection(
-            self.upstream.host, self.upstream.port or 5672
-        )
-        for pipe in (
-            self._pipe(client_r, broker_w, self.to_broker),
-            self._pipe(broker_r, client_w, self.to_client),
-        ):
-            task = asyncio.create_task(pipe)
-            self._tasks.add(task)
-
-    @staticmethod
-    async def _pipe(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: asyncio.Event
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                await gate.wait()  # held: nothing more is read, so the sender's buffers fill
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
 
 
 async def _until(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
