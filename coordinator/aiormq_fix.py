@@ -18,11 +18,12 @@ The correction answers as aiormq does, but waits for room in the queue instead o
 dropping the answer, and keeps the channel's number taken until the answer is queued:
 no channel opened meanwhile can get that number. One given it in the moment between
 the close's arrival and its reader's turn has not queued its `channel.open` yet (its
-open takes a task of its own, a turn later), so the reader's put is ahead of it. The operation the broker
-refused raises once the answer is queued: while the broker reads nothing from the
-connection (a resource alarm blocks it), it waits, as every other write on that
-connection does. A connection that dies meanwhile cancels that reader, so the wait
-cannot outlive it.
+open takes a task of its own, a turn later), so the reader's put is ahead of it.
+
+The operation the broker refused raises once the answer is queued: while the broker
+reads nothing from the connection (a resource alarm blocks it), it waits, as every
+other write on that connection does. A connection that dies meanwhile cancels that
+reader, so the wait cannot outlive it.
 
 It replaces aiormq's `Channel._on_close_frame`, a private method, with the same steps
 (tests/test_channel_close.py fails if an aiormq changes what it corrects). `apply`
