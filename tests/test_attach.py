@@ -57,11 +57,15 @@ class FakeRun:
         self.last_batch: list[SessionEvent] = []  # to publish again, as after a lost confirm
 
     async def __aenter__(self) -> FakeRun:
+        await self.connect()
+        return self
+
+    async def connect(self) -> None:
+        """Open its connection; again after the broker dropped it, as a writer reconnects."""
         self.connection = await aio_pika.connect(
             self.url, client_properties={"connection_name": f"fake run {self.run_id}"}
         )
         self.channel = await self.connection.channel(publisher_confirms=True)
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self.connection is not None

@@ -443,7 +443,7 @@ async def test_every_client_gets_every_line_after_the_server_lost_its_connection
             second = [asyncio.create_task(client(n)) for n in range(50, 100)]
             await asyncio.sleep(0.1)
             await asyncio.to_thread(broker.admin.close_connections, vhost)
-            await run.__aenter__()  # the run's writer reconnects too
+            await run.connect()  # the run's writer reconnects too
             await run.lines(["after the cut"])
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
             await run.close()
