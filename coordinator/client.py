@@ -185,19 +185,22 @@ class Covey:
         message was kept in covey.unrouted.
         """
         recipient = Address.parse(to)
+        original = self.store.get(reply_to).envelope if reply_to is not None else None
+        return await self._send(recipient, subject, body, original, expires_in)
+
+    async def _send(
+        self,
+        recipient: Address,
+        subject: str,
+        body: str,
+        original: Envelope | None,
+        expires_in: timedelta | None,
+    ) -> Envelope:
         self.roster.check(recipient)  # refused before it is sent: nothing to lose
-        fields: dict[str, Any] = {
-            "sender": str(self.me),
-            "recipient": str(recipient),
-            "subject": subject,
-            "body": body,
-        }
-        if reply_to is not None:
-            original = self.store.get(reply_to).envelope
-            fields.update(thread=original.thread, in_reply_to=original.id)
-        if expires_in is not None:
-            fields["expires_at"] = now() + expires_in
-        envelope = Envelope.new(**fields)
+        expires_at = now() + expires_in if expires_in is not None else None
+        envelope = Envelope.compose(
+            self.me, recipient, subject, body, original=original, expires_at=expires_at
+        )
         self._check_size(envelope.body_size())
         await self._publish(envelope)
         log.info("sent", id=envelope.id, recipient=envelope.recipient)
@@ -224,9 +227,8 @@ class Covey:
             subject = original.subject
             if not subject.lower().startswith("re:"):
                 subject = f"Re: {subject}"[:MAX_SUBJECT_CHARS]
-        return await self.send(
-            original.sender, subject, body, reply_to=original.id, expires_in=expires_in
-        )
+        # The original in hand: no second look-up of it in the store.
+        return await self._send(Address.parse(original.sender), subject, body, original, expires_in)
 
     def _check_size(self, size: int) -> None:
         """Refuse a body over `max_body_bytes` before anything is sent or logged."""
@@ -260,7 +262,7 @@ class Covey:
             and subscription.active
             and (filed := await subscription.next(0))
         ):
-            return filed  # what `wait`'s consumer filed since
+            return [mail.envelope for mail in filed]  # what `wait`'s consumer filed since
         gateway, queue, limits = await self.gateway(), self.me.queue, self._admission()
         # On a participant's first use its queue is declared, and exists from then on.
         new = await self.namespace.with_topology(
@@ -287,9 +289,8 @@ class Covey:
                 with contextlib.suppress(CoveyError):
                     await subscription.close()
                 raise
-            if new:  # read in a thread: the subscription may be committing meanwhile
-                ids = [envelope.id for envelope in new]
-                return await asyncio.to_thread(self.store.messages, include_done=True, ids=ids)
+            if new:  # as filed: no second read of the store
+                return new
         return []
 
     async def mail(self, poll: float = 60.0) -> AsyncIterator[Mail]:

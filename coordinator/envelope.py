@@ -117,6 +117,47 @@ class Envelope(BaseModel):
             raise BadInput(_first_problem(err)) from None
 
     @classmethod
+    def compose(
+        cls,
+        sender: Address,
+        recipient: Address,
+        subject: str,
+        body: str = "",
+        *,
+        original: Envelope | None = None,
+        expires_at: datetime | None = None,
+    ) -> Envelope:
+        """A new message from this participant, as `new` makes it, at a fraction of the
+        cost: it is every send's path. What covey made itself is not checked again (the
+        addresses it parsed, a fresh id, the thread of a message its mailbox holds, which
+        was checked when it was filed); the caller's own text is, by the same rules and
+        with the same one line as `new`."""
+        if not sender.is_participant:
+            raise BadInput(
+                f"sender: {str(sender)!r} is not a participant: use agent:NAME or human:NAME"
+            )
+        try:
+            subject = _subject(subject)
+        except ValueError as err:
+            raise BadInput(f"subject: {err}") from None
+        if not isinstance(body, str):
+            raise BadInput(f"body: must be text, not {type(body).__name__}")
+        if expires_at is not None and expires_at.tzinfo is None:
+            raise BadInput("expires_at: timestamps must carry a time zone")
+        message_id = new_id()
+        return cls.model_construct(
+            id=message_id,
+            sender=str(sender),
+            recipient=str(recipient),
+            subject=subject,
+            body=body,
+            thread=original.thread if original else message_id,
+            in_reply_to=original.id if original else None,
+            created_at=now(),
+            expires_at=expires_at,
+        )
+
+    @classmethod
     def from_json(cls, data: bytes) -> Envelope:
         """Parse a delivery's body; anything that is not a valid envelope raises
         InvalidEnvelope. Nothing is made up: an envelope without an id is invalid, since

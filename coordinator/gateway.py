@@ -521,6 +521,8 @@ class Gateway:
     # -- publishing ----------------------------------------------------------
 
     async def _publish_channel(self) -> AbstractChannel:
+        if self._publisher is not None and not self._publisher.is_closed:
+            return self._publisher  # every publish's path: no lock to take
         async with self._publisher_opening:
             if self._publisher is not None and not self._publisher.is_closed:
                 return self._publisher

@@ -297,11 +297,13 @@ class MailStore:
         with self._sql(), self._transaction() as db:
             db.execute("DELETE FROM messages WHERE 0")
 
-    def add(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
-        """Store envelopes in one transaction; return those not already present."""
+    def add(self, envelopes: Sequence[Envelope]) -> list[Mail]:
+        """Store envelopes in one transaction; return those not already present, as
+        the mailbox now holds them (unread, received now)."""
         if not envelopes:
             return []
-        received = datetime.now(UTC).isoformat()
+        received_at = datetime.now(UTC)
+        received = received_at.isoformat()
         added = []
         with self._sql(), self._transaction() as db:
             for env in envelopes:
@@ -322,7 +324,7 @@ class MailStore:
                     ),
                 )
                 if cursor.rowcount:
-                    added.append(env)
+                    added.append(Mail(env, MailStatus.UNREAD, received_at))
         return added
 
     def messages(self, include_done: bool = False, ids: Iterable[str] | None = None) -> list[Mail]:
@@ -488,7 +490,7 @@ async def drain(
                 if ready == 0:  # the first round, waiting (any other stops when none is ready)
                     target = None  # mail came while we waited: take what is waiting now, too
                 first_wait = None
-    return filing.added
+    return [mail.envelope for mail in filing.added]
 
 
 async def _window(store: MailStore, limits: Admission, ready: int, first: bool) -> int:
@@ -609,8 +611,9 @@ class Subscription:
     def active(self) -> bool:
         return self._failure is None and not self._queue.channel.is_closed
 
-    async def next(self, timeout: float) -> list[Envelope]:
-        """What was filed since the last call, waiting up to `timeout` s for something."""
+    async def next(self, timeout: float) -> list[Mail]:
+        """What was filed since the last call, as filed (unread), oldest first; waits up
+        to `timeout` s for something."""
         if not self._filing.added and self._failure is None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -619,7 +622,8 @@ class Subscription:
         new, self._filing.added = self._filing.added, []
         if not new and self._failure is not None:
             raise self._failure  # what was filed before it is returned first
-        return new
+        # In the store's order (see `MailStore.messages`): by creation, then as filed.
+        return sorted(new, key=lambda mail: mail.envelope.created_at)
 
     async def close(self) -> None:
         """Cancel, file what was delivered meanwhile, and close the channel."""
@@ -666,7 +670,7 @@ class _Filing:
         self.gateway, self.store, self.queue_name = gateway, store, queue_name
         self.limits = limits
         self.taken = 0
-        self.added: list[Envelope] = []
+        self.added: list[Mail] = []
         self.failure: CoveyError | None = None  # the store's, at the first commit it refused
         self._rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
 
@@ -706,7 +710,7 @@ class _Filing:
 
     def _check_and_add(
         self, parsed: Sequence[tuple[AbstractIncomingMessage, Envelope]]
-    ) -> tuple[list[Envelope], list[tuple[AbstractIncomingMessage, InvalidEnvelope]]]:
+    ) -> tuple[list[Mail], list[tuple[AbstractIncomingMessage, InvalidEnvelope]]]:
         """The store's part of `commit`, in a thread: check each envelope against what
         the store holds and the limits, and add those that pass in one transaction.
         Returns what was new and what was refused; changes nothing of this object

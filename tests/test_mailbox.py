@@ -18,7 +18,7 @@ from yarl import URL
 
 from coordinator.envelope import Envelope
 from coordinator.errors import BadInput
-from coordinator.mailbox import MailStore, store_path
+from coordinator.mailbox import MailStatus, MailStore, store_path
 
 CRASH_AFTER_COMMIT = """
 import os, signal, sys
@@ -130,7 +130,7 @@ async def test_expired_mail_is_dead_lettered_not_delivered(applied: World, raw: 
 def test_the_store_drops_a_duplicate_id(tmp_path: Path) -> None:
     store = MailStore(tmp_path / "m.sqlite3")
     envelope = Envelope.new(sender="human:ada", recipient="scout", subject="once")
-    assert store.add([envelope]) == [envelope]
+    assert [mail.envelope for mail in store.add([envelope])] == [envelope]
     assert store.add([envelope]) == []
     assert [m.envelope.id for m in store.messages()] == [envelope.id]
     store.close()
@@ -244,6 +244,20 @@ async def test_waiting_while_mail_pours_in_files_each_message_once(
     handed_back = [count for redelivered, count in seen if redelivered]
     assert len(seen) == total + len(handed_back)
     assert all(count in (None, 1) for count in handed_back), handed_back
+
+
+async def test_what_wait_returns_is_the_mail_as_the_store_holds_it(applied: World) -> None:
+    """`wait` hands back what its consumer filed without reading the store again: it
+    must be the same mail, status, received time and every field, as the store's."""
+    async with applied.open("human:ada") as ada, applied.open("agent:scout") as scout:
+        assert await scout.wait(timeout=0.1) == []  # the consumer is up
+        sent = [await ada.send("scout", f"m{n}", f"body {n}") for n in range(3)]
+        got: list = []
+        while len(got) < len(sent):
+            got += await scout.wait(timeout=10)
+        stored = {m.envelope.id: m.to_dict(with_body=True) for m in scout.store.messages()}
+        assert [m.to_dict(with_body=True) for m in got] == [stored[e.id] for e in sent]
+        assert {m.status for m in got} == {MailStatus.UNREAD}
 
 
 def test_read_and_done_work_without_a_broker_and_without_importing_aio_pika(

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import io
 import string
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -66,6 +68,70 @@ def test_valid_envelopes_round_trip_through_json(
 ) -> None:
     envelope = Envelope.new(sender=sender, recipient=recipient, subject=subject, body=body)
     assert Envelope.from_json(envelope.to_json()) == envelope
+
+
+@given(
+    sender=st.builds(
+        lambda kind, name: f"{kind}:{name}", st.sampled_from(["agent", "human"]), names
+    ),
+    recipient=addresses,
+    subject=st.text(max_size=210),
+    body=st.text(),
+    expires_in=st.one_of(st.none(), st.integers(-(10**6), 10**6)),
+    naive=st.booleans(),
+    joins=st.booleans(),
+)
+def test_a_composed_envelope_is_what_new_makes_or_the_same_refusal(
+    sender: str,
+    recipient: str,
+    subject: str,
+    body: str,
+    expires_in: int | None,
+    naive: bool,
+    joins: bool,
+) -> None:
+    """`compose`, every send's fast path, checks only the caller's text: it must accept
+    exactly what `new` accepts, refuse the rest with the same line, and make an envelope
+    that full validation keeps as it is."""
+    expires_at = None
+    if expires_in is not None:
+        expires_at = datetime.now(UTC) + timedelta(seconds=expires_in)
+        expires_at = expires_at.replace(tzinfo=None) if naive else expires_at
+    original = (
+        Envelope.new(sender="human:ada", recipient="scout", subject="first") if joins else None
+    )
+    fields: dict[str, object] = {"sender": sender, "recipient": recipient, "subject": subject}
+    fields.update(body=body, expires_at=expires_at)
+    if original:
+        fields.update(thread=original.thread, in_reply_to=original.id)
+    try:
+        made = Envelope.new(**fields)
+    except BadInput as err:
+        with pytest.raises(BadInput) as caught:
+            Envelope.compose(
+                Address.parse(sender),
+                Address.parse(recipient),
+                subject,
+                body,
+                original=original,
+                expires_at=expires_at,
+            )
+        assert str(caught.value) == str(err)
+        return
+    composed = Envelope.compose(
+        Address.parse(sender),
+        Address.parse(recipient),
+        subject,
+        body,
+        original=original,
+        expires_at=expires_at,
+    )
+    assert Envelope.model_validate(composed.model_dump()) == composed
+    assert Envelope.from_json(composed.to_json()) == composed
+    same = {"id", "created_at"} if original else {"id", "thread", "created_at"}
+    assert composed.model_dump(exclude=same) == made.model_dump(exclude=same)
+    if not original:
+        assert composed.thread == composed.id
 
 
 argv_words = st.lists(
