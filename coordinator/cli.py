@@ -27,9 +27,12 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from coordinator.client import Covey
-    from coordinator.mailbox import Mail
+    from coordinator.mailbox import Mail, MailStore
+    from coordinator.names import Address
 
 Handler = Callable[["Covey", argparse.Namespace], Awaitable[int]]
+# A command on one's own mailbox alone (see `_on_own_mailbox`).
+MailboxHandler = Callable[["MailStore", "Address", argparse.Namespace], int]
 
 
 # -- commands -------------------------------------------------------------------
@@ -62,26 +65,33 @@ async def cmd_wait(covey: Covey, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_read(covey: Covey, args: argparse.Namespace) -> int:
+# The commands on one's own mailbox alone take it and who it is for, not the namespace:
+# `_on_own_mailbox` finds both without loading the namespace when it can.
+
+
+def cmd_read(mailbox: MailStore, me: Address, args: argparse.Namespace) -> int:
     from coordinator.render import message
 
-    mail = covey.read(args.id)
+    mail = mailbox.read(args.id)
     _emit(args, mail.to_dict(with_body=True), message(mail))
     return 0
 
 
-async def cmd_done(covey: Covey, args: argparse.Namespace) -> int:
+def cmd_done(mailbox: MailStore, me: Address, args: argparse.Namespace) -> int:
     from coordinator.render import printable
 
-    ids = covey.done(args.ids)
+    ids = mailbox.done(args.ids)
     _emit(args, {"done": ids}, "\n".join(f"done {printable(i)}" for i in ids))
     return 0
 
 
-async def cmd_search(covey: Covey, args: argparse.Namespace) -> int:
-    mails = covey.search(args.text)
-    _emit_list(args, mails, empty=f"Nothing in {covey.me}'s mailbox matches {args.text!r}.")
+def cmd_search(mailbox: MailStore, me: Address, args: argparse.Namespace) -> int:
+    mails = mailbox.search(args.text)
+    _emit_list(args, mails, empty=f"Nothing in {me}'s mailbox matches {args.text!r}.")
     return 0
+
+
+MAILBOX_COMMANDS = (cmd_read, cmd_done, cmd_search)
 
 
 async def cmd_topology_apply(covey: Covey, args: argparse.Namespace) -> int:
@@ -617,7 +627,9 @@ class _Commands:
         )
         self.parsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(self, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+    def add(
+        self, name: str, handler: Handler | MailboxHandler, help: str
+    ) -> argparse.ArgumentParser:
         """A command with the common options, run by `handler`, its help its description."""
         sub = self.parsers.add_parser(name, parents=[self.common], help=help, description=help)
         sub.set_defaults(handler=handler)
@@ -958,6 +970,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.handler in (cmd_emit, cmd_notify):
             return _run_locally(args.handler, args)
+        if args.handler in MAILBOX_COMMANDS:
+            return _run_locally(_on_own_mailbox, args)
         import asyncio  # not for `emit`: a third of its start-up
 
         return asyncio.run(_run(args))
@@ -981,6 +995,24 @@ def _run_locally(command: Callable[[argparse.Namespace], int], args: argparse.Na
         return _bug(err)
 
 
+def _on_own_mailbox(args: argparse.Namespace) -> int:
+    """read, done, search: on the mailbox found without the namespace (offline.py) when
+    the identity is plain, else through the namespace, whose checks say what is wrong."""
+    from coordinator.offline import own_mailbox
+
+    found = own_mailbox(args.identity)
+    if found is None:
+        import asyncio
+
+        return asyncio.run(_run(args))
+    me, mailbox = found
+    try:
+        result: int = args.handler(mailbox, me, args)
+        return result
+    finally:
+        mailbox.close()
+
+
 async def _run(args: argparse.Namespace) -> int:
     from coordinator.display import printable
     from coordinator.errors import CoveyError, ExitCode
@@ -998,6 +1030,9 @@ async def _run(args: argparse.Namespace) -> int:
         covey = Covey.open(identity=args.identity, home=require_home(), **overrides)
         logs.configure(covey.settings.log_format, "info" if args.verbose or daemon else "warning")
         _warn_broken(covey, args, daemon)
+        if args.handler in MAILBOX_COMMANDS:
+            mailbox_result: int = args.handler(covey.store, covey.me, args)
+            return mailbox_result
         result: int = await args.handler(covey, args)
         return result
     except CoveyError as err:

@@ -28,18 +28,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coordinator.drain import Admission, Subscription, drain
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
 from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound
 from coordinator.logs import get_logger
-from coordinator.mailbox import (
-    Admission,
-    Mail,
-    MailStatus,
-    MailStore,
-    Subscription,
-    drain,
-    store_path,
-)
+from coordinator.mailbox import Mail, MailStore, store_path
 from coordinator.names import Address
 from coordinator.namespace import Namespace
 from coordinator.roster import Roster
@@ -315,15 +308,11 @@ class Covey:
 
     def read(self, message_id: str) -> Mail:
         """One message, marked read."""
-        full_id = self.store.resolve(message_id)
-        self.store.mark([full_id], MailStatus.READ)
-        return self.store.get(full_id)
+        return self.store.read(message_id)
 
     def done(self, message_ids: Iterable[str]) -> list[str]:
         """Archive messages: no longer listed by `inbox`, still found by `search`."""
-        full_ids = [self.store.resolve(message_id) for message_id in message_ids]
-        self.store.mark(full_ids, MailStatus.DONE)
-        return full_ids
+        return self.store.done(message_ids)
 
     def search(self, text: str) -> list[Mail]:
         return self.store.search(text)

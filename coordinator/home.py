@@ -11,13 +11,16 @@ all of this).
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from coordinator.errors import ConfigError
+from coordinator.names import Address
 
 CONFIG_FILE = "covey.toml"
 ROSTER_DIR = "agents"
+AGENT_FILE = "agent.toml"  # in ROSTER_DIR/NAME/
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_STATE_DIR = "~/.local/state/covey"  # expanded where it is used
 
@@ -63,3 +66,54 @@ def store_path(state_dir: Path, amqp_url: str, participant: str) -> Path:
     library only: `covey notify` finds the mailbox without loading anything else."""
     vhost = unquote(urlsplit(amqp_url).path).lstrip("/") or "default"
     return state_dir / quote(vhost, safe="") / "mail" / f"{participant.replace(':', '.')}.sqlite3"
+
+
+# -- the settings a mailbox needs, without the settings model --------------------------
+# The commands that must start fast (`covey notify`; `read`, `done` and `search` when
+# the identity is plain) rank the same sources as settings.py: a `COVEY_*` variable,
+# then covey.toml, then the default.
+
+
+def read_config(home: Path | None) -> dict[str, object]:
+    """covey.toml as TOML says (not checked as settings.py checks it); {} without one."""
+    if home is None or not (home / CONFIG_FILE).is_file():
+        return {}
+    try:
+        with (home / CONFIG_FILE).open("rb") as file:
+            return tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{home / CONFIG_FILE}: cannot be read ({err})") from None
+
+
+def setting(name: str, config: dict[str, object]) -> str | None:
+    """`COVEY_NAME`, else covey.toml's `name`."""
+    value = os.environ.get(f"COVEY_{name.upper()}") or config.get(name)
+    return str(value) if value else None
+
+
+def broker_url(config: dict[str, object]) -> str:
+    """One of the broker's URLs, as settings.py ranks them (the environment over
+    covey.toml; in each, amqp_urls over amqp_url): only its vhost matters for a mailbox,
+    and every entry of amqp_urls has the same."""
+    listed = config.get("amqp_urls")
+    for value in (
+        _first(os.environ.get("COVEY_AMQP_URLS")),
+        os.environ.get("COVEY_AMQP_URL"),
+        _first(listed) if isinstance(listed, str) else None,
+        listed[0] if isinstance(listed, list) and listed else None,
+        config.get("amqp_url"),
+    ):
+        if value:
+            return str(value)
+    return DEFAULT_AMQP_URL
+
+
+def _first(urls: str | None) -> str | None:
+    """The first of comma-separated URLs."""
+    return urls.split(",")[0].strip() if urls else None
+
+
+def mailbox_file(participant: Address, config: dict[str, object]) -> Path:
+    """Where `participant`'s mailbox is, by these settings."""
+    state_dir = Path(setting("state_dir", config) or DEFAULT_STATE_DIR).expanduser()
+    return store_path(state_dir, broker_url(config), str(participant))

@@ -1,25 +1,14 @@
-"""The mailbox: a participant's mail as state (SQLite), filled from its queue (the transport).
+"""The mailbox: a participant's mail as state, in a SQLite file of its own.
 
-AMQP has no peek and no "keep this one for later", so covey uses the inbox
-pattern: `drain` moves deliveries from the participant's queue into a local
-SQLite file, committing them *before* acking them to the broker. A crash
-between the two makes the broker deliver again, and the store drops the
-duplicate by message id, so nothing is lost and nothing shows twice.
-
-A delivery that is not a valid envelope is copied to `covey.dead` with the
-reason (confirmed) and only then acked: it never reaches the mailbox, never
-stops the drain, and is never lost.
-
-A mailbox that cannot be written (read-only, corrupt, its disk full) must not
-cost mail delivery attempts: a drain checks what it can before it takes any
-delivery, bounds what it takes by the free space, and stops at the first
-failed write, handing back only what it had not filed. Each of these is a
-`MailboxUnusable` naming the file, the problem and the fix.
+Mail is filed here from the participant's queue (drain.py: committed before it is
+acked) and read, marked and searched here, by the participant alone. Every write
+commits before it returns; a file that cannot take mail (read-only, corrupt, its disk
+full) is a `MailboxUnusable` naming the file, the problem and the fix. Standard
+library only: the commands that just show mail open it without pydantic or asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
@@ -32,29 +21,21 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.envelope import Envelope
 from coordinator.errors import (
     BadInput,
-    BrokerUnavailable,
     ConfigError,
     CoveyError,
-    InvalidEnvelope,
     MailboxBusy,
     MailboxUnusable,
     NotFound,
 )
 from coordinator.home import store_path as store_path  # re-exported
-from coordinator.logs import get_logger
 
-if TYPE_CHECKING:  # the store works without the broker; only `drain` needs it
-    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-
-    from coordinator.gateway import Gateway
-    from coordinator.identity import SenderCheck
-
-log = get_logger(__name__)
+if TYPE_CHECKING:  # built only when asked for: see Mail
+    from coordinator.envelope import Envelope
 
 SCHEMA_VERSION = 1
+MAX_PREFETCH = 500  # at most this many deliveries are taken (unacked) at once
 SHORT_ID = 12  # characters of an id shown in listings; any unique prefix is accepted back
 MIN_PREFIX = 4
 
@@ -111,20 +92,72 @@ class MailStatus(StrEnum):
     DONE = "done"
 
 
+# The envelope's fields, as a Mail carries them (tests/test_mailbox.py holds them to
+# Envelope's own).
+ENVELOPE_FIELDS = (
+    "id",
+    "sender",
+    "recipient",
+    "subject",
+    "body",
+    "thread",
+    "in_reply_to",
+    "created_at",
+    "expires_at",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Mail:
-    """One message in a mailbox, with what the participant did with it."""
+    """One message in a mailbox, with what the participant did with it.
 
-    envelope: Envelope
+    It carries the envelope's fields as the mailbox holds them, and makes the envelope
+    itself (a pydantic model) only when asked for `envelope`. Showing mail needs just the
+    fields, so the commands that only show it (`covey read`, `done`, `search`) never
+    import pydantic, a good part of a cold command's start."""
+
+    id: str
+    sender: str
+    recipient: str
+    subject: str
+    body: str
+    thread: str
+    in_reply_to: str | None
+    created_at: datetime
+    expires_at: datetime | None
     status: MailStatus
     received_at: datetime
 
+    @classmethod
+    def of(cls, envelope: Envelope, status: MailStatus, received_at: datetime) -> Mail:
+        fields = {name: getattr(envelope, name) for name in ENVELOPE_FIELDS}
+        return cls(**fields, status=status, received_at=received_at)
+
+    @property
+    def envelope(self) -> Envelope:
+        """The message as an Envelope: checked when it was filed, so not again."""
+        from coordinator.envelope import Envelope
+
+        return Envelope.model_construct(**{name: getattr(self, name) for name in ENVELOPE_FIELDS})
+
     def to_dict(self, with_body: bool = False) -> dict[str, Any]:
-        data = self.envelope.model_dump(mode="json", exclude={"body"})
+        """As JSON: the envelope's fields (as its model_dump(mode="json") gives them),
+        then status and received_at, and the body last when asked for."""
+        data: dict[str, Any] = {
+            name: getattr(self, name) for name in ENVELOPE_FIELDS if name != "body"
+        }
+        data["created_at"] = _json_time(self.created_at)
+        data["expires_at"] = _json_time(self.expires_at) if self.expires_at else None
         data.update(status=str(self.status), received_at=self.received_at.isoformat())
         if with_body:
-            data["body"] = self.envelope.body
+            data["body"] = self.body
         return data
+
+
+def _json_time(moment: datetime) -> str:
+    """A timestamp as pydantic writes one in JSON: ISO 8601, with `Z` for UTC."""
+    text = moment.isoformat()
+    return text[: -len("+00:00")] + "Z" if text.endswith("+00:00") else text
 
 
 class MailStore:
@@ -324,7 +357,7 @@ class MailStore:
                     ),
                 )
                 if cursor.rowcount:
-                    added.append(Mail(env, MailStatus.UNREAD, received_at))
+                    added.append(Mail.of(env, MailStatus.UNREAD, received_at))
         return added
 
     def messages(self, include_done: bool = False, ids: Iterable[str] | None = None) -> list[Mail]:
@@ -345,7 +378,7 @@ class MailStore:
 
     def stored(self, ids: Iterable[str]) -> dict[str, Envelope]:
         """The envelopes among `ids` that this mailbox already holds."""
-        return {mail.envelope.id: mail.envelope for mail in self.messages(ids=ids)}
+        return {mail.id: mail.envelope for mail in self.messages(ids=ids)}
 
     def get(self, id_or_prefix: str) -> Mail:
         return self.messages(ids=[self.resolve(id_or_prefix)])[0]
@@ -368,6 +401,19 @@ class MailStore:
         if len(matches) > 1:
             raise BadInput(f"message id {id_or_prefix!r} is ambiguous: give more characters")
         return matches[0]
+
+    def read(self, id_or_prefix: str) -> Mail:
+        """One message, marked read."""
+        full_id = self.resolve(id_or_prefix)
+        self.mark([full_id], MailStatus.READ)
+        return self.get(full_id)
+
+    def done(self, ids_or_prefixes: Iterable[str]) -> list[str]:
+        """Archive messages (their full ids are returned): no longer listed, still found
+        by `search`."""
+        full_ids = [self.resolve(id_or_prefix) for id_or_prefix in ids_or_prefixes]
+        self.mark(full_ids, MailStatus.DONE)
+        return full_ids
 
     def mark(self, ids: Iterable[str], status: MailStatus) -> None:
         """Set the status of messages; `read` never undoes `done`."""
@@ -410,7 +456,7 @@ def _mail(row: tuple[Any, ...]) -> Mail:
         received,
         status,
     ) = row
-    envelope = Envelope.model_construct(
+    return Mail(
         id=mid,
         sender=sender,
         recipient=recipient,
@@ -420,345 +466,6 @@ def _mail(row: tuple[Any, ...]) -> Mail:
         in_reply_to=reply_to,
         created_at=datetime.fromisoformat(created),
         expires_at=datetime.fromisoformat(expires) if expires else None,
+        status=MailStatus(status),
+        received_at=datetime.fromisoformat(received),
     )
-    return Mail(envelope, MailStatus(status), datetime.fromisoformat(received))
-
-
-# -- draining the queue into the store ----------------------------------------
-
-MAX_PREFETCH = 500
-IDLE_SECONDS = 2.0  # how long a drain waits for deliveries it expects before giving up
-CALLBACK_SECONDS = 0.05  # for the callbacks of deliveries that came before a cancel-ok
-COMMIT_BATCH = 100  # a drain commits this many at once (one fsync) ...
-COMMIT_SECONDS = 0.02  # ... or what came before a pause this long
-
-
-async def drain(
-    gateway: Gateway,
-    store: MailStore,
-    queue_name: str,
-    limits: Admission,
-    wait: float | None = None,
-) -> list[Envelope]:
-    """Move the messages waiting in `queue_name` into `store`; return the new ones.
-    What `limits` does not admit goes to `covey.dead` instead, with the reason.
-
-    With `wait`, block up to that many seconds for a first message when the queue
-    is empty, then take what is waiting by the time it came (the rest of a
-    burst). A drain takes what was waiting, not mail that keeps arriving
-    meanwhile (the next drain gets that).
-
-    It works in rounds with a full window, because a consumer cancelled while the
-    broker still has deliveries in flight to it gets them put back (on quorum
-    queues some can even follow the cancel-ok), and every return counts towards
-    the delivery limit (RabbitMQ before 4.3): innocent mail would creep towards
-    `covey.dead`. So a round asks for exactly as many messages as are ready (at
-    most MAX_PREFETCH) and cancels only when the window is full and nothing can
-    be in flight. Within the round each delivery is committed to the store as it
-    comes, and the acks go at the end: a drain killed mid-round hands back
-    deliveries the store already holds (they come back once, recognised), and
-    mail that no store holds is exposed only for the moment it takes to commit.
-    The store's work runs in a thread, so the event loop never waits on the disk.
-    """
-    from coordinator.gateway import translated  # the broker is only needed here
-
-    await asyncio.to_thread(store.check_writable)
-    filing = _Filing(gateway, store, queue_name, limits)
-    target: int | None = None  # how many this drain takes in all: what was waiting
-    first_wait = wait  # only a first round may wait for mail to come
-    with translated(f"fetch mail from {queue_name}"):
-        async with gateway.operation_channel() as channel:  # one for every round
-            while target is None or filing.taken < target:
-                queue = await gateway.queue(queue_name, channel)
-                ready = queue.declaration_result.message_count or 0
-                if ready == 0 and first_wait is None:
-                    # Nothing waiting: none came, or another drain of this mailbox took
-                    # what was (it files it). A consumer waiting for nothing never returns.
-                    break
-                if target is None:
-                    target = filing.taken + max(ready, 1)
-                window = await _window(store, limits, ready, first=filing.taken == 0)
-                timeout = IDLE_SECONDS if ready or first_wait is None else first_wait
-                batch = await _take(queue, window, timeout, filing)
-                await filing.settle(batch)
-                if filing.failure is not None:
-                    # Stop at the first failed write: what was filed is acked; closing the
-                    # channel hands the rest back, once.
-                    raise filing.failure
-                if len(batch) < window:
-                    break  # waited long enough, or another consumer took some
-                if ready == 0:  # the first round, waiting (any other stops when none is ready)
-                    target = None  # mail came while we waited: take what is waiting now, too
-                first_wait = None
-    return [mail.envelope for mail in filing.added]
-
-
-async def _window(store: MailStore, limits: Admission, ready: int, first: bool) -> int:
-    """How many deliveries a round takes: those `ready` (or one to wait for), at most
-    MAX_PREFETCH, and no more than the free space holds at worst: a write that fails
-    hands back every delivery still in the window (a count each towards the limit).
-    The `first` round checks that the file is sound before it takes any (in a thread:
-    that reads every page)."""
-    if first:
-        await asyncio.to_thread(store.check_sound)
-    return min(max(ready, 1), MAX_PREFETCH, store.room(limits.max_body_bytes))
-
-
-async def _take(
-    queue: AbstractQueue, window: int, first_timeout: float, filing: _Filing
-) -> list[AbstractIncomingMessage]:
-    """Consume up to `window` deliveries: wait `first_timeout` for the first, then
-    IDLE_SECONDS for each next one. They are committed as they come, COMMIT_BATCH
-    at a time or after COMMIT_SECONDS without more (see `_Filing.commit`; what comes
-    meanwhile waits in `deliveries`); none is acked yet, so the window stays full.
-    Returns what was committed; at the first commit that fails it stops
-    (`filing.failure` says why)."""
-    deliveries: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-
-    # A closed channel (broker gone, connection cut) ends the wait at once.
-    def on_close(*_: object) -> None:
-        deliveries.put_nowait(None)
-
-    queue.channel.close_callbacks.add(on_close)
-    await queue.channel.set_qos(prefetch_count=window)
-    consumer_tag = await queue.consume(deliveries.put, no_ack=False)
-    batch: list[AbstractIncomingMessage] = []
-    arrived: list[AbstractIncomingMessage] = []  # not committed yet
-    timeout = first_timeout
-    try:
-        while len(batch) + len(arrived) < window:
-            try:
-                async with asyncio.timeout(COMMIT_SECONDS if arrived else timeout):
-                    delivery = await deliveries.get()
-            except TimeoutError:
-                if not arrived:
-                    break
-                delivery = None  # a pause: commit what came
-            else:
-                if delivery is None:
-                    raise ConnectionError("the channel closed")
-                arrived.append(delivery)
-                timeout = IDLE_SECONDS
-            if delivery is None or len(arrived) >= COMMIT_BATCH:
-                if not await filing.commit(arrived):
-                    return batch
-                batch, arrived = batch + arrived, []
-        if not await filing.commit(arrived):
-            return batch
-        batch += arrived
-    finally:
-        queue.channel.close_callbacks.discard(on_close)  # the channel serves more rounds
-        if not queue.channel.is_closed:
-            await queue.cancel(consumer_tag)
-    if len(batch) < window:
-        # A partial window: deliveries sent before the cancel may still be in their
-        # callbacks; take them now rather than hand them back.
-        await asyncio.sleep(CALLBACK_SECONDS)
-        late: list[AbstractIncomingMessage] = []
-        while not deliveries.empty():
-            if (delivery := deliveries.get_nowait()) is not None:
-                late.append(delivery)
-        if await filing.commit(late):
-            batch += late
-    return batch
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """What a mailbox admits: bodies up to `max_body_bytes`, from genuine senders."""
-
-    max_body_bytes: int
-    senders: SenderCheck
-
-
-class Subscription:
-    """A consumer kept on a participant's queue while its handle waits for mail.
-
-    Each delivery is filed as it arrives (committed, then acked), so a wait
-    returns as soon as mail is in the mailbox, rather than setting a consumer up
-    and tearing it down per wait. Deliveries are filed one batch at a time, in
-    order; `close` cancels the consumer and files what was still on its way.
-    A quorum queue may still send a delivery after the cancel-ok; that one goes
-    back to the queue (one count towards its delivery limit) and comes again.
-    """
-
-    def __init__(self, filing: _Filing, queue: AbstractQueue) -> None:
-        self._filing, self._queue = filing, queue
-        self._consumer_tag: str | None = None
-        self._waiting: list[AbstractIncomingMessage] = []  # delivered, not yet filed
-        self._filing_one_batch = asyncio.Lock()
-        self._news = asyncio.Event()  # filed something, or failed
-        self._failure: CoveyError | None = None
-
-    @classmethod
-    async def start(
-        cls, gateway: Gateway, store: MailStore, queue_name: str, limits: Admission
-    ) -> Subscription:
-        """Subscribe; raises TopologyMissing when the queue does not exist."""
-        from coordinator.gateway import translated
-
-        await asyncio.to_thread(store.check_writable)  # see there and at `drain`
-        window = await _window(store, limits, MAX_PREFETCH, first=True)
-        with translated(f"subscribe to {queue_name}"):
-            channel = await gateway.open_channel(prefetch=window)
-            queue = await gateway.queue(queue_name, channel)
-            subscription = cls(_Filing(gateway, store, queue_name, limits), queue)
-            channel.close_callbacks.add(subscription._on_close)
-            subscription._consumer_tag = await queue.consume(subscription._on_delivery)
-        return subscription
-
-    @property
-    def active(self) -> bool:
-        return self._failure is None and not self._queue.channel.is_closed
-
-    async def next(self, timeout: float) -> list[Mail]:
-        """What was filed since the last call, as filed (unread), oldest first; waits up
-        to `timeout` s for something."""
-        if not self._filing.added and self._failure is None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._news.wait()
-        self._news.clear()
-        new, self._filing.added = self._filing.added, []
-        if not new and self._failure is not None:
-            raise self._failure  # what was filed before it is returned first
-        # In the store's order (see `MailStore.messages`): by creation, then as filed.
-        return sorted(new, key=lambda mail: mail.envelope.created_at)
-
-    async def close(self) -> None:
-        """Cancel, file what was delivered meanwhile, and close the channel."""
-        channel = self._queue.channel
-        try:
-            if self._consumer_tag is not None and not channel.is_closed:
-                await self._queue.cancel(self._consumer_tag)
-                await asyncio.sleep(CALLBACK_SECONDS)  # deliveries before the cancel-ok
-                await self._file_waiting()
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-
-    async def _on_delivery(self, delivery: AbstractIncomingMessage) -> None:
-        self._waiting.append(delivery)
-        await self._file_waiting()
-
-    async def _file_waiting(self) -> None:
-        from coordinator.gateway import translated
-
-        async with self._filing_one_batch:
-            batch, self._waiting = self._waiting, []
-            if not batch or self._failure is not None:
-                return  # after a failure the channel goes: the broker redelivers
-            try:
-                with translated("file mail"):
-                    await self._filing.file(batch)
-            except CoveyError as err:
-                self._failure = err
-            self._news.set()
-
-    def _on_close(self, *_: object) -> None:
-        if self._failure is None:
-            self._failure = BrokerUnavailable("lost RabbitMQ while waiting for mail")
-        self._news.set()
-
-
-class _Filing:
-    """Files batches of deliveries: valid envelopes into the store, the rest to covey.dead."""
-
-    def __init__(
-        self, gateway: Gateway, store: MailStore, queue_name: str, limits: Admission
-    ) -> None:
-        self.gateway, self.store, self.queue_name = gateway, store, queue_name
-        self.limits = limits
-        self.taken = 0
-        self.added: list[Mail] = []
-        self.failure: CoveyError | None = None  # the store's, at the first commit it refused
-        self._rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
-
-    async def file(self, batch: Sequence[AbstractIncomingMessage]) -> None:
-        """Commit, dead-letter what is not fit, then ack: the whole of filing a batch."""
-        if not await self.commit(batch) and self.failure is not None:
-            raise self.failure  # nothing acked: the batch goes back with the channel
-        await self.settle(batch)
-
-    async def commit(self, batch: Sequence[AbstractIncomingMessage]) -> bool:
-        """Commit the valid envelopes to the store; keep the rest for `settle`.
-        From here on, a crash costs a redelivery that the store recognises.
-        False, with `failure` set, when the store refuses: then and ever after (a
-        drain stops at the first failed write), and nothing of `batch` is kept.
-        The store's part runs in a thread, one hop and one fsync per batch, while the
-        event loop goes on serving the broker and everything else; parsing stays
-        here, as CPU work holds the interpreter wherever it runs."""
-        if self.failure is not None:
-            return False
-        if not batch:
-            return True
-        rejected: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
-        parsed: list[tuple[AbstractIncomingMessage, Envelope]] = []
-        for delivery in batch:
-            try:
-                parsed.append((delivery, Envelope.from_delivery(delivery)))
-            except InvalidEnvelope as invalid:
-                rejected.append((delivery, invalid))
-        try:
-            added, refused = await asyncio.to_thread(self._check_and_add, parsed)
-        except (MailboxUnusable, MailboxBusy) as err:
-            self.failure = err
-            return False
-        self.added += added
-        self._rejected += rejected + refused  # dead-lettered by `settle`, once committed
-        return True
-
-    def _check_and_add(
-        self, parsed: Sequence[tuple[AbstractIncomingMessage, Envelope]]
-    ) -> tuple[list[Mail], list[tuple[AbstractIncomingMessage, InvalidEnvelope]]]:
-        """The store's part of `commit`, in a thread: check each envelope against what
-        the store holds and the limits, and add those that pass in one transaction.
-        Returns what was new and what was refused; changes nothing of this object
-        (the loop does, with what it returns), and reads of a delivery only its
-        properties, never its channel."""
-        stored = self.store.stored(envelope.id for _, envelope in parsed)
-        valid: list[Envelope] = []
-        refused: list[tuple[AbstractIncomingMessage, InvalidEnvelope]] = []
-        for delivery, envelope in parsed:
-            try:
-                valid.append(self._check(delivery, envelope, stored.get(envelope.id)))
-            except InvalidEnvelope as invalid:
-                refused.append((delivery, invalid))
-        return self.store.add(valid), refused
-
-    async def settle(self, batch: Sequence[AbstractIncomingMessage]) -> None:
-        """Dead-letter what `commit` refused (confirmed), then ack the whole batch."""
-        if not batch:
-            return
-        rejected, self._rejected = self._rejected, []
-        for delivery, problem in rejected:
-            await self.gateway.dead_letter(
-                delivery, self.queue_name, problem.reason, problem.detail
-            )
-            log.warning(
-                "dead-lettered a delivery",
-                queue=self.queue_name,
-                reason=problem.reason,
-                detail=problem.detail,
-                message_id=delivery.message_id,
-            )
-        await batch[-1].ack(multiple=True)
-        self.taken += len(batch)
-
-    def _check(
-        self, delivery: AbstractIncomingMessage, envelope: Envelope, stored: Envelope | None
-    ) -> Envelope:
-        if stored is not None:
-            # A redelivery of what the mailbox holds is fine as it is (the store drops
-            # it); another message under the same id would be silently lost, so it is not.
-            if stored.model_dump() != envelope.model_dump():
-                raise InvalidEnvelope("invalid", f"id {envelope.id} is already another message's")
-            return envelope
-        if spoofed := self.limits.senders.problem(envelope.sender, delivery.user_id):
-            raise InvalidEnvelope("spoofed", spoofed)
-        limit = self.limits.max_body_bytes
-        if envelope.body_size() > limit:
-            raise InvalidEnvelope("invalid", f"body is {envelope.body_size()} bytes, over {limit}")
-        if envelope.is_expired():
-            raise InvalidEnvelope("expired", f"expired at {envelope.expires_at}")
-        return envelope

@@ -26,12 +26,11 @@ import json
 import os
 import sqlite3
 import sys
-import tomllib
 from pathlib import Path
 
 from coordinator.display import printable
 from coordinator.errors import BadInput, ConfigError
-from coordinator.home import CONFIG_FILE, DEFAULT_AMQP_URL, DEFAULT_STATE_DIR, find_home, store_path
+from coordinator.home import find_home, mailbox_file, read_config, setting
 from coordinator.names import Address
 
 MAX_SENDERS = 3  # named in the line; more are counted
@@ -51,52 +50,11 @@ def news(identity: str | None, form: str = "text", hook_input: str | None = None
 
 
 def _mailbox(identity: str | None) -> Path:
-    home = find_home()
-    config = _config(home)
-    who = identity or os.environ.get("COVEY_AGENT") or _setting("identity", config)
+    config = read_config(find_home())
+    who = identity or os.environ.get("COVEY_AGENT") or setting("identity", config)
     if not who:
         raise BadInput("whose mail? give NAME, --as, COVEY_AGENT, or identity in covey.toml")
-    me = Address.participant(who)
-    state_dir = Path(_setting("state_dir", config) or DEFAULT_STATE_DIR).expanduser()
-    return store_path(state_dir, _broker_url(config), str(me))
-
-
-def _config(home: Path | None) -> dict[str, object]:
-    if home is None or not (home / CONFIG_FILE).is_file():
-        return {}
-    try:
-        with (home / CONFIG_FILE).open("rb") as file:
-            return tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{home / CONFIG_FILE}: cannot be read ({err})") from None
-
-
-def _broker_url(config: dict[str, object]) -> str:
-    """One of the broker's URLs, as settings.py ranks them (the environment over
-    covey.toml; in each, amqp_urls over amqp_url): only its vhost matters here, and every
-    entry of amqp_urls has the same."""
-    listed = config.get("amqp_urls")
-    for value in (
-        _first(os.environ.get("COVEY_AMQP_URLS")),
-        os.environ.get("COVEY_AMQP_URL"),
-        _first(listed) if isinstance(listed, str) else None,
-        listed[0] if isinstance(listed, list) and listed else None,
-        config.get("amqp_url"),
-    ):
-        if value:
-            return str(value)
-    return DEFAULT_AMQP_URL
-
-
-def _first(urls: str | None) -> str | None:
-    """The first of comma-separated URLs."""
-    return urls.split(",")[0].strip() if urls else None
-
-
-def _setting(name: str, config: dict[str, object]) -> str | None:
-    """`COVEY_NAME`, else covey.toml's `name`, as settings.py ranks them."""
-    value = os.environ.get(f"COVEY_{name.upper()}") or config.get(name)
-    return str(value) if value else None
+    return mailbox_file(Address.participant(who), config)
 
 
 def _new_mail_line(mailbox: Path) -> str:

@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from coordinator.durations import Seconds
 from coordinator.errors import BadInput, ConfigError, first_problem
+from coordinator.home import AGENT_FILE as AGENT_FILE  # re-exported
 from coordinator.names import Address, check_name, valid_names
 from coordinator.settings import CONFIG_FILE, ROSTER_DIR, Settings
 
-AGENT_FILE = "agent.toml"
 INSTRUCTIONS_FILE = "AGENT.md"
 
 

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import io
 import string
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import example, given, settings
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from coordinator.cli import _duration, _seconds, _since, build_parser
 from coordinator.envelope import Envelope
 from coordinator.errors import BadInput, InvalidEnvelope
+from coordinator.mailbox import ENVELOPE_FIELDS, Mail, MailStatus
 from coordinator.names import Address
 
 names = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,63}", fullmatch=True)
@@ -132,6 +133,39 @@ def test_a_composed_envelope_is_what_new_makes_or_the_same_refusal(
     assert composed.model_dump(exclude=same) == made.model_dump(exclude=same)
     if not original:
         assert composed.thread == composed.id
+
+
+@given(
+    created=st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)), None])),
+    expires=st.one_of(st.none(), st.datetimes(timezones=st.just(timezone(timedelta(hours=-5))))),
+    body=st.text(),
+)
+def test_a_mail_as_json_is_its_envelope_as_pydantic_writes_it(
+    created: datetime, expires: datetime | None, body: str
+) -> None:
+    """`Mail.to_dict` writes the envelope's fields without pydantic (so that showing mail
+    never loads it): it must write what the envelope's model_dump(mode="json") does."""
+    created = created if created.tzinfo else created.replace(tzinfo=UTC)
+    envelope = Envelope.new(
+        sender="human:ada",
+        recipient="team:research",
+        subject="s",
+        body=body,
+        created_at=created,
+        expires_at=expires,
+    )
+    received = datetime.now(UTC)
+    mail = Mail.of(envelope, MailStatus.READ, received)
+    expected = {
+        **envelope.model_dump(mode="json", exclude={"body"}),
+        "status": "read",
+        "received_at": received.isoformat(),
+        "body": body,
+    }
+    assert mail.to_dict(with_body=True) == expected
+    assert list(mail.to_dict(with_body=True)) == list(expected)
+    assert mail.envelope == envelope
+    assert tuple(Envelope.model_fields) == ENVELOPE_FIELDS
 
 
 argv_words = st.lists(
