@@ -417,6 +417,11 @@ async def follow(
                     gave_up_at = None
                     yield item
         except (_Lost, BrokerUnavailable, *BROKER_ERRORS) as err:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                # Not a lost connection but a cancel (Ctrl-C) that landed in a call to
+                # the broker: aiormq then closes the channel, and the call may fail with
+                # the channel's error instead. Reconnecting would swallow the cancel.
+                raise asyncio.CancelledError from err
             now_ = asyncio.get_running_loop().time()
             gave_up_at = gave_up_at or now_ + RECONNECT_GIVE_UP_SECONDS
             if now_ > gave_up_at:

@@ -23,14 +23,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from coordinator.gateway import Gateway
 
 PREFETCH = 500
-# Finding the head: attached at `last`, the broker sends the newest chunk in one
-# burst. Waiting FIRST_SECONDS for it to start and CHUNK_IDLE_SECONDS of quiet for
-# it to end errs, under heavy load, towards a head slightly too old — never too
-# new — so a digest may show a little less, and its cursor moves only as far as
-# what it showed: the rest comes next time, nothing is skipped.
+# Reading until the stream goes quiet (`items_from` without `stop_at`): waiting
+# FIRST_SECONDS for a first item and CHUNK_IDLE_SECONDS of quiet after the last errs,
+# under heavy load, towards too little — never too much. `head` needs neither wait
+# when the stream has items (see there).
 FIRST_SECONDS = 0.25
 CHUNK_IDLE_SECONDS = 0.03
 RANGE_SECONDS = 5.0  # reading a known range: a generous wait for each next item
+SETTLE_ROUNDS = 4  # event-loop rounds without a new delivery: see `_settle`
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +43,63 @@ class Item:
 
 
 async def head(gateway: Gateway, stream: str) -> int | None:
-    """The offset of the newest item, or None when the stream is empty."""
+    """The offset of the newest item, or None when the stream is empty.
+
+    Attached at `last`, the consumer's channel is told by the stream that there is
+    something to read, and then reads every chunk from the newest on and sends it all
+    in one go (rabbit_stream_queue in 3.10: `osiris_offset`, then `stream_entries` up to
+    the credit). The channel answers a `basic.qos` sent after that only once it has sent
+    all of it: the answer is a barrier, and the head is known without waiting out a
+    quiet spell. When the answer comes before any item (the stream's notice had not yet
+    reached the channel, or the stream is empty), the first item is waited for, for up
+    to FIRST_SECONDS, and the barrier is sent once more. A full window (PREFETCH items,
+    so more may follow) is read on to the end of the burst, as `items_from` does."""
+    deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    channel = (await gateway.consume_stream(stream, "last", deliveries.put, PREFETCH)).channel
     newest: int | None = None
-    async for item in items_from(gateway, stream, "last", stop_at=None):
-        newest = item.offset if newest is None else max(newest, item.offset)
-    return newest
+    taken = 0
+
+    async def take(message: AbstractIncomingMessage) -> None:
+        nonlocal newest, taken
+        await message.ack()
+        offset = int(message.headers["x-stream-offset"])  # type: ignore[arg-type]
+        newest = offset if newest is None else max(newest, offset)
+        taken += 1
+
+    try:
+        for _ in range(2):
+            await channel.set_qos(prefetch_count=PREFETCH)  # the barrier
+            await _settle(deliveries)
+            while not deliveries.empty():
+                await take(deliveries.get_nowait())
+            if newest is not None:
+                break
+            try:
+                async with asyncio.timeout(FIRST_SECONDS):
+                    await take(await deliveries.get())
+            except TimeoutError:
+                return None  # empty: nothing came even after the barrier
+        while taken >= PREFETCH:  # a full window: more may be on its way
+            try:
+                async with asyncio.timeout(CHUNK_IDLE_SECONDS):
+                    await take(await deliveries.get())
+            except TimeoutError:
+                break
+        return newest
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _settle(deliveries: asyncio.Queue[AbstractIncomingMessage]) -> None:
+    """Let the deliveries that reached the client before the barrier's answer reach the
+    queue: the client hands each to its callback through tasks (aiormq one, aio-pika
+    another), so a few rounds of the event loop with nothing new are enough."""
+    quiet, size = 0, deliveries.qsize()
+    while quiet < SETTLE_ROUNDS:
+        await asyncio.sleep(0)
+        quiet = quiet + 1 if deliveries.qsize() == size else 0
+        size = deliveries.qsize()
 
 
 async def items_between(gateway: Gateway, stream: str, first: int, last: int) -> list[Item]:

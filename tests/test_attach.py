@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from conftest import World, start
 from faultkit import HoldingProxy, cut, stop, world_on
@@ -547,6 +548,43 @@ async def test_a_cancel_that_meets_a_delivery_is_not_swallowed(applied: World) -
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert deliveries.qsize() == 1, "a cancelled wait took the delivery with it"
+
+
+async def test_a_cancel_that_the_client_turns_into_a_broker_error_still_stops_a_follow(
+    applied: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiormq answers a cancel that lands in the middle of a call by closing the channel,
+    and the call may then fail with the channel's error instead of the cancel. A follow
+    took that for a lost connection and reconnected, following on: a CI run's `covey
+    attach` ignored Ctrl-C for 60 s. Injected: every wait for a delivery that is cancelled
+    fails with such an error instead. Asserted: the cancel stops the follow all the same."""
+    real_next = session_reader._next
+
+    async def converting(*args: Any) -> Any:
+        try:
+            return await real_next(*args)
+        except asyncio.CancelledError:
+            raise aiormq.exceptions.ChannelInvalidStateError("closed: RPC cancelled") from None
+
+    monkeypatch.setattr(session_reader, "_next", converting)
+    async with FakeRun(applied.amqp_url) as run:
+        await run.open()
+        await run.lines(["working"])
+        async with applied.open("human:ada") as ada:
+            follow = session_reader.follow(ada.namespace, run.run_id)
+
+            async def read() -> None:
+                async with contextlib.aclosing(follow):
+                    async for _ in follow:
+                        pass
+
+            reading = asyncio.ensure_future(read())
+            await asyncio.sleep(1.0)  # it has shown what there is, and waits for more
+            assert not reading.done()
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(reading), 10)
+        await run.close()
 
 
 async def test_ctrl_c_detaches_with_130_and_leaves_the_run_alone(applied: World) -> None:

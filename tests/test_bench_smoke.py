@@ -26,7 +26,9 @@ def test_the_quick_benchmark_measures_every_figure(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     figures = {f["id"]: f for f in json.loads(out.read_text())["figures"]}
-    assert {"1", "2", "3a", "4a", "4b", "5a", "5b", "6", "7", "8a", "8c"} <= set(figures)
+    assert {"1", "2", "3a", "4a", "4b", "4c", "4d", "4e", "5a", "5b", "6", "7", "8a", "8c"} <= set(
+        figures
+    )
     assert {"9a", "9b", "10a", "10b", "10c", "11a", "11b", "11c", "11d"} <= set(figures)
     assert {"14a", "14b", "14c", "14d"} <= set(figures)
     assert {"15a", "15b", "15c", "15d", "15e", "15f"} <= set(figures)

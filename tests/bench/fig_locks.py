@@ -159,8 +159,8 @@ async def bench_locks(bench: Bench) -> list[Figure]:
             "ms",
             covey_ms,
             raw_ms,
-            "≤ 2 × raw",
-            max_ratio=2.0,
+            "≤ 1.5 × raw",
+            max_ratio=1.5,
             note="covey: LockSession.acquire + close (holder note written); raw: channel, "
             "exclusive declare, delete; connections open beforehand. With connect: covey "
             f"{covey_connect_ms:.1f} ms, raw {raw_connect_ms:.1f} ms",
