@@ -1148,6 +1148,24 @@ async def _consume_on(
     return queue
 
 
+async def close_channel(channel: AbstractChannel, *, quiet: bool = False) -> None:
+    """Close `channel` if it is open (`quiet`: whatever the broker says meanwhile), and
+    keep a cancel that lands as it closes. aiormq's close can swallow one (it awaits
+    tasks of its own), and the caller, a reader closing its channel in a `finally`, then
+    returns as if it had never been cancelled: `covey attach` followed on after Ctrl-C.
+    A reader that closes its channel this way gives the cancel back wherever it lands."""
+    try:
+        if not channel.is_closed:
+            if quiet:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.close()
+            else:
+                await channel.close()
+    finally:
+        if (task := asyncio.current_task()) is not None and task.cancelling():
+            raise asyncio.CancelledError
+
+
 def _url_of(connection: AbstractConnection) -> str:
     # aio-pika's Connection has `url`; its abstract interface does not declare it.
     return str(getattr(connection, "url", ""))

@@ -46,7 +46,7 @@ from coordinator.errors import (
     NotRetained,
 )
 from coordinator.events import Event
-from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway
+from coordinator.gateway import BROKER_ERRORS, RECONNECT_SECONDS, Gateway, close_channel
 from coordinator.logs import get_logger
 from coordinator.namespace import Namespace
 from coordinator.session import (
@@ -246,9 +246,7 @@ class _Reader:
                 for item in self.ending or []:
                     yield item
         finally:
-            if not channel.is_closed:
-                with contextlib.suppress(*BROKER_ERRORS):  # closing cancels the consumer
-                    await channel.close()
+            await close_channel(channel, quiet=True)  # closing cancels the consumer
 
     def _passed(
         self, message: AbstractIncomingMessage, offset: int
@@ -552,9 +550,8 @@ class _Watch:
 
     async def stop_listening(self) -> None:
         channel, self.channel = self.channel, None
-        if channel is not None and not channel.is_closed:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await channel.close()
+        if channel is not None:
+            await close_channel(channel, quiet=True)
 
 
 def _opened(record: records.RunRecord) -> Event:

@@ -20,7 +20,7 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from coordinator.gateway import Gateway
+from coordinator.gateway import Gateway, close_channel
 
 PREFETCH = 500
 # Reading until the stream goes quiet (`items_from` without `stop_at`): waiting
@@ -87,8 +87,7 @@ async def head(gateway: Gateway, stream: str) -> int | None:
                 break
         return newest
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await close_channel(channel)
 
 
 async def _settle(deliveries: asyncio.Queue[AbstractIncomingMessage]) -> None:
@@ -149,5 +148,4 @@ async def items_from(
             if stop_at is not None and offset >= stop_at:
                 return
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await close_channel(channel)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import aio_pika
 import pytest
 from conftest import World
 
@@ -60,3 +62,33 @@ async def test_finding_the_head_gives_back_a_cancel_wherever_it_lands(applied: W
             landed += 1
         assert landed >= 10, "too few cancels landed while the head was being found"
         assert await stream.head(gateway, CHANGELOG_STREAM) == 19  # and it still works
+
+
+async def test_a_cancel_that_lands_as_a_reader_closes_its_channel_is_kept(
+    applied: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiormq's channel close swallowed most cancels that landed while it ran (344 of 500
+    here), and a reader, which closes its channel on the way out, then returned as if
+    never cancelled. Each cancel here is aimed at that close (a probe notes when it
+    starts; the cancel follows within a few turns of the event loop)."""
+    closing = asyncio.Event()
+    real_close = aio_pika.channel.Channel.close
+
+    async def noted(self: aio_pika.channel.Channel, *args: Any, **kwargs: Any) -> None:
+        closing.set()
+        await real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(aio_pika.channel.Channel, "close", noted)
+    settings = Settings(amqp_url=applied.amqp_url)
+    async with await Gateway.connect(settings, "cancel probe") as gateway:
+        await _append(gateway, 5)
+        for turns in [0, 1, 2, 3, 4, 5] * 10:
+            closing.clear()
+            finding = asyncio.ensure_future(stream.head(gateway, CHANGELOG_STREAM))
+            await closing.wait()
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            finding.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await finding
+        assert await stream.head(gateway, CHANGELOG_STREAM) == 4
