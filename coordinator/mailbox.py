@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -127,15 +127,32 @@ class Mail:
     expires_at: datetime | None
     status: MailStatus
     received_at: datetime
+    # The envelope this was made of, when it was (a drain's): handed back as it is.
+    made_of: Envelope | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, envelope: Envelope, status: MailStatus, received_at: datetime) -> Mail:
-        fields = {name: getattr(envelope, name) for name in ENVELOPE_FIELDS}
-        return cls(**fields, status=status, received_at=received_at)
+        e = envelope  # every filed message comes this way: positional, no dict
+        return cls(
+            e.id,
+            e.sender,
+            e.recipient,
+            e.subject,
+            e.body,
+            e.thread,
+            e.in_reply_to,
+            e.created_at,
+            e.expires_at,
+            status,
+            received_at,
+            envelope,
+        )
 
     @property
     def envelope(self) -> Envelope:
         """The message as an Envelope: checked when it was filed, so not again."""
+        if self.made_of is not None:
+            return self.made_of
         from coordinator.envelope import Envelope
 
         return Envelope.model_construct(**{name: getattr(self, name) for name in ENVELOPE_FIELDS})
