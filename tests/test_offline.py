@@ -32,6 +32,20 @@ print(json.dumps(results))
 """
 
 
+def _python(
+    script: str, world: World, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`script` run by a Python of its own in the home, with `env`."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        cwd=world.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_read_done_and_search_import_neither_pydantic_nor_asyncio(applied: World) -> None:
     """What makes them cold-start in a third of the time: the mailbox alone, found with
     the standard library (the broker is not even asked: its port is shut)."""
@@ -47,14 +61,7 @@ def test_read_done_and_search_import_neither_pydantic_nor_asyncio(applied: World
         "assert not heavy, f'imported {sorted(heavy)}'\n"
         "sys.exit(code)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        env=env,
-        cwd=applied.home,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _python(probe, applied, env)
     assert result.returncode == 0, result.stderr
     assert "offline soon" in result.stdout  # search's line
     assert "> needle in here" in result.stdout  # read's quoted body
@@ -75,14 +82,7 @@ def test_the_quick_way_answers_as_the_namespace_does(applied: World) -> None:
         ["read", "ffffffff", "--as", "scout"],  # no such message: an error, both ways
     ]
     env = {**applied.env, "COVEY_AGENT": "scout"}
-    result = subprocess.run(
-        [sys.executable, "-c", BOTH_WAYS, json.dumps(commands)],
-        env=env,
-        cwd=applied.home,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _python(BOTH_WAYS, applied, env, json.dumps(commands))
     assert result.returncode == 0, result.stderr
     for argv, (quick, namespace) in zip(commands, json.loads(result.stdout), strict=True):
         assert quick == namespace, argv

@@ -105,28 +105,25 @@ def test_a_composed_envelope_is_what_new_makes_or_the_same_refusal(
     fields.update(body=body, expires_at=expires_at)
     if original:
         fields.update(thread=original.thread, in_reply_to=original.id)
+
+    def compose() -> Envelope:
+        return Envelope.compose(
+            Address.parse(sender),
+            Address.parse(recipient),
+            subject,
+            body,
+            original=original,
+            expires_at=expires_at,
+        )
+
     try:
         made = Envelope.new(**fields)
     except BadInput as err:
         with pytest.raises(BadInput) as caught:
-            Envelope.compose(
-                Address.parse(sender),
-                Address.parse(recipient),
-                subject,
-                body,
-                original=original,
-                expires_at=expires_at,
-            )
+            compose()
         assert str(caught.value) == str(err)
         return
-    composed = Envelope.compose(
-        Address.parse(sender),
-        Address.parse(recipient),
-        subject,
-        body,
-        original=original,
-        expires_at=expires_at,
-    )
+    composed = compose()
     assert Envelope.model_validate(composed.model_dump()) == composed
     assert Envelope.from_json(composed.to_json()) == composed
     same = {"id", "created_at"} if original else {"id", "thread", "created_at"}
