@@ -370,25 +370,45 @@ class LocalCluster:
         raise ValueError(f"{nodename} is not a node of this cluster")
 
     def start(self, timeout: float = 120.0) -> LocalCluster:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cookie = self.workdir / ".erlang.cookie"
-        cookie.write_text("".join(secrets.choice(string.ascii_uppercase) for _ in range(20)))
-        cookie.chmod(0o400)  # Erlang refuses a cookie file others may read
+        self._share_cookie()
         try:
             for node in self.nodes:  # booting is mostly waiting: all at once
                 node.launch()
             for node in self.nodes:
                 node.wait_listening(timeout)
             # One join at a time: each changes the cluster's membership (Mnesia's schema).
-            first = self.nodes[0].nodename
             for node in self.nodes[1:]:
-                node.ctl("stop_app")
-                node.ctl("join_cluster", first)
-                node.ctl("start_app")  # returns once the application runs again
+                self._join(node, timeout)
         except BaseException:
             self.remove()
             raise
         return self
+
+    def _share_cookie(self) -> None:
+        """Write the Erlang cookie every node (and rabbitmqctl) reads from the shared HOME."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cookie = self.workdir / ".erlang.cookie"
+        cookie.write_text("".join(secrets.choice(string.ascii_uppercase) for _ in range(20)))
+        cookie.chmod(0o400)  # Erlang refuses a cookie file others may read
+
+    def _join(self, node: LocalBroker, timeout: float) -> None:
+        """Join `node` to the first node. Each step may be repeated: a CLI that could not
+        reach a node that answers AMQP (exit 69, seen once in CI on a loaded machine; 75
+        is a timeout) is tried again until `timeout`; stop_app and start_app are
+        idempotent, and join_cluster says ok to a node that has joined already."""
+        deadline = time.monotonic() + timeout
+        for step in (("stop_app",), ("join_cluster", self.nodes[0].nodename), ("start_app",)):
+            while True:
+                try:
+                    node.ctl(*step)
+                    break
+                except subprocess.CalledProcessError as error:
+                    if error.returncode not in (69, 75) or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"rabbitmqctl {' '.join(step)} on {node.nodename} exited with "
+                            f"{error.returncode}: {(error.stderr or '').strip()[-500:]}"
+                        ) from error
+                    time.sleep(1.0)
 
     def stop_node(self, index: int) -> None:
         """Stop one node (gracefully); the others carry on as a cluster without it."""
