@@ -592,7 +592,9 @@ def _body(args: argparse.Namespace) -> str:
 # -- parsing -----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `command`, of that one alone when it is one (the
+    others' parsers cost a cold start 5-7 ms and are never used)."""
     parser = argparse.ArgumentParser(
         prog="covey",
         description="Durable mail, locks and memory for agents, on RabbitMQ.",
@@ -601,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         "9 session no longer retained, 70 a bug in covey.",
     )
     parser.add_argument("--version", action="version", version=f"covey {__version__}")
-    commands = _Commands(parser)
+    commands = _Commands(parser, command)
     # In this order `covey --help` lists them: mail first, since models use it most.
     _add_mail_commands(commands)
     _add_topology_command(commands)
@@ -610,13 +612,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dead_commands(commands)
     _add_supervision_commands(commands)
     _add_setup_commands(commands)
+    if command is not None and command not in commands.parsers.choices:
+        return build_parser()  # not a command: argparse says so, listing them all
     return parser
 
 
 class _Commands:
     """The `covey COMMAND` parsers as they are built, and the options all of them take."""
 
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
+    def __init__(self, parser: argparse.ArgumentParser, wanted: str | None = None) -> None:
+        self.wanted = wanted  # the only command to build, when not None
         self.common = argparse.ArgumentParser(add_help=False)
         self.common.add_argument(
             "--as", dest="identity", metavar="NAME", help="act as this participant"
@@ -631,9 +636,16 @@ class _Commands:
         self, name: str, handler: Handler | MailboxHandler, help: str
     ) -> argparse.ArgumentParser:
         """A command with the common options, run by `handler`, its help its description."""
-        sub = self.parsers.add_parser(name, parents=[self.common], help=help, description=help)
+        sub = self.parser(name, parents=[self.common], help=help, description=help)
         sub.set_defaults(handler=handler)
         return sub
+
+    def parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """The parser of command `name`; for a command other than the one wanted, a
+        detached one that is never used."""
+        if self.wanted is not None and name != self.wanted:
+            return argparse.ArgumentParser(add_help=False)
+        return self.parsers.add_parser(name, **kwargs)
 
 
 def _body_options(sub: argparse.ArgumentParser) -> None:
@@ -680,7 +692,7 @@ def _add_mail_commands(commands: _Commands) -> None:
 
 def _add_topology_command(commands: _Commands) -> None:
     # A group, not a command: `covey topology` alone asks for its ACTION.
-    topology = commands.parsers.add_parser("topology", help="the broker topology")
+    topology = commands.parser("topology", help="the broker topology")
     actions = topology.add_subparsers(dest="action", required=True, metavar="ACTION")
     apply = actions.add_parser(
         "apply",
@@ -709,7 +721,7 @@ def _add_run_command(commands: _Commands) -> None:
 
     # Not `commands.add`: --as and --json (for output) mean nothing here, and --json is DATA.
     emit_help = "inside `covey run`: add an event to the run's session"
-    emit = commands.parsers.add_parser("emit", help=emit_help, description=emit_help)
+    emit = commands.parser("emit", help=emit_help, description=emit_help)
     emit.set_defaults(handler=cmd_emit)  # run by `_run_locally`, not `_run`
     emit.add_argument("kind", metavar="KIND", help="progress, token, tool, status or result")
     emit.add_argument("text", nargs="?", default="", metavar="TEXT", help="what to say")
@@ -718,7 +730,7 @@ def _add_run_command(commands: _Commands) -> None:
         "--fraction", type=_fraction, metavar="F", help="for progress: how far, from 0 to 1"
     )
 
-    notify = commands.parsers.add_parser("notify", help=NOTIFY_HELP, description=NOTIFY_HELP)
+    notify = commands.parser("notify", help=NOTIFY_HELP, description=NOTIFY_HELP)
     _notify_arguments(notify)
 
 
@@ -966,7 +978,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         notify = argparse.ArgumentParser(prog="covey notify", description=NOTIFY_HELP)
         _notify_arguments(notify)
         return _run_locally(cmd_notify, notify.parse_args(words[1:]))
-    args = build_parser().parse_args(argv)
+    args = build_parser(
+        words[0] if words[:1] and not words[0].startswith("-") else None
+    ).parse_args(words)
     try:
         if args.handler in (cmd_emit, cmd_notify):
             return _run_locally(args.handler, args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -58,6 +59,50 @@ def test_version_imports_nothing_heavy() -> None:
         timeout=30,
     )
     assert result.stderr.strip() == "[]", result.stderr
+
+
+# A cold command builds only its own parser; it must parse exactly as the whole one does.
+COMMAND_LINES = [
+    ["send", "scout", "hi", "--body", "x", "--timeout", "3", "--reply-to", "ab12"],
+    ["reply", "ab12", "--body-file", "f", "--json"],
+    ["inbox", "--all", "--as", "scout"],
+    ["read", "ab12"],
+    ["done", "ab12", "cd34"],
+    ["wait", "--timeout", "5"],
+    ["search", "deploy", "-v"],
+    ["topology", "apply"],
+    ["run", "scout", "--wait-lock"],
+    ["log", "--since", "#5", "--limit", "5"],
+    ["log", "add", "shipped", "--tag", "a", "--tag", "b"],
+    ["digest", "scout", "--format", "json"],
+    ["dead", "replay", "ab12"],
+    ["dead"],
+    ["runs", "scout"],
+    ["status"],
+    ["web", "--help"],
+]
+
+
+@pytest.mark.parametrize("words", COMMAND_LINES, ids=lambda words: " ".join(words[:2]))
+def test_a_command_alone_parses_as_with_every_command(words: list[str]) -> None:
+    from coordinator.cli import build_parser
+
+    def parsed(parser: argparse.ArgumentParser) -> object:
+        try:
+            return vars(parser.parse_args(words))
+        except SystemExit as stop:  # --help
+            return ("exit", stop.code)
+
+    assert parsed(build_parser(words[0])) == parsed(build_parser())
+
+
+def test_a_command_that_does_not_exist_is_told_every_command(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*covey_command(), "sendd", "scout", "hi"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'sendd'" in result.stderr
+    assert "'send', 'reply', 'inbox'" in result.stderr and "'demo'" in result.stderr
 
 
 # -- where the home is -----------------------------------------------------------------------
