@@ -79,6 +79,17 @@ class LimitQuery(Query):
     limit: int = Field(api.DEFAULT_LIMIT, ge=1, le=api.MAX_LIMIT, description="how many")
 
 
+class MaxAgeQuery(Query):
+    max_age: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="how old an answer is taken, in seconds (the Age header says how old "
+        "it is); 0, the default: one begun after this request, shared by the requests "
+        "at the same moment",
+    )
+
+
 class RunsQuery(LimitQuery):
     agent: str | None = Field(None, description="only this agent's runs")
     outcome: str | None = Field(None, description="only runs that ended so (ok, failed, …)")
@@ -130,6 +141,9 @@ class Endpoint:
     handler: Callable[[Namespace, Request], Awaitable[Any]]
     query: type[Query] | None = None
     path_params: tuple[str, ...] = ()
+    # Answered from one look shared by the requests that can take it (shared.py): the
+    # handler reads nothing of the request, whose query is a MaxAgeQuery.
+    shared: bool = False
 
 
 async def _agents(namespace: Namespace, request: Request) -> Any:
@@ -168,7 +182,7 @@ async def _dead_letter(namespace: Namespace, request: Request) -> Any:
 
 ENDPOINTS = (
     Endpoint("/api/agents", "agents: state, pending mail, lock, last and next run",
-             list[api.AgentView], _agents),
+             list[api.AgentView], _agents, MaxAgeQuery, shared=True),
     Endpoint("/api/locks", "shared locks and who holds them", list[api.LockView], _locks),
     Endpoint("/api/runs", "recent runs, oldest first", list[api.RunView], _runs, RunsQuery),
     Endpoint("/api/runs/{run_id}", "one run's record", api.RunView, _run,
@@ -185,8 +199,30 @@ ENDPOINTS = (
 
 
 def _route(namespace: Namespace, endpoint: Endpoint) -> Route:
+    if endpoint.shared:
+        return _shared_route(namespace, endpoint)
+
     async def answer(request: Request) -> Response:
         return JSONResponse(api.as_json(await endpoint.handler(namespace, request)))
+
+    return Route(endpoint.path, answer, methods=["GET"])
+
+
+def _shared_route(namespace: Namespace, endpoint: Endpoint) -> Route:
+    """One look (encoded once) for every request that takes an answer as old as it is."""
+    from coordinator.shared import SharedAnswer
+
+    looks: SharedAnswer[bytes] = SharedAnswer()
+
+    async def answer(request: Request) -> Response:
+        query = _query(MaxAgeQuery, request)
+
+        async def look() -> bytes:  # for every request it is shared with
+            return bytes(JSONResponse(api.as_json(await endpoint.handler(namespace, request))).body)
+
+        # Keyed by the roster it was made of: after a reload (SIGHUP), none older is taken.
+        body, age = await looks.get(query.max_age, look, namespace.snapshot)
+        return Response(body, media_type="application/json", headers={"age": f"{age:.0f}"})
 
     return Route(endpoint.path, answer, methods=["GET"])
 

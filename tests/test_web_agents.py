@@ -5,9 +5,12 @@ agents run and hold their own and a shared lock, and for a broken agent."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 from conftest import World, start
 from test_web_api import serving
 
@@ -55,3 +58,43 @@ async def test_api_agents_says_what_covey_status_says(applied: World) -> None:
     assert by_name["sleeper"]["run"]["agent"] == "sleeper"
     assert by_name["sleeper"]["lock_holders"][0]["agent"] == "sleeper"  # the global lock
     assert by_name["solo"]["lock"] == "none" and by_name["solo"]["lock_holders"] == []
+
+
+def test_api_agents_answers_as_fresh_as_asked_and_never_of_an_old_roster(applied: World) -> None:
+    """One look at the agents is shared (coordinator/shared.py): `max_age` takes an answer
+    that old, saying its Age; the default takes one begun after the request, so mail sent
+    before it is counted; a roster read again (SIGHUP) is never answered from before."""
+
+    def agents(web: httpx.Client, **params: float) -> tuple[dict[str, dict], int]:
+        answer = web.get("/api/agents", params=params)
+        assert answer.status_code == 200, answer.text
+        return {a["name"]: a for a in answer.json()}, int(answer.headers["age"])
+
+    with serving(applied) as web:
+        first, age = agents(web)
+        assert first["scout"]["pending"] == 0 and age == 0
+        applied.ok("send", "scout", "one")
+        time.sleep(1.1)
+        cached, age = agents(web, max_age=600)
+        assert cached == first and age >= 1  # the look before the send, and its age
+        fresh, age = agents(web)
+        assert fresh["scout"]["pending"] == 1 and age == 0
+
+        with ThreadPoolExecutor(20) as pool:  # at the same moment: all of them fresh
+            answers = list(pool.map(lambda _: agents(web)[0], range(20)))
+        assert all(answer == fresh for answer in answers)
+
+        applied.add_agent("newcomer", 'command = "true"\n')
+        web.process.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while "newcomer" not in agents(web, max_age=600)[0]:
+            assert time.monotonic() < deadline, "an answer of the old roster was taken"
+            time.sleep(0.1)
+
+
+def test_api_agents_refuses_a_max_age_that_is_not_a_number_of_seconds(applied: World) -> None:
+    with serving(applied) as web:
+        for bad in ("-1", "soon", "3601", "nan"):
+            answer = web.get("/api/agents", params={"max_age": bad})
+            assert answer.status_code == 400, (bad, answer.text)
+            assert "max_age" in answer.json()["error"]

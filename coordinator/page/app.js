@@ -218,11 +218,17 @@ const sources = {
   dead: "/api/dead",
 };
 
-/** Fetch `which` again, each shown as soon as it comes (/api/agents is the slow one). */
-async function refresh(which = Object.keys(sources)) {
+/**
+ * Fetch `which` again, each shown as soon as it comes (/api/agents is the slow one: the
+ * server looks at every agent, one look shared by the requests at the same moment).
+ * `agentsMaxAge` (seconds) takes a look begun that long ago: not after an event.
+ */
+async function refresh(which = Object.keys(sources), agentsMaxAge = 0) {
   await Promise.all(which.map(async (name) => {
+    const url = name === "agents" && agentsMaxAge ? `${sources.agents}?max_age=${agentsMaxAge}`
+      : sources[name];
     try {
-      data[name] = await getJSON(sources[name]);
+      data[name] = await getJSON(url);
     } catch (err) {
       data[name] = { error: err.message };
     }
@@ -775,7 +781,7 @@ function start() {
   loadSession();
   refresh();
   listen();
-  setInterval(() => refresh(), SLOW_REFRESH_SECONDS * 1000);
+  setInterval(() => refresh(undefined, SLOW_REFRESH_SECONDS / 2), SLOW_REFRESH_SECONDS * 1000);
 }
 
 start();
