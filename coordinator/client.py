@@ -239,7 +239,7 @@ class Covey:
         gateway = await self.gateway()
         recipient = envelope.recipient_address
         if recipient.kind != "all" and (reached := self.roster.reached_by(recipient)):
-            await self.namespace.ensure_participants(reached)
+            await self.namespace.ensure_participants(reached, assume_core=True)
         # Nothing reached, in a namespace nobody has set up yet: the whole topology.
         await self.namespace.with_topology(
             lambda: gateway.publish(envelope, timeout=self.settings.connect_timeout)

@@ -1184,6 +1184,9 @@ def _declare_error(err: BaseException) -> BaseException:
             f"the broker has this declared with other settings ({err}); restore the old "
             "setting, or delete that queue or exchange (its messages go with it)"
         )
+    if isinstance(err, aiormq.exceptions.ChannelNotFoundEntity) and not starting(err):
+        # A binding to an exchange that is not there: a part declared without the core.
+        return TopologyMissing(f"covey's exchanges are not there ({err}): apply the topology")
     if isinstance(err, aiormq.exceptions.ChannelAccessRefused):
         return BrokerUnavailable(
             f"RabbitMQ refused to declare covey's topology ({err}): the user in "

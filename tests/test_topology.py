@@ -146,3 +146,14 @@ def test_replicas_is_at_least_one(world: World) -> None:
     result = world.covey("topology", "apply")
     assert result.returncode == 2
     assert "COVEY_REPLICAS" in result.stderr and "replicas" in result.stderr
+
+
+async def test_an_agent_added_after_apply_gets_its_first_mail(world: World, raw: Raw) -> None:
+    """A send declares its recipient's queue and bindings (not the core, which is there):
+    mail to an agent added since `topology apply` waits in its queue, not covey.unrouted."""
+    world.ok("topology", "apply")
+    world.add_agent("newcomer", 'command = "true"\nteams = ["crew"]\n')
+    world.ok("send", "newcomer", "welcome")
+    world.ok("send", "team:crew", "to the crew")
+    assert await raw.count("agent.newcomer") == 2
+    assert await raw.count("covey.unrouted") == 0
