@@ -8,13 +8,15 @@ import io
 import string
 from datetime import UTC, datetime, timedelta, timezone
 
+import aio_pika
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from coordinator.cli import _duration, _seconds, _since, build_parser
-from coordinator.envelope import Envelope
+from coordinator.envelope import MESSAGE_TYPE, Envelope
 from coordinator.errors import BadInput, InvalidEnvelope
+from coordinator.gateway import mail_properties
 from coordinator.mailbox import ENVELOPE_FIELDS, Mail, MailStatus
 from coordinator.names import Address
 
@@ -163,6 +165,45 @@ def test_a_mail_as_json_is_its_envelope_as_pydantic_writes_it(
     assert list(mail.to_dict(with_body=True)) == list(expected)
     assert mail.envelope == envelope
     assert tuple(Envelope.model_fields) == ENVELOPE_FIELDS
+
+
+@given(
+    created=st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=2))])),
+    expires_in=st.one_of(st.none(), st.floats(-(10**6), 10**6)),
+    user=st.text(string.ascii_letters + ".:-", min_size=1, max_size=30),
+)
+def test_mail_properties_are_what_an_aio_pika_message_would_send(
+    created: datetime, expires_in: float | None, user: str
+) -> None:
+    """A send builds its AMQP properties directly, not through aio-pika's Message: they must
+    be the ones that Message gave, a TTL of the time left (at least 1 ms) included."""
+    expires_at = None if expires_in is None else datetime.now(UTC) + timedelta(seconds=expires_in)
+    envelope = Envelope.new(
+        sender="agent:scout", recipient="human:ada", subject="s", created_at=created,
+        expires_at=expires_at,
+    )  # fmt: skip
+    built = mail_properties(envelope, user)
+    left = None
+    if expires_at is not None:
+        left = max(expires_at - datetime.now(UTC), timedelta(milliseconds=1))
+    expected = aio_pika.Message(
+        envelope.to_json(),
+        content_type="application/json",
+        type=MESSAGE_TYPE,
+        message_id=envelope.id,
+        timestamp=envelope.created_at,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        expiration=left,
+        app_id="covey",
+        user_id=user,
+    ).properties
+    ttl, expected_ttl = built.expiration, expected.expiration
+    built.expiration = expected.expiration = None
+    assert built == expected
+    if expected_ttl is None:
+        assert ttl is None
+    else:
+        assert ttl is not None and abs(int(ttl) - int(expected_ttl)) <= 50 and int(ttl) >= 1
 
 
 argv_words = st.lists(
