@@ -71,14 +71,15 @@ def test_api_agents_answers_as_fresh_as_asked_and_never_of_an_old_roster(applied
         return {a["name"]: a for a in answer.json()}, int(answer.headers["age"])
 
     with serving(applied) as web:
+        # A fresh answer's age is how long its look took: well under 3 s here.
         first, age = agents(web)
-        assert first["scout"]["pending"] == 0 and age == 0
+        assert first["scout"]["pending"] == 0 and age < 3
         applied.ok("send", "scout", "one")
-        time.sleep(1.1)
+        time.sleep(3.1)
         cached, age = agents(web, max_age=600)
-        assert cached == first and age >= 1  # the look before the send, and its age
+        assert cached == first and age >= 3  # the look before the send, and its age
         fresh, age = agents(web)
-        assert fresh["scout"]["pending"] == 1 and age == 0
+        assert fresh["scout"]["pending"] == 1 and age < 3
 
         with ThreadPoolExecutor(20) as pool:  # at the same moment: all of them fresh
             answers = list(pool.map(lambda _: agents(web)[0], range(20)))
