@@ -28,11 +28,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coordinator.drain import Admission, Subscription, drain
 from coordinator.envelope import MAX_SUBJECT_CHARS, Envelope, now
 from coordinator.errors import BadInput, CoveyError, NoRecipient, NotFound
 from coordinator.logs import get_logger
-from coordinator.mailbox import Mail, MailStore, store_path
 from coordinator.names import Address
 from coordinator.namespace import Namespace
 from coordinator.roster import Roster
@@ -40,9 +38,11 @@ from coordinator.settings import Settings
 
 if TYPE_CHECKING:  # aio-pika is the heaviest import: `read` and `done` never need it
     from coordinator.changelog import Entry, Logged
+    from coordinator.drain import Admission, Subscription
     from coordinator.emit import Emitter
     from coordinator.events import Event
     from coordinator.gateway import Gateway
+    from coordinator.mailbox import Mail, MailStore
     from coordinator.session import SessionEvent
     from coordinator.session_reader import Start
 
@@ -153,6 +153,9 @@ class Covey:
 
     @property
     def store(self) -> MailStore:
+        # The mailbox (and SQLite) is imported when first used: `covey send` never is.
+        from coordinator.mailbox import MailStore, store_path
+
         if self._store is None:
             path = store_path(
                 self.settings.expanded_state_dir, self.settings.amqp_url, str(self.me)
@@ -256,6 +259,8 @@ class Covey:
             and (filed := await subscription.next(0))
         ):
             return [mail.envelope for mail in filed]  # what `wait`'s consumer filed since
+        from coordinator.drain import drain
+
         gateway, queue, limits = await self.gateway(), self.me.queue, self._admission()
         # On a participant's first use its queue is declared, and exists from then on.
         new = await self.namespace.with_topology(
@@ -297,6 +302,8 @@ class Covey:
     async def _subscribe(self) -> Subscription:
         if self._subscription is not None and self._subscription.active:
             return self._subscription
+        from coordinator.drain import Subscription
+
         gateway, limits = await self.gateway(), self._admission()
         self._subscription = await self.namespace.with_topology(
             lambda: Subscription.start(gateway, self.store, self.me.queue, limits), [self.me]
@@ -304,6 +311,8 @@ class Covey:
         return self._subscription
 
     def _admission(self) -> Admission:
+        from coordinator.drain import Admission
+
         return Admission(self.settings.max_body_bytes, self.namespace.snapshot.senders)
 
     def read(self, message_id: str) -> Mail:
