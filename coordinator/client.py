@@ -153,10 +153,10 @@ class Covey:
 
     @property
     def store(self) -> MailStore:
-        # The mailbox (and SQLite) is imported when first used: `covey send` never is.
-        from coordinator.mailbox import MailStore, store_path
-
         if self._store is None:
+            # The mailbox (and SQLite) is imported when first used: `covey send` never is.
+            from coordinator.mailbox import MailStore, store_path
+
             path = store_path(
                 self.settings.expanded_state_dir, self.settings.amqp_url, str(self.me)
             )

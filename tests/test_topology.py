@@ -149,8 +149,10 @@ def test_replicas_is_at_least_one(world: World) -> None:
 
 
 async def test_an_agent_added_after_apply_gets_its_first_mail(world: World, raw: Raw) -> None:
-    """A send declares its recipient's queue and bindings (not the core, which is there):
-    mail to an agent added since `topology apply` waits in its queue, not covey.unrouted."""
+    """A send declares its recipient's part of the topology alone where the core is there
+    (`ensure_participants(assume_core=True)`): that part must be whole, so mail to an
+    agent added since `topology apply`, and to its team, waits in its queue, not in
+    covey.unrouted."""
     world.ok("topology", "apply")
     world.add_agent("newcomer", 'command = "true"\nteams = ["crew"]\n')
     world.ok("send", "newcomer", "welcome")
