@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -133,6 +134,68 @@ def test_the_store_drops_a_duplicate_id(tmp_path: Path) -> None:
     assert [mail.envelope for mail in store.add([envelope])] == [envelope]
     assert store.add([envelope]) == []
     assert [m.envelope.id for m in store.messages()] == [envelope.id]
+    store.close()
+
+
+def _found(store: MailStore, text: str) -> list[str]:
+    return [mail.subject for mail in store.search(text)]
+
+
+def test_search_finds_each_message_once_wherever_the_index_was_left(tmp_path: Path) -> None:
+    """Filing does not index (a drain's commit is the mail's, not the search's): a search
+    first brings the index up to what the file holds, and two searches at once (two
+    processes' connections) both find everything, each message once."""
+    path = tmp_path / "m.sqlite3"
+    store, other = MailStore(path), MailStore(path)
+    store.add([Envelope.new(sender="human:ada", recipient="x", subject=f"old {n}") for n in "ab"])
+    assert _found(store, "old") == ["old a", "old b"]
+    store.add([Envelope.new(sender="human:ada", recipient="x", subject=f"new {n}") for n in "cd"])
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda s: _found(s, "new"), [store, other]))
+    assert both == [["new c", "new d"]] * 2
+    assert _found(other, "old") == ["old a", "old b"]
+    assert _found(store, "ada") == ["old a", "old b", "new c", "new d"]  # by sender too
+    store.close()
+    other.close()
+
+
+# A mailbox as covey 0.1.0 made it: every message indexed as it was filed, by a trigger.
+SCHEMA_V1 = """
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, sender TEXT NOT NULL,
+    recipient TEXT NOT NULL, subject TEXT NOT NULL, body TEXT NOT NULL, thread TEXT NOT NULL,
+    in_reply_to TEXT, created_at TEXT NOT NULL, expires_at TEXT, received_at TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'unread' CHECK (status IN ('unread', 'read', 'done'))
+);
+CREATE INDEX messages_status ON messages (status, created_at);
+CREATE VIRTUAL TABLE messages_fts
+    USING fts5(subject, body, sender, content='messages', content_rowid='seq');
+CREATE TRIGGER messages_ai AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts (rowid, subject, body, sender)
+    VALUES (new.seq, new.subject, new.body, new.sender);
+END;
+CREATE TRIGGER messages_ad AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, subject, body, sender)
+    VALUES ('delete', old.seq, old.subject, old.body, old.sender);
+END;
+INSERT INTO messages (id, sender, recipient, subject, body, thread, created_at, received_at)
+VALUES ('v1a', 'human:ada', 'agent:x', 'kept from v1', 'b', 't', '2026-01-01T00:00:00+00:00',
+        '2026-01-01T00:00:00+00:00');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_mailbox_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(SCHEMA_V1)
+    store = MailStore(path)
+    store.add([Envelope.new(sender="human:ada", recipient="x", subject="kept since")])
+    assert _found(store, "kept") == ["kept from v1", "kept since"]
+    assert _found(store, "kept") == ["kept from v1", "kept since"]
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('integrity-check')")
     store.close()
 
 
