@@ -145,8 +145,11 @@ async def _take(
     try:
         while len(batch) + len(arrived) < window:
             try:
-                async with asyncio.timeout(COMMIT_SECONDS if arrived else timeout):
-                    delivery = await deliveries.get()
+                if deliveries.empty():
+                    async with asyncio.timeout(COMMIT_SECONDS if arrived else timeout):
+                        delivery = await deliveries.get()
+                else:  # they pile up during a commit: no timer each (~5 µs of ~100)
+                    delivery = deliveries.get_nowait()
             except TimeoutError:
                 if not arrived:
                     break
