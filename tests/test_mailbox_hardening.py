@@ -166,6 +166,31 @@ async def test_an_immutable_mailbox_costs_no_delivery_and_its_mail_arrives_once_
     await arrives_in_full(world, raw, sent)
 
 
+async def test_search_of_a_mailbox_made_read_only_since_mail_came_is_one_line(
+    world: World, raw: Raw
+) -> None:
+    """Filing leaves the search index to the next search, which must write it. Injected:
+    mail filed, then scout's mailbox made immutable before any search. Asserted: `covey
+    search` exits 2 with one line naming the file and "read-only" (no traceback); once
+    writable again, the same search finds the mail."""
+    limited(world)
+    world.ok("send", "scout", "needle in the haystack")
+    assert [m["subject"] for m in world.json("inbox", "--as", "scout")] == [
+        "needle in the haystack"
+    ]
+    path = scout_store(world)
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        result = world.covey("search", "--as", "scout", "needle", timeout=60)
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "read-only" in lines[0] and str(path) in lines[0], result.stderr
+    found = world.json("search", "--as", "scout", "needle")
+    assert [m["subject"] for m in found] == ["needle in the haystack"]
+
+
 async def test_a_corrupt_mailbox_costs_no_delivery_and_mail_arrives_once_moved_aside(
     world: World, raw: Raw
 ) -> None:
